@@ -1,0 +1,1 @@
+"""ONNX export with precision metadata; see the export issue."""

@@ -1,0 +1,1 @@
+"""Graph passes: ``analysis`` passes annotate ``node.meta["mpqc"]``; ``transform`` passes rewrite."""

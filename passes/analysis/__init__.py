@@ -1,0 +1,1 @@
+"""Analysis passes: each writes facts into ``node.meta["mpqc"]`` and changes nothing else."""

@@ -1,0 +1,1 @@
+"""Transform passes: each rewrites the graph and keeps the analysis annotations valid."""

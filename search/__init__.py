@@ -1,0 +1,1 @@
+"""Precision search (Optuna); see the search issue."""
