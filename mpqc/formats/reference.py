@@ -169,7 +169,7 @@ def decode(elements: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_reference(x: torch.Tensor, fmt: Format, block_size, axis: int, rounding: str) -> torch.Tensor:
     """Fake quantization of an already validated call: same shape and dtype as ``x``."""
     if fmt.family == "cast":
-        return x.to(getattr(torch, fmt.cast_dtype)).to(x.dtype)
+        return x.to(getattr(torch, fmt.cast_dtype), copy=True).to(x.dtype)
     if x.numel() == 0:
         return x.clone()
     blocks, info = to_blocks(x.to(torch.float32), block_size, axis)
