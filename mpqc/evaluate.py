@@ -1,0 +1,171 @@
+"""Perplexity of a causal LM on sampled windows of a token stream.
+
+Windows are ``seq_len`` consecutive tokens whose starts are multiples of
+``seq_len`` (so no two overlap), chosen at random with a seeded generator: the
+same stream, ``seq_len`` and seed always give the same windows, and the first k
+windows for ``n_samples=n`` are the windows for ``n_samples=k``. The model reads
+a whole window and is scored on predicting its tokens 2..seq_len, so each
+window contributes ``seq_len - 1`` predictions. A search that scores many plans
+should call :func:`sample_windows` once and pass the windows to :func:`nll` or
+:func:`perplexity` each time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["nll", "perplexity", "sample_windows"]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_stream(tokens) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dim() != 1:
+        raise ValueError(
+            f"tokens must be a 1-D token stream, got shape {tuple(tokens.shape)}; "
+            "pass windows from sample_windows() as `windows=` instead"
+        )
+    if tokens.dtype != torch.long:
+        raise TypeError(f"tokens must have dtype torch.long (int64), got {tokens.dtype}")
+    return tokens
+
+
+def sample_windows(tokens: torch.Tensor, seq_len: int = 512, n_samples: int = 64, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` non-overlapping windows of ``seq_len`` tokens, as [n, seq_len]."""
+    _check_stream(tokens)
+    _positive_int("seq_len", seq_len)
+    _positive_int("n_samples", n_samples)
+    if seq_len < 2:
+        raise ValueError("seq_len must be at least 2: a window needs one token to predict")
+    available = tokens.numel() // seq_len
+    if n_samples > available:
+        raise ValueError(
+            f"{n_samples} windows of {seq_len} tokens do not fit in a stream of "
+            f"{tokens.numel()} tokens: at most {available} non-overlapping windows fit; "
+            "lower n_samples or seq_len, or use more text"
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    # randperm prefix: distinct slots, and nested in n_samples.
+    slots = torch.randperm(available, generator=generator)[:n_samples]
+    starts = slots * seq_len
+    return tokens[starts[:, None] + torch.arange(seq_len)]
+
+
+def _model_device(model) -> torch.device:
+    # A plain callable (no parameters) gets its windows on the CPU.
+    if not isinstance(model, torch.nn.Module):
+        return torch.device("cpu")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    # A Hugging Face model wants use_cache=False (no KV cache to build for one
+    # pass) and returns an output object; a compiled mpqc module takes only
+    # input_ids and returns the logits tensor.
+    from transformers import PreTrainedModel
+
+    out = model(input_ids, use_cache=False) if isinstance(model, PreTrainedModel) else model(input_ids)
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        logits = out[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"model returned {type(out).__name__}; expected a logits tensor or an object "
+            "with a .logits tensor"
+        )
+    if logits.shape[:2] != input_ids.shape or logits.dim() != 3:
+        raise ValueError(
+            f"model returned logits of shape {tuple(logits.shape)} for input of shape "
+            f"{tuple(input_ids.shape)}; expected [batch, seq_len, vocab]"
+        )
+    return logits
+
+
+def nll(
+    model,
+    tokens: torch.Tensor | None = None,
+    *,
+    windows: torch.Tensor | None = None,
+    seq_len: int = 512,
+    n_samples: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> float:
+    """Mean negative log-likelihood (nats per predicted token) over sampled windows.
+
+    Pass a 1-D ``tokens`` stream (windows are sampled with ``seq_len``,
+    ``n_samples`` and ``seed``) or ready ``windows`` [n, seq_len] from
+    :func:`sample_windows`, not both.
+    """
+    if (tokens is None) == (windows is None):
+        raise ValueError("pass exactly one of `tokens` (a 1-D stream) or `windows` ([n, seq_len])")
+    _positive_int("batch_size", batch_size)
+    if windows is None:
+        windows = sample_windows(tokens, seq_len, n_samples, seed)
+    elif not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise ValueError("windows must be a [n, seq_len] torch.long tensor, as sample_windows() returns")
+    elif windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows of shape {tuple(windows.shape)} hold no token to predict")
+
+    # Dropout would make the number random: evaluate in eval mode, then restore.
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        total, count = _sum_nll(model, windows, batch_size, progress)
+    finally:
+        if was_training:
+            model.train()
+    # Non-finite logits give inf or nan here, returned as they are: a broken
+    # plan is a measured result, not an error.
+    return total / count
+
+
+def _sum_nll(model, windows, batch_size, progress) -> tuple[float, int]:
+    device = _model_device(model)
+    # float64 accumulation, on the model's device so a GPU run never waits on .item().
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    batches = range(0, windows.shape[0], batch_size)
+    with torch.no_grad():
+        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            batch = windows[start:start + batch_size].to(device)
+            logits = _logits(model, batch)
+            targets = batch[:, 1:]
+            # One row at a time: a float32 copy of a whole batch's logits
+            # (8 x 512 x 49k) would be another 800 MB.
+            for row in range(batch.shape[0]):
+                losses = F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
+                total += losses.double().sum()
+                count += targets.shape[1]
+    return total.item(), count
+
+
+def perplexity(
+    model,
+    tokens: torch.Tensor | None = None,
+    *,
+    windows: torch.Tensor | None = None,
+    seq_len: int = 512,
+    n_samples: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> float:
+    """exp(mean NLL) over sampled windows; arguments as in :func:`nll`."""
+    mean = nll(model, tokens, windows=windows, seq_len=seq_len, n_samples=n_samples,
+               batch_size=batch_size, seed=seed, progress=progress)
+    return math.inf if mean > 709.0 else math.exp(mean)  # exp overflows a float past ~709.78; nan stays nan
