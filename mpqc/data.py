@@ -23,11 +23,13 @@ report it is judged by never share text.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import hashlib
 import html
 import importlib.util
 import os
 import re
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -166,6 +168,34 @@ def _load_wiki() -> str:
     return "\n\n".join(articles)
 
 
+@contextlib.contextmanager
+def _hf_offline():
+    """Make datasets and huggingface_hub read only their caches, never the network
+    (which here would mean a minute of retries before failing)."""
+    # The libraries read these flags when first imported: set the environment for
+    # a first import, and patch the already-read module constants for a later one.
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in env})
+    patched = []
+    for module_name, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                               ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        module = sys.modules.get(module_name)
+        for attr in attrs:
+            if module is not None and hasattr(module, attr):
+                patched.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, True)
+    try:
+        yield
+    finally:
+        for module, attr, value in patched:
+            setattr(module, attr, value)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _load_hf(spec: str) -> str:
     parts = spec[len("hf:"):].split(":")
     if not parts[0] or len(parts) > 3:
@@ -173,29 +203,23 @@ def _load_hf(spec: str) -> str:
     name, config, split = (parts + [None, None])[:3]
     split = split or "test"
     try:
-        import datasets
+        with _hf_offline():
+            import datasets
     except ImportError:
         raise ModuleNotFoundError(
             f"text spec {spec!r} needs the `datasets` package (pip install datasets) "
             "and the dataset already in its local cache; nothing can be downloaded here. "
             "Use 'wiki' or a path to a .txt file instead"
         ) from None
-    # HF_DATASETS_OFFLINE makes datasets read only its cache instead of the hub.
-    old = os.environ.get("HF_DATASETS_OFFLINE")
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
-        ds = datasets.load_dataset(name, config or None, split=split)
+        with _hf_offline():
+            ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:
         raise FileNotFoundError(
             f"dataset {name!r} (config {config!r}, split {split!r}) is not in the local "
             f"datasets cache and nothing can be downloaded here ({type(e).__name__}: {e}). "
             "Use 'wiki' or a path to a .txt file instead"
         ) from e
-    finally:
-        if old is None:
-            os.environ.pop("HF_DATASETS_OFFLINE", None)
-        else:
-            os.environ["HF_DATASETS_OFFLINE"] = old
     if "text" not in ds.column_names:
         raise ValueError(f"dataset {name!r} has no 'text' column; its columns are {ds.column_names}")
     return "\n\n".join(t for t in ds["text"] if t and t.strip())

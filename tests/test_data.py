@@ -53,8 +53,17 @@ def test_hf_spec_fails_clearly_without_datasets_or_cache():
         with pytest.raises(ModuleNotFoundError, match="needs the `datasets` package"):
             load_text("hf:wikitext:wikitext-2-raw-v1")
     else:
+        # Offline mode is forced, so this fails at once instead of after network retries.
         with pytest.raises(FileNotFoundError, match="nothing can be downloaded"):
             load_text("hf:mpqc-no-such-dataset-xyz")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs the optional `datasets` package")
+def test_hf_spec_reads_a_local_dataset_directory(tmp_path):
+    (tmp_path / "test.txt").write_text("line one\n\nline two\n", encoding="utf-8")
+    (tmp_path / "train.txt").write_text("other split\n", encoding="utf-8")
+    assert load_text(f"hf:{tmp_path}") == "line one\n\nline two"  # blank rows dropped
+    assert load_text(f"hf:{tmp_path}::train") == "other split"
 
 
 def test_strip_wiki_markup_on_hand_written_markup():
