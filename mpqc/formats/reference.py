@@ -23,9 +23,12 @@ from .spec import ElementType, Format
 
 
 def floor_log2(a: torch.Tensor) -> torch.Tensor:
-    """floor(log2(a)) as int32 for finite a > 0 (fp32 subnormals included); read from frexp."""
-    _, exponent = torch.frexp(a)
-    return exponent - 1
+    """floor(log2(a)) as int32 for finite normal float32 a > 0, read from the exponent bits.
+
+    Zero and fp32 subnormals give -127. Every caller clamps the result at or above -127
+    (shared exponents) or at the element's smallest normal exponent, so this is exact where
+    it is used, and it compiles to plain integer ops."""
+    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
 
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
