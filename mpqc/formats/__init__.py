@@ -114,7 +114,8 @@ def quantize(x: torch.Tensor, fmt, *, block_size=None, axis: int = -1, rounding:
     "even". Arithmetic is exact in float32; gradients pass straight through.
     """
     fmt, block, axis = resolve(x, fmt, block_size, axis, rounding)
-    if FORMATS.get(fmt.name) is not fmt:  # a user-built Format: run it directly, eager only
+    preset = FORMATS.get(fmt.name)
+    if preset is None or preset.with_block(fmt.block_size) != fmt:  # a user-built Format: eager only
         return kernels.quantize(x, fmt, block, axis, rounding)
     return _quantize_op(x, fmt.name, _block_code(block), axis, rounding)
 

@@ -1,0 +1,73 @@
+"""compile: a captured graph plus a plan -> a runnable mixed-precision module.
+
+    qmodel = mpqc.compile(graph, plan)
+    logits = qmodel(input_ids)          # any batch size and sequence length
+    qmodel.set_plan(other_plan)         # new precisions, same graph: no recapture, no recompile
+
+The graph is copied (parameters shared, never modified), quantizers are inserted once by
+``InsertQuantizers``, and a plan only configures them. Quantized weights are cached per
+(weight, format, rounding), so going back to a format seen before costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mpqc.graph import Graph
+from mpqc.passes.transform.insert_quantizers import InsertQuantizers
+from mpqc.plan import Plan
+from mpqc.quantizers import WeightCache
+
+
+class QuantizedModel(nn.Module):
+    """The captured model with quantizers on every matmul operand, configured by a plan."""
+
+    def __init__(self, graph: Graph, plan: Plan):
+        super().__init__()
+        self.graph = graph
+        # A new GraphModule over a copy of the graph: the captured one stays as it was.
+        self.module = torch.fx.GraphModule(graph.module, copy.deepcopy(graph.module.graph))
+        self.weight_cache = WeightCache()
+        self._inserted = InsertQuantizers(graph, self.weight_cache)
+        self._inserted(self.module)
+        self.plan: Plan | None = None
+        self.set_plan(plan)
+
+    def set_plan(self, plan: Plan) -> "QuantizedModel":
+        """Switch every quantizer to ``plan``'s formats; weights come from the cache when seen before."""
+        if not isinstance(plan, Plan):
+            raise TypeError(f"set_plan takes a mpqc.Plan, got {type(plan).__name__}")
+        if plan.graph is not self.graph:
+            raise ValueError(
+                f"the plan was made for another captured graph ({plan.graph!r}); build it with "
+                "Plan(qmodel.graph, ...) or Plan.from_json(qmodel.graph, text)"
+            )
+        for name, wq in self._inserted.weight_quantizers.items():
+            m = self.graph.matmul(name)
+            wq.configure(plan.weight_format(m), plan.rounding, self.module.get_parameter(m.weight)
+                         if _is_parameter(self.module, m.weight) else self.module.get_buffer(m.weight))
+        for aq in self._inserted.activation_quantizers:
+            aq.configure([plan.activation_format(self.graph.matmul(n)) for n in aq.consumers], plan.rounding)
+        self.plan = plan
+        return self
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids)
+
+
+def _is_parameter(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def compile(graph: Graph, plan: Plan) -> QuantizedModel:  # noqa: A001 - the verb of the API
+    """A module computing ``graph``'s logits with ``plan``'s precisions."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"compile takes a graph from mpqc.capture, got {type(graph).__name__}")
+    return QuantizedModel(graph, plan)

@@ -1,0 +1,221 @@
+"""A plan: which precision each component of a captured graph runs at. Plain data.
+
+    plan = mpqc.Plan.uniform(graph, "mxint4", granularity="matmul")
+    plan = mpqc.Plan(graph, {"layers.0.mlp.down_proj": "bf16"}, default="mxint4")
+    plan.quantization_ratio(by="params"); plan.average_bits(); plan.to_json()
+
+A precision is a weight format and an activation format. One name stands for both; a pair
+(weight, activation) or a dict {"weight": ..., "activation": ...} sets them apart; an
+activation of None leaves activations as they are. ``activations=False`` keeps activations
+at the plan's high format for every shorthand name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Mapping
+
+from mpqc.formats import Format, get_format
+from mpqc.formats.spec import validate_block_size
+from mpqc.graph import Component, Graph, Granularity, Matmul
+
+PLAN_SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The formats one component runs at: its weights, and the activations entering its matmuls."""
+
+    weight: Format
+    activation: Format | None
+
+    @classmethod
+    def parse(cls, spec, *, activations: bool = True, high: str = "bf16") -> "Precision":
+        if isinstance(spec, Precision):
+            return spec
+        if isinstance(spec, (str, Format)):
+            fmt = get_format(spec)
+            return cls(fmt, fmt if activations else get_format(high))
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"weight", "activation"}
+            if unknown or "weight" not in spec:
+                raise ValueError(f"a precision dict has keys 'weight' and optionally 'activation', got {sorted(spec)}")
+            act = spec.get("activation", spec["weight"] if activations else high)
+            return cls(get_format(spec["weight"]), None if act is None else get_format(act))
+        if isinstance(spec, (tuple, list)) and len(spec) == 2:
+            return cls(get_format(spec[0]), None if spec[1] is None else get_format(spec[1]))
+        raise TypeError(
+            f"a precision is a format name, a (weight, activation) pair or a dict with 'weight'/'activation', got {spec!r}"
+        )
+
+    @property
+    def is_low(self) -> bool:
+        """The weights are stored narrower than 16 bits."""
+        return self.weight.is_low_precision
+
+    def to_dict(self) -> dict:
+        for fmt in (self.weight, self.activation):
+            if fmt is not None and get_format(fmt.name) != fmt:
+                raise ValueError(f"format {fmt.name!r} is not a preset and cannot be written to JSON")
+        return {"weight": self.weight.name, "activation": None if self.activation is None else self.activation.name}
+
+    def __str__(self) -> str:
+        act = "-" if self.activation is None else self.activation.name
+        return self.weight.name if act == self.weight.name else f"W:{self.weight.name}/A:{act}"
+
+
+class Plan:
+    """Component name -> Precision, a default for the rest, a granularity, a block size and rounding."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        assignments: Mapping | None = None,
+        *,
+        default="bf16",
+        granularity: Granularity = "matmul",
+        activations: bool = True,
+        block_size=None,
+        rounding: str = "nearest",
+        high: str = "bf16",
+    ):
+        self.graph = graph
+        self.granularity = granularity
+        self.components: tuple[Component, ...] = graph.components(granularity)
+        self._component_of = {m.name: c.name for c in self.components for m in c.matmuls}
+        names = [c.name for c in self.components]
+        self.default = Precision.parse(default, activations=activations, high=high)
+        self.assignments: dict[str, Precision] = {}
+        for name, spec in (assignments or {}).items():
+            if name not in self._component_of.values():
+                close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+                hint = f"; closest: {', '.join(close)}" if close else f"; there are {len(names)} components, e.g. {', '.join(names[:3])}"
+                raise KeyError(f"plan names component {name!r}, which the {self.granularity_label} granularity of "
+                               f"{graph.model_class} does not have{hint}")
+            self.assignments[name] = Precision.parse(spec, activations=activations, high=high)
+        if block_size is not None:
+            validate_block_size(block_size, what="plan block_size")
+        self.block_size = block_size
+        if rounding not in ("nearest", "even"):
+            raise ValueError(f"unknown rounding mode {rounding!r}; valid modes: nearest, even")
+        self.rounding = rounding
+        for p in {self.default, *self.assignments.values()}:  # reject block sizes a format cannot take
+            for fmt in (p.weight, p.activation):
+                if fmt is not None and fmt.family != "cast":
+                    fmt.with_block(block_size)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, graph: Graph, fmt, *, granularity: Granularity = "matmul", activations: bool = True, **kw) -> "Plan":
+        """Every component at ``fmt`` (activations too, unless ``activations=False``)."""
+        return cls(graph, {}, default=fmt, granularity=granularity, activations=activations, **kw)
+
+    def replace(self, assignments: Mapping) -> "Plan":
+        """A plan like this one with these components reassigned."""
+        merged = {**self.assignments, **assignments}
+        return Plan(self.graph, merged, default=self.default, granularity=self.granularity,
+                    block_size=self.block_size, rounding=self.rounding)
+
+    @property
+    def granularity_label(self) -> str:
+        g = self.granularity
+        return g if isinstance(g, str) else f"custom:{getattr(g, '__name__', type(g).__name__)}"
+
+    # ---- lookup ------------------------------------------------------------------------------
+    def precision(self, component: str) -> Precision:
+        return self.assignments.get(component, self.default)
+
+    def precision_of(self, matmul: Matmul | str) -> Precision:
+        name = matmul.name if isinstance(matmul, Matmul) else matmul
+        return self.precision(self._component_of[name])
+
+    def weight_format(self, matmul: Matmul) -> Format:
+        fmt = self.precision_of(matmul).weight
+        return fmt if fmt.family == "cast" else fmt.with_block(self.block_size)
+
+    def activation_format(self, matmul: Matmul) -> Format | None:
+        fmt = self.precision_of(matmul).activation
+        return fmt if fmt is None or fmt.family == "cast" else fmt.with_block(self.block_size)
+
+    # ---- accounting --------------------------------------------------------------------------
+    def _is_low(self, m: Matmul) -> bool:
+        # A weight matmul is low when its weights are; an activation-only matmul when its inputs are.
+        if m.has_weight:
+            return self.precision_of(m).is_low
+        act = self.precision_of(m).activation
+        return act is not None and act.is_low_precision
+
+    def quantization_ratio(self, by: str = "params") -> float:
+        """Q_r: low-precision parameters over all matmul parameters (by="params", the paper's
+        definition), or low-precision multiply-accumulates over all (by="macs")."""
+        if by not in ("params", "macs"):
+            raise ValueError(f"quantization_ratio(by=...) takes 'params' or 'macs', got {by!r}")
+        size = (lambda m: m.params) if by == "params" else (lambda m: m.macs_per_token)
+        total = sum(size(m) for m in self.graph.matmuls)
+        low = sum(size(m) for m in self.graph.matmuls if self._is_low(m))
+        return low / total if total else 0.0
+
+    def weight_bits(self) -> int:
+        """Exact bits to store every matmul weight (each once): codes, block and tensor scales."""
+        bits = 0
+        for m in self.graph.matmuls:
+            if m.has_weight and m.params:
+                bits += self.weight_format(m).storage_bits(m.weight_shape, axis=m.weight_reduction_axis)
+        return bits
+
+    def average_bits(self) -> float:
+        """Average bits per matmul weight, scale overhead included."""
+        return self.weight_bits() / self.graph.total_params
+
+    def summary(self) -> dict:
+        return {
+            "quantization_ratio_params": self.quantization_ratio("params"),
+            "quantization_ratio_macs": self.quantization_ratio("macs"),
+            "average_bits": self.average_bits(),
+        }
+
+    # ---- serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "mpqc_plan": PLAN_SCHEMA_VERSION,
+            "model_class": self.graph.model_class,
+            "granularity": self.granularity_label,
+            "block_size": self.block_size,
+            "rounding": self.rounding,
+            "default": self.default.to_dict(),
+            "components": {name: p.to_dict() for name, p in self.assignments.items()},
+            "summary": self.summary(),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, graph: Graph, data: Mapping, *, granularity: Granularity | None = None) -> "Plan":
+        version = data.get("mpqc_plan")
+        if version != PLAN_SCHEMA_VERSION:
+            raise ValueError(f"not an mpqc plan of schema version {PLAN_SCHEMA_VERSION} (mpqc_plan = {version!r})")
+        stored = data["granularity"]
+        if granularity is None:
+            if stored.startswith("custom:"):
+                raise ValueError(f"the plan was made at granularity {stored!r}; pass granularity= the same callable")
+            granularity = stored
+        return cls(graph, data.get("components", {}), default=data["default"], granularity=granularity,
+                   block_size=data.get("block_size"), rounding=data.get("rounding", "nearest"))
+
+    @classmethod
+    def from_json(cls, graph: Graph, text: str, *, granularity: Granularity | None = None) -> "Plan":
+        return cls.from_dict(graph, json.loads(text), granularity=granularity)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Plan) and self.graph is other.graph
+                and self.granularity_label == other.granularity_label and self.block_size == other.block_size
+                and self.rounding == other.rounding
+                and all(self.precision(c.name) == other.precision(c.name) for c in self.components))
+
+    def __repr__(self) -> str:
+        return (f"Plan({self.graph.model_class}, {self.granularity_label}, default={self.default}, "
+                f"assigned={len(self.assignments)}, Q_r={self.quantization_ratio():.3f}, "
+                f"avg_bits={self.average_bits():.2f})")
