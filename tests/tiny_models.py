@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import mpqc.capture
+from mpqc.capture import capture
 
 VOCAB = 128
 HIDDEN = 64
@@ -75,7 +75,7 @@ def example_ids(shape=EXAMPLE_SHAPE, seed: int = 1) -> torch.Tensor:
 def captured(arch: str, attn: str = "sdpa", experts: str | None = None):
     """(model, graph) for a tiny model, captured once per session."""
     model = tiny_model(arch, attn, experts=experts)
-    return model, mpqc.capture.capture(model, (example_ids(),))
+    return model, capture(model, (example_ids(),))
 
 
 def hand_count_matmul_params(model: nn.Module) -> int:

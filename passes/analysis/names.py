@@ -18,12 +18,11 @@ from ._common import AnalysisPass, PassResult, matmul_nodes, module_stack, mpqc_
 
 
 def infer_prefix(layer_paths: list[str]) -> str:
-    """The base-model prefix: the first path component shared by every decoder layer path, if any."""
-    firsts = {p.split(".", 1)[0] for p in layer_paths if "." in p}
-    if len(firsts) == 1:
-        first = firsts.pop()
-        if not first.isdigit():
-            return first
+    """The base-model prefix: the first component of every decoder layer path, when the layers
+    sit below one (``model.layers.3`` -> "model"; ``layers.3`` -> "")."""
+    firsts = {p.split(".", 1)[0] for p in layer_paths if p.count(".") >= 2}
+    if len(firsts) == 1 and all(p.count(".") >= 2 for p in layer_paths):
+        return firsts.pop()
     return ""
 
 
