@@ -29,6 +29,7 @@ MATMUL_META_KEYS = (
     "weight",  # FQN of that weight in graph.module ("model.layers.3.self_attn.q_proj.weight"), or None
     "weight_shape",  # shape of the weight parameter itself, or None
     "weight_reduction_axis",  # axis of the weight parameter itself that the matmul reduces over, or None
+    "weight_path",  # node names from the weight's get_attr to the weight operand (layout ops between), or None
     "reduction_axes",  # per operand (same order as "operands"): the reduced axis as the operand appears
     "params",  # weight elements this matmul owns (0 when it shares a weight an earlier matmul owns)
     "shares_weight_with",  # name of the earlier matmul owning the same weight, or None
@@ -73,6 +74,7 @@ class Matmul:
     weight_shape: tuple[int, ...] | None
     weight_operand: int | None
     weight_reduction_axis: int | None
+    weight_path: tuple[str, ...] | None  # get_attr node, layout ops, ..., the weight operand node
     operands: tuple[int, int]
     reduction_axes: tuple[int, int]
     params: int
@@ -111,6 +113,7 @@ class Matmul:
             weight_shape=meta["weight_shape"],
             weight_operand=meta["weight_operand"],
             weight_reduction_axis=meta["weight_reduction_axis"],
+            weight_path=meta["weight_path"],
             operands=tuple(meta["operands"]),
             reduction_axes=tuple(meta["reduction_axes"]),
             params=meta["params"],

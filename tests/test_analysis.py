@@ -227,10 +227,14 @@ def test_mixtral_expert_matmuls(experts, op):
     assert down.macs_per_token == TOP_K * HIDDEN * INTERMEDIATE
     # Both forms reduce over the expert weight's last (input) axis.
     assert gate_up.weight_reduction_axis == down.weight_reduction_axis == 2
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    path_ops = [str(nodes[name].target) for name in gate_up.weight_path[1:]]
     if op == "aten.bmm.default":  # bmm(weights[expert_ids] [S, out, in], x [S, in, 1])
         assert (gate_up.weight_operand, gate_up.reduction_axes) == (0, (2, -2))
+        assert path_ops == ["aten.index.Tensor"]
     else:  # grouped_mm(x [S, in], weights.transpose(-2, -1) [E, in, out], offsets)
         assert (gate_up.weight_operand, gate_up.reduction_axes) == (1, (-1, 1))
+        assert path_ops == ["aten.transpose.int"]
     router = graph.matmul("layers.0.mlp.gate")
     assert (router.role, router.params, router.macs_per_token) == ("router", EXPERTS * HIDDEN, EXPERTS * HIDDEN)
 
@@ -299,6 +303,13 @@ def test_matmul_node_meta_is_complete(arch, attn):
             m.params,
         )
         assert meta["components"] == {"matmul": m.name, "layer": m.component("layer")}
+        if m.weight is None:
+            assert m.weight_path is None and m.weight_operand is None
+        else:  # get_attr of the weight, layout ops, ..., the operand the matmul reads
+            nodes = {n.name: n for n in graph.module.graph.nodes}
+            first, last = nodes[m.weight_path[0]], nodes[m.weight_path[-1]]
+            assert (first.op, first.target) == ("get_attr", m.weight)
+            assert last is graph.node(m).args[m.weight_operand]
 
 
 def test_graph_summary_and_dict():

@@ -60,6 +60,14 @@ _IDENTITY_OPS = {
     "aten.type_as.default",
     "aten.lift_fresh_copy.default",
 }
+_AXIS_MAPPING_OPS = {
+    "aten.t.default",
+    "aten.transpose.int",
+    "aten.permute.default",
+    "aten.expand.default",
+    "aten.unsqueeze.default",
+    "aten.index.Tensor",
+}
 # Ops that only reshape or select: if a weight reaches a matmul through one of these
 # the pass cannot tell which weight elements are multiplied, and warns.
 _SELECTING_OPS = ("view", "reshape", "slice", "select", "narrow", "chunk", "split", "squeeze", "getitem", "unfold")
@@ -115,27 +123,22 @@ def _reads_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "get_attr" and weight_tensor(gm, node.target) is not None
 
 
-def trace_weight(gm: torch.fx.GraphModule, operand, axis: int) -> tuple[str, int | None] | None:
+def trace_weight(gm: torch.fx.GraphModule, operand, axis: int) -> tuple[str, int | None, tuple[str, ...]] | None:
     """Follow a matmul operand back through layout-only ops to a weight.
 
-    Returns (weight FQN, the weight's axis matching ``axis`` of the operand, or None
-    when a step cannot map axes), or None when the operand is not a weight.
+    Returns (weight FQN, the weight's axis matching ``axis`` of the operand or None when
+    a step cannot map axes, the node names from the weight's get_attr to the operand),
+    or None when the operand is not a weight.
     """
-    node, ax = operand, axis
+    node, ax, path = operand, axis, []
     while isinstance(node, torch.fx.Node):
+        path.append(node.name)
         if _reads_weight(gm, node):
-            return node.target, ax
+            return node.target, ax, tuple(reversed(path))
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
             return None
         op = str(node.target)
-        if op not in _IDENTITY_OPS and op not in {
-            "aten.t.default",
-            "aten.transpose.int",
-            "aten.permute.default",
-            "aten.expand.default",
-            "aten.unsqueeze.default",
-            "aten.index.Tensor",
-        }:
+        if op not in _IDENTITY_OPS and op not in _AXIS_MAPPING_OPS:
             return None
         ax = None if ax is None else _input_axis(node, ax)
         node = node.args[0]
@@ -183,6 +186,7 @@ class FindMatmuls(AnalysisPass):
         "weight_operand",
         "weight_shape",
         "weight_reduction_axis",
+        "weight_path",
     )
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
@@ -212,14 +216,14 @@ class FindMatmuls(AnalysisPass):
                 continue
             operands, linear_weight = MATMUL_OPS[op]
             axes = _reduction_axes(node, operands, linear_weight)
-            weight = weight_operand = weight_axis = weight_shape = None
+            weight = weight_operand = weight_axis = weight_shape = weight_path = None
             for arg_pos, axis in zip(operands, axes):
                 rank = _rank(node.args[arg_pos])
                 if rank is None:
                     raise AnalysisError(f"matmul node {node.name!r}: operand {arg_pos} has no recorded shape (meta['val'])")
                 traced = trace_weight(gm, node.args[arg_pos], axis % rank)
                 if traced is not None:
-                    weight, weight_axis = traced
+                    weight, weight_axis, weight_path = traced
                     weight_operand = arg_pos
                     weight_shape = tuple(weight_tensor(gm, weight).shape)
                     break
@@ -245,6 +249,7 @@ class FindMatmuls(AnalysisPass):
                 weight_operand=weight_operand,
                 weight_shape=weight_shape,
                 weight_reduction_axis=weight_axis,
+                weight_path=weight_path,
             )
         self._warn_nested(gm)
         return PassResult(gm, False)
