@@ -1,0 +1,190 @@
+"""The mpqc command line; it mirrors the Python API.
+
+    mpqc formats                       the number formats and their bits per element
+    mpqc inspect [MODEL]               the matmul / component table of a captured model
+    mpqc compile [MODEL] [--plan P]    compile with a plan, report perplexity before and after
+
+MODEL is a local Hugging Face directory, a .gguf file, or (left out) the embedded default,
+SmolLM2-135M. Every command that prints a table can also write it as JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename: never half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---- formats ----------------------------------------------------------------------------------
+
+
+def cmd_formats(args) -> int:
+    from mpqc.formats import FORMATS
+
+    rows = []
+    for f in FORMATS.values():
+        e = f.element
+        rows.append({
+            "name": f.name,
+            "family": f.family,
+            "element": "cast to " + f.cast_dtype if e is None else e.name,
+            "element_bits": f.element_bits,
+            "max_normal": None if e is None else e.max_normal,
+            "scale": f.scale.name,
+            "block": f.block_size,
+            "bits_per_element": f.bits_per_element,
+        })
+    print(f"{'format':<12} {'family':<7} {'element':<18} {'max':>9} {'scale':<6} {'block':<7} {'bits/elem':>9}")
+    for r in rows:
+        mx = "-" if r["max_normal"] is None else f"{r['max_normal']:g}"
+        print(f"{r['name']:<12} {r['family']:<7} {r['element']:<18} {mx:>9} {r['scale']:<6} {str(r['block'] or '-'):<7} "
+              f"{r['bits_per_element']:>9.3f}")
+    if args.json:
+        write_json_atomic(args.json, rows)
+    return 0
+
+
+# ---- inspect / compile --------------------------------------------------------------------------
+
+
+def _load_and_capture(spec, seq_len: int):
+    import torch
+
+    import mpqc
+
+    t0 = time.perf_counter()
+    model, tokenizer = mpqc.load_model(spec)
+    print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    t0 = time.perf_counter()
+    example = torch.zeros(2, min(seq_len, 64), dtype=torch.long)
+    graph = mpqc.capture(model, (example,))
+    print(f"captured {len(graph.matmuls)} matmuls in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return model, tokenizer, graph
+
+
+def cmd_inspect(args) -> int:
+    _, _, graph = _load_and_capture(args.model, 64)
+    print(graph.summary())
+    comps = graph.components(args.granularity)
+    print(f"\n{len(comps)} components at {args.granularity} granularity; "
+          f"{graph.total_params:,} matmul parameters")
+    if args.json:
+        write_json_atomic(args.json, {**graph.to_dict(), "components": {
+            args.granularity: [{"name": c.name, "layer": c.layer, "params": c.params, "macs": c.macs,
+                                "matmuls": [m.name for m in c.matmuls]} for c in comps]}})
+    return 0
+
+
+def cmd_compile(args) -> int:
+    import mpqc
+    from mpqc.data import load_tokens, split_tokens
+
+    model, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
+    if args.plan:
+        with open(args.plan) as f:
+            plan = mpqc.Plan.from_json(graph, f.read())
+    else:
+        plan = mpqc.Plan.uniform(graph, args.format, granularity="matmul", activations=not args.weights_only,
+                                 block_size=args.block_size)
+    tokens = load_tokens(tokenizer, args.text)
+    _, holdout = split_tokens(tokens)  # report on text the search never sees
+    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed)
+    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "fp32"))
+    t0 = time.perf_counter()
+    base = mpqc.evaluate.perplexity(qmodel, holdout, **kw)
+    t_base = time.perf_counter() - t0
+    qmodel.set_plan(plan)
+    t0 = time.perf_counter()
+    quant = mpqc.evaluate.perplexity(qmodel, holdout, **kw)
+    t_quant = time.perf_counter() - t0
+    result = {
+        "model": args.model or "smollm2-135m",
+        "model_class": graph.model_class,
+        "text": args.text or "wiki",
+        "evaluation": {**kw, "tokens": "holdout (last 10%)"},
+        "plan": json.loads(plan.to_json()),
+        "perplexity_fp32": base,
+        "perplexity_quantized": quant,
+        "delta_ppl": (quant - base) / base,
+        "seconds": {"fp32": t_base, "quantized": t_quant},
+    }
+    s = plan.summary()
+    print(f"plan: {plan}")
+    print(f"quantization ratio (params) {s['quantization_ratio_params']:.3f}, (MACs) {s['quantization_ratio_macs']:.3f}, "
+          f"average bits per weight {s['average_bits']:.3f}")
+    print(f"perplexity fp32 {base:.3f} -> quantized {quant:.3f} (delta {100 * result['delta_ppl']:+.2f}%) "
+          f"on {args.n_samples} x {args.seq_len} held-out tokens")
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpqc", description="Mixed-precision quantization compiler for language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("formats", help="list the number formats")
+    f.add_argument("--json", help="also write the table here")
+    f.set_defaults(func=cmd_formats)
+
+    def model_args(sp):
+        sp.add_argument("model", nargs="?", default=None,
+                        help="local HF directory, .gguf file, or nothing for the embedded SmolLM2-135M")
+        sp.add_argument("--json", help="also write the result here (JSON)")
+
+    i = sub.add_parser("inspect", help="print the matmuls and components of a model")
+    model_args(i)
+    i.add_argument("--granularity", default="matmul", choices=["matmul", "layer"])
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("compile", help="compile with a plan and report perplexity before and after")
+    model_args(c)
+    c.add_argument("--plan", help="plan JSON (from Plan.to_json or mpqc search); default: uniform --format")
+    c.add_argument("--format", default="mxint4", help="format of a uniform plan (default mxint4)")
+    c.add_argument("--weights-only", action="store_true", help="keep activations in bf16")
+    c.add_argument("--block-size", type=_block, default=None, help="block size (int, vector or tensor)")
+    c.add_argument("--text", default=None, help="text: 'wiki' (embedded default), a .txt file or dir, hf:NAME")
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--n-samples", type=int, default=16)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_compile)
+    return p
+
+
+def _block(text: str):
+    return text if text in ("vector", "tensor") else int(text)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        print(f"mpqc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
