@@ -71,12 +71,15 @@ def _example_input_ids(example_inputs) -> torch.Tensor:
     elif isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1:
         ids = example_inputs[0]
     else:
+        size = f" of length {len(example_inputs)}" if hasattr(example_inputs, "__len__") else ""
         raise TypeError(
             "capture takes example_inputs=(input_ids,), one int64 tensor [batch, seq]; "
-            f"got {type(example_inputs).__name__} of length {len(example_inputs) if hasattr(example_inputs, '__len__') else '?'}"
+            f"got {type(example_inputs).__name__}{size}"
         )
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-        what = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        what = (
+            f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        )
         raise TypeError(f"input_ids must be an int64 tensor [batch, seq], got {what}")
     if ids.numel() == 0:
         raise ValueError(f"input_ids must hold at least one token, got shape {tuple(ids.shape)}")
@@ -86,9 +89,7 @@ def _example_input_ids(example_inputs) -> torch.Tensor:
 def _forward_signature(model: torch.nn.Module) -> tuple[str, dict]:
     """The name of forward's first parameter, and use_cache=False if forward takes it."""
     params = inspect.signature(model.forward).parameters
-    positional = [
-        p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    positional = [p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not positional:
         raise TypeError(f"{type(model).__name__}.forward takes no positional input; expected forward(input_ids, ...)")
     # A KV cache is state export cannot return as a tensor; the graph computes logits only.
@@ -121,13 +122,19 @@ def _logits_leaf(out_spec: pytree.TreeSpec) -> int:
 
 def _logits_module(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> torch.fx.GraphModule:
     """A plain GraphModule: forward(input_ids) -> logits tensor, with no input guards or pytree wrapping."""
-    gm = ep.module(check_guards=False)
+    # Guards would reject sizes outside the traced range (e.g. batch 1); the graph itself runs on them.
+    if "check_guards" in inspect.signature(ep.module).parameters:
+        gm = ep.module(check_guards=False)
+    else:  # torch before 2.9: no guard function in the graph, only a pre-hook the rebuild below drops
+        gm = ep.module()
     graph = gm.graph
     placeholders = graph.find_nodes(op="placeholder")
     for extra in placeholders[1:]:
         # Constant kwargs such as use_cache=False were baked in; their placeholders are unused.
         if extra.users:
-            raise CaptureError(f"{type(model).__name__}: the exported graph reads input {extra.target!r} besides input_ids")
+            raise CaptureError(
+                f"{type(model).__name__}: the exported graph reads input {extra.target!r} besides input_ids"
+            )
         graph.erase_node(extra)
     output = graph.output_node()
     leaves = output.args[0]
@@ -160,7 +167,9 @@ def _base_model_prefix(model: torch.nn.Module) -> str | None:
 # ---- explaining a failed export ---------------------------------------------------------
 
 _OP_PATTERN = re.compile(r"\b((?:aten|torch\.ops\.\w+|prims)\.[\w.]+)")
-_CALL_PATTERN = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\s*\n\s*(.+)')
+_CALL_PATTERN = re.compile(
+    r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\s*\n\s*(.+)'
+)
 
 
 def _failing_module(model: torch.nn.Module, exc: BaseException) -> tuple[str, str] | None:
@@ -209,7 +218,12 @@ def explain_export_failure(model: torch.nn.Module, exc: BaseException) -> str:
     attn = getattr(config, "_attn_implementation", None) if config is not None else None
     if config is not None:
         other = "eager" if attn != "eager" else "sdpa"
-        lines.append(f"  - load the model with attn_implementation={other!r} (now {attn!r}); flash/flex kernels do not export")
-        lines.append("  - set model.config.use_cache = False if the model builds a KV cache regardless (capture passes use_cache=False)")
+        lines.append(
+            f"  - load the model with attn_implementation={other!r} (now {attn!r}); flash/flex kernels do not export"
+        )
+        lines.append(
+            "  - set model.config.use_cache = False if the model builds a KV cache regardless "
+            "(capture passes use_cache=False)"
+        )
     lines.append("  - torch.export.draft_export(model, (input_ids,), strict=False) lists every export problem at once")
     return "\n".join(lines)

@@ -210,7 +210,9 @@ def test_a_weight_shared_by_two_matmuls_counts_once():
     torch.testing.assert_close(graph.module(ids), model(ids)[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("experts, op", [(None, "transformers.grouped_mm_fallback.default"), ("batched_mm", "aten.bmm.default")])
+@pytest.mark.parametrize(
+    "experts, op", [(None, "transformers.grouped_mm_fallback.default"), ("batched_mm", "aten.bmm.default")]
+)
 def test_mixtral_expert_matmuls(experts, op):
     _, graph = captured("mixtral", "sdpa", experts)
     experts_mm = [m for m in graph.matmuls if m.role == "expert"]

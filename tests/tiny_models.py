@@ -37,18 +37,29 @@ def tiny_config(arch: str, attn: str = "sdpa", **overrides):
         kw = dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64)
     elif arch == "opt":
         kw = dict(
-            hidden_size=HIDDEN, ffn_dim=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
+            hidden_size=HIDDEN,
+            ffn_dim=2 * HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=64,
+            word_embed_proj_dim=HIDDEN,
         )
     elif arch == "gpt_neox":
         kw = dict(
-            hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
             max_position_embeddings=64,
         )
     else:
         kw = dict(
-            hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            head_dim=HEAD_DIM,
         )
         if arch == "mixtral":
             kw.update(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)

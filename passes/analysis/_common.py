@@ -75,7 +75,9 @@ class AnalysisPass(PassBase):
             return
         nodes = matmul_nodes(graph_module)
         if not nodes:
-            raise AnalysisError(f"{self.name} needs matmul nodes marked by FindMatmuls; none is marked: run FindMatmuls first")
+            raise AnalysisError(
+                f"{self.name} needs matmul nodes marked by FindMatmuls; none is marked: run FindMatmuls first"
+            )
         self._check_keys(nodes, self.needs, "needs", "run the passes that write them first")
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:
@@ -85,7 +87,9 @@ class AnalysisPass(PassBase):
         for n in nodes:
             missing = [k for k in keys if k not in n.meta["mpqc"]]
             if missing:
-                raise AnalysisError(f"{self.name} {verb} meta['mpqc'] keys {missing} on matmul node {n.name!r}; {advice}")
+                raise AnalysisError(
+                    f"{self.name} {verb} meta['mpqc'] keys {missing} on matmul node {n.name!r}; {advice}"
+                )
 
     def __call__(self, graph_module: torch.fx.GraphModule) -> PassResult:
         return super().__call__(graph_module)

@@ -54,7 +54,9 @@ def _evaluate(size, subs: dict, what: str) -> int:
         return size
     value = size.node.expr.xreplace(subs)
     if value.free_symbols:
-        raise AnalysisError(f"{what}: size {size} depends on {value.free_symbols} beyond the input's batch and sequence")
+        raise AnalysisError(
+            f"{what}: size {size} depends on {value.free_symbols} beyond the input's batch and sequence"
+        )
     return int(value)
 
 

@@ -46,8 +46,8 @@ FUSED_ATTENTION_MARKERS = ("scaled_dot_product", "flash_attention", "flex_attent
 # Contractions this pass does not model; it says so rather than skip them silently.
 UNMODELLED_CONTRACTIONS = ("aten.einsum.default", "aten.tensordot.default", "aten.convolution.default")
 
-# Layout-only ops a weight may pass through on its way to a matmul, mapping an axis of
-# the op's output back to the axis of its input (None: the axis cannot be followed).
+# Layout-only ops a weight may pass through on its way to a matmul: ops that keep every
+# axis where it is, and ops whose axis mapping _input_axis knows.
 _IDENTITY_OPS = {
     "aten.to.dtype",
     "aten.to.dtype_layout",
@@ -220,7 +220,9 @@ class FindMatmuls(AnalysisPass):
             for arg_pos, axis in zip(operands, axes):
                 rank = _rank(node.args[arg_pos])
                 if rank is None:
-                    raise AnalysisError(f"matmul node {node.name!r}: operand {arg_pos} has no recorded shape (meta['val'])")
+                    raise AnalysisError(
+                        f"matmul node {node.name!r}: operand {arg_pos} has no recorded shape (meta['val'])"
+                    )
                 traced = trace_weight(gm, node.args[arg_pos], axis % rank)
                 if traced is not None:
                     weight, weight_axis, weight_path = traced
@@ -257,9 +259,7 @@ class FindMatmuls(AnalysisPass):
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:
         super().ensures(graph_module)
         if not any(n.meta.get("mpqc", {}).get("matmul") for n in graph_module.graph.nodes):
-            raise AnalysisError(
-                f"FindMatmuls found no matmul in the graph; known forms: {', '.join(MATMUL_OPS)}"
-            )
+            raise AnalysisError(f"FindMatmuls found no matmul in the graph; known forms: {', '.join(MATMUL_OPS)}")
 
     @staticmethod
     def _warn_nested(gm: torch.fx.GraphModule) -> None:
@@ -273,4 +273,3 @@ class FindMatmuls(AnalysisPass):
                     "(subgraphs of higher-order ops such as no_grad regions); they stay unquantized",
                     stacklevel=3,
                 )
-
