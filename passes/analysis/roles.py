@@ -105,14 +105,18 @@ def _reaches(start: torch.fx.Node, targets: set[str], *, forward: bool, depth: i
 
 
 def activation_role(node: torch.fx.Node) -> str:
-    """attention_scores (feeds a softmax), attention_values (its first operand comes from one), or other."""
-    if _reaches(node, _SOFTMAX_OPS, forward=True, depth=6):
-        return "attention_scores"
+    """attention_values (its first operand comes from a softmax), attention_scores (feeds one), or other.
+
+    Values are checked first: P is a step or two from its softmax (a cast, dropout),
+    while the forward walk from Q @ K^T passes scaling, softcapping and masking.
+    """
     a = node.args[node.meta["mpqc"]["operands"][0]]
     if isinstance(a, torch.fx.Node) and (
-        (a.op == "call_function" and str(a.target) in _SOFTMAX_OPS) or _reaches(a, _SOFTMAX_OPS, forward=False, depth=4)
+        (a.op == "call_function" and str(a.target) in _SOFTMAX_OPS) or _reaches(a, _SOFTMAX_OPS, forward=False, depth=3)
     ):
         return "attention_values"
+    if _reaches(node, _SOFTMAX_OPS, forward=True, depth=6):
+        return "attention_scores"
     return "activation_matmul"
 
 
