@@ -57,6 +57,16 @@ class QuantizedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.module(input_ids)
 
+    @property
+    def weight_quantizers(self):
+        """Matmul name -> the WeightQuantizer in front of its weight."""
+        return dict(self._inserted.weight_quantizers)
+
+    @property
+    def activation_quantizers(self):
+        """The ActivationQuantizers, each serving the matmuls named in its ``consumers``."""
+        return list(self._inserted.activation_quantizers)
+
 
 def _is_parameter(module: nn.Module, name: str) -> bool:
     try:

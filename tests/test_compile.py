@@ -165,3 +165,15 @@ def test_compile_leaves_the_captured_graph_alone():
     before = graph.module.code
     mpqc.compile(graph, mpqc.Plan.uniform(graph, "mxint4"))
     assert graph.module.code == before
+
+
+def test_moe_batched_mm_experts_quantize_through_the_expert_gather():
+    # With experts_implementation="batched_mm" each expert weight reaches its bmm through an
+    # index (gather) of the stacked [experts, out, in] tensor; the quantizer sits before it.
+    model, graph = captured_with("mixtral", "sdpa", "batched_mm")
+    ids = new_ids()
+    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "mxint4", activations=False, high="fp32"))
+    with torch.no_grad():
+        expected = hand_quantized_copy(model, graph, "mxint4")(ids, use_cache=False).logits
+    torch.testing.assert_close(qmodel(ids), expected, atol=ATOL, rtol=RTOL)
+    assert any(m.role == "expert" and len(m.weight_shape) == 3 for m in graph.matmuls)

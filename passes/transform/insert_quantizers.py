@@ -27,15 +27,15 @@ def _module_name(prefix: str, name: str) -> str:
     return f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
 
 
-def _weight_edge(node: torch.fx.Node, pos: int) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """(get_attr node of the weight, the node that consumes it on the way into ``node``)."""
-    consumer, source = node, node.args[pos]
-    while source.op != "get_attr":
-        tensor_inputs = [a for a in source.all_input_nodes]
-        if source.op != "call_function" or len(tensor_inputs) != 1:
-            raise ValueError(f"cannot trace the weight operand of {node.name!r} back to its parameter through {source.name!r}")
-        consumer, source = source, tensor_inputs[0]
-    return source, consumer
+def _weight_edge(node: torch.fx.Node, m, nodes: dict) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """(get_attr node of the weight, the node that consumes it on the way into ``node``).
+
+    The analysis recorded that way as ``weight_path`` (get_attr first, the operand last):
+    through views, transposes and MoE expert gathers."""
+    path = [nodes[name] for name in m.weight_path]
+    if not path or path[0].op != "get_attr":
+        raise ValueError(f"matmul {m.name!r}: its weight path {m.weight_path} does not start at a parameter")
+    return path[0], (path[1] if len(path) > 1 else node)
 
 
 class InsertQuantizers(PassBase):
@@ -65,7 +65,7 @@ class InsertQuantizers(PassBase):
             node = nodes[m.node]
             for pos, axis in zip(m.operands, m.reduction_axes):
                 if pos == m.weight_operand:
-                    self._insert_weight(graph_module, node, pos, m)
+                    self._insert_weight(graph_module, node, m, nodes)
                 else:
                     act_uses.setdefault((node.args[pos].name, axis), []).append((node, pos, m.name))
         order = {n: i for i, n in enumerate(g.nodes)}
@@ -75,8 +75,8 @@ class InsertQuantizers(PassBase):
         graph_module.recompile()
         return PassResult(graph_module, True)
 
-    def _insert_weight(self, gm, node, pos, m) -> None:
-        get_attr, consumer = _weight_edge(node, pos)
+    def _insert_weight(self, gm, node, m, nodes) -> None:
+        get_attr, consumer = _weight_edge(node, m, nodes)
         quantizer = WeightQuantizer(m.weight, m.weight_reduction_axis, self.cache)
         target = _module_name("mpqc_wq", m.name)
         gm.add_submodule(target, quantizer)
