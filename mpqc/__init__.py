@@ -10,11 +10,11 @@ from .capture import CaptureError, capture
 from .compile import QuantizedModel, compile  # noqa: A004
 from .graph import Component, Graph, Matmul
 from .plan import Plan, Precision
-from . import data, evaluate, models  # noqa: E402
+from . import data, evaluate, models, search  # noqa: E402
 from .models import load_model
 
 __version__ = "0.1.0"
 __all__ = [
     "CaptureError", "Component", "Graph", "Matmul", "Plan", "Precision", "QuantizedModel",
-    "capture", "compile", "data", "evaluate", "formats", "load_model", "models",
+    "capture", "compile", "data", "evaluate", "formats", "load_model", "models", "search",
 ]

@@ -3,6 +3,7 @@
     mpqc formats                       the number formats and their bits per element
     mpqc inspect [MODEL]               the matmul / component table of a captured model
     mpqc compile [MODEL] [--plan P]    compile with a plan, report perplexity before and after
+    mpqc search [MODEL] --ratio 0.9    search the best plan under a budget; writes plan and trials
 
 MODEL is a local Hugging Face directory, a .gguf file, or (left out) the embedded default,
 SmolLM2-135M. Every command that prints a table can also write it as JSON (--json).
@@ -141,6 +142,48 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import mpqc
+    from mpqc.data import load_tokens, split_tokens
+    from mpqc.search import PAPER_SETTING, write_outputs
+
+    if args.paper:
+        args.sampler, args.n_trials, args.n_samples = PAPER_SETTING["sampler"], PAPER_SETTING["n_trials"], PAPER_SETTING["n_samples"]
+    sampler_kwargs = json.loads(args.sampler_kwargs) if args.sampler_kwargs else None
+    if args.bits is not None:
+        budget = ("bits", args.bits)
+    else:
+        budget = ("macs" if args.by_macs else "params", args.ratio)
+    _, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
+    search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
+    t0 = time.perf_counter()
+    result = mpqc.search.run(
+        graph, search_tokens, budget=budget, granularity=args.granularity, low=args.low, high=args.high,
+        weights_only=args.weights_only, sampler=args.sampler, sampler_kwargs=sampler_kwargs, n_trials=args.n_trials,
+        seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
+        storage=args.storage, study_name=args.study_name, block_size=args.block_size,
+    )
+    # The found plan against the all-high baseline, on held-out text the search never saw.
+    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed)
+    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, args.high))
+    result.holdout = {"perplexity_high": mpqc.evaluate.perplexity(qmodel, holdout, **kw, progress=False)}
+    result.holdout["perplexity_plan"] = mpqc.evaluate.perplexity(qmodel.set_plan(result.plan), holdout, **kw, progress=False)
+    paths = write_outputs(result, args.out)
+    print(f"{result.budget}: best perplexity {result.perplexity:.3f} (search windows) at {result.achieved:.4f}, "
+          f"average bits {result.plan.average_bits():.3f}, after {len(result.study.trials)} trials "
+          f"in {time.perf_counter() - t0:.0f} s")
+    h = result.holdout
+    print(f"held-out perplexity: all {args.high} {h['perplexity_high']:.3f} -> plan {h['perplexity_plan']:.3f} "
+          f"({100 * (h['perplexity_plan'] / h['perplexity_high'] - 1):+.1f}%)")
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.pareto:
+        print("Pareto front (perplexity, Q_r):", ", ".join(f"({p['perplexity']:.2f}, {p['quantization_ratio_params']:.3f})"
+                                                         for p in result.pareto))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 
@@ -174,6 +217,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("search", help="search the best plan under a quantization-ratio or bits budget")
+    model_args(s)
+    s.add_argument("--ratio", type=float, default=0.9, help="Q_r budget: share of matmul parameters in low precision")
+    s.add_argument("--by-macs", action="store_true", help="the ratio counts MACs instead of parameters")
+    s.add_argument("--bits", type=float, default=None, help="instead of a ratio: average bits per weight at most this")
+    s.add_argument("--granularity", default="matmul", choices=["matmul", "layer"])
+    s.add_argument("--low", default="mxint4")
+    s.add_argument("--high", default="bf16")
+    s.add_argument("--weights-only", action="store_true", help="activations stay at --high")
+    s.add_argument("--block-size", type=_block, default=None)
+    s.add_argument("--sampler", default="sensitivity",
+                   help="sensitivity (default), random, tpe, cmaes, gp, qmc, nsga2, or package.module:Class")
+    s.add_argument("--sampler-kwargs", default=None, help="JSON keyword arguments for the sampler")
+    s.add_argument("--n-trials", type=int, default=12)
+    s.add_argument("--paper", action="store_true", help="the paper's setting: random, 50 trials, 1024 sequences")
+    s.add_argument("--text", default=None)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--n-samples", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--storage", default=None, help="SQLite file or database URL: resumable, shareable by workers")
+    s.add_argument("--study-name", default=None)
+    s.add_argument("--out", default="mpqc-search", help="directory for best_plan.json, trials.csv, result.json")
+    s.set_defaults(func=cmd_search)
     return p
 
 

@@ -1,0 +1,110 @@
+"""Per-component sensitivity: how much the loss is expected to rise when one component goes low.
+
+A second-order estimate from one forward and backward pass per window, for every component
+at once. Every quantizer's output (at the high precision) gets a term ``eps_c * delta``,
+where ``delta`` is what the low precision would change it by and ``eps_c`` is one zero
+scalar per component. Then dL/d eps_c is the first-order loss change of moving component c
+low on that window, and half the mean of its square over windows is the empirical-Fisher
+estimate of the expected loss increase, 0.5 * delta^T F delta. Weights and activations
+both count, so attention matmuls (no weights) get a sensitivity too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mpqc.compile import QuantizedModel
+from mpqc.formats import quantize
+
+from .budget import SearchSpace
+
+
+def _delta_weight(quantizer, low_fmt, rounding, weight, out):
+    low = quantizer._cache.get(quantizer.weight_name, weight, low_fmt, quantizer.axis, rounding)
+    return low - out
+
+
+@contextlib.contextmanager
+def _frozen_parameters(module: torch.nn.Module):
+    # Only the eps scalars need gradients; parameter gradients would cost memory and time.
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def sensitivity(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True) -> dict[str, float]:
+    """Expected loss increase (nats per token) per component of ``space`` when only it goes low."""
+    graph = space.graph
+    component_of = {m.name: c.name for c in space.components for m in c.matmuls}
+    names = [c.name for c in space.components]
+    eps = {n: torch.zeros((), requires_grad=True) for n in names}
+    high_plan, low_plan = space.plan([]), space.plan(names)
+    previous = qmodel.plan
+    qmodel.set_plan(high_plan)
+    handles = []
+    for mname, wq in qmodel.weight_quantizers.items():
+        m = graph.matmul(mname)
+        low_fmt = low_plan.weight_format(m)
+        if low_fmt == high_plan.weight_format(m):
+            continue
+        c = component_of[mname]
+
+        def hook(mod, inputs, out, low_fmt=low_fmt, c=c):
+            return out + eps[c] * _delta_weight(mod, low_fmt, low_plan.rounding, inputs[0], out).detach()
+
+        handles.append(wq.register_forward_hook(hook))
+    for aq in qmodel.activation_quantizers:
+        lows = [low_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
+        comps = [component_of[n] for n in aq.consumers]
+
+        def hook(mod, inputs, outs, lows=lows, comps=comps):
+            x = inputs[0]
+            result = []
+            for out, fmt, c in zip(outs, lows, comps):
+                if fmt is None:
+                    result.append(out)
+                    continue
+                block = None if fmt.family == "cast" else fmt.block_size
+                low = quantize(x.detach(), fmt, block_size=block, axis=mod.axis, rounding=low_plan.rounding)
+                result.append(out + eps[c] * (low - out.detach()))
+            return tuple(result)
+
+        handles.append(aq.register_forward_hook(hook))
+    squares = {n: 0.0 for n in names}
+    try:
+        with _frozen_parameters(qmodel), torch.enable_grad():
+            for window in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
+                ids = window[None]
+                logits = qmodel(ids)
+                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                grads = torch.autograd.grad(loss, [eps[n] for n in names], allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is not None:
+                        squares[n] += g.item() ** 2
+    finally:
+        for h in handles:
+            h.remove()
+        qmodel.set_plan(previous if previous is not None else high_plan)
+    return {n: 0.5 * squares[n] / len(windows) for n in names}
+
+
+def priorities_from_sensitivity(sens: dict[str, float], sizes: dict[str, float]) -> dict[str, float]:
+    """Priorities in [0, 1] that send the cheapest loss per unit of budget low first.
+
+    Components of budget size zero buy nothing low, so they stay high (priority below 1/2)."""
+    paying = [n for n in sens if sizes[n] > 0]
+    ranked = sorted(paying, key=lambda n: (sens[n] / sizes[n], n))
+    pr = {n: 1.0 - i / max(len(ranked), 1) for i, n in enumerate(ranked)}  # in (0, 1]
+    for n in sens:
+        if sizes[n] <= 0:
+            pr[n] = 0.25
+    return pr
