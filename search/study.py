@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import math
 import os
+import socket
 import warnings
 
 import optuna
@@ -89,10 +91,13 @@ def _storage(storage, *, heartbeat: int):
     try:
         # Heartbeats let a restarted or sibling worker see a killed worker's trial as failed;
         # the retry callback runs that trial again, so completed trials stay once each.
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
-        )
+        retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+        params = inspect.signature(optuna.storages.RDBStorage).parameters
+        key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                              **{key: retry})
     except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
         raise ValueError(f"cannot open search storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
@@ -119,6 +124,7 @@ def run(
     n_samples: int = 32,
     batch_size: int = 8,
     seed: int = 0,
+    sampler_seed: int | None = None,
     storage=None,
     study_name: str | None = None,
     block_size=None,
@@ -134,7 +140,8 @@ def run(
     The budget is ``ratio`` (Q_r by parameters, the paper's) or ``budget``: a ``Budget`` or
     ("params"|"macs", ratio) or ("bits", average bits). ``low``/``high``: the two precisions
     (``weights_only`` keeps activations at ``high``). ``sampler``: a name, "module:Class",
-    or an Optuna sampler. ``n_trials`` counts completed trials in the study, including ones
+    or an Optuna sampler; ``sampler_seed`` (default ``seed``) seeds it apart from the evaluation windows,
+    so workers sharing one study can sample differently. ``n_trials`` counts completed trials in the study, including ones
     from earlier runs on the same storage. ``qmodel``: a compiled model of ``graph`` to reuse.
     """
     if (ratio is None) == (budget is None):
@@ -145,7 +152,7 @@ def run(
     low_p, high_p = low_precision(low, high, weights_only=weights_only)
     space = SearchSpace(graph, granularity, low_p, high_p, budget, block_size, rounding)
     multi = sampler in MULTI_OBJECTIVE
-    the_sampler = make_sampler(sampler, seed=seed, kwargs=sampler_kwargs)
+    the_sampler = make_sampler(sampler, seed=seed if sampler_seed is None else sampler_seed, kwargs=sampler_kwargs)
     notes = []
     lo, hi = space.reachable()
     if budget.kind != "bits" and budget.value > hi + 1e-12:
@@ -197,7 +204,8 @@ def run(
         achieved = space.achieved(plan)
         ppl = evaluate_plan(plan)
         s = plan.summary()
-        for key, value in {**s, "perplexity": ppl, "achieved": achieved, "low": chosen}.items():
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        for key, value in {**s, "perplexity": ppl, "achieved": achieved, "low": chosen, "worker": worker}.items():
             trial.set_user_attr(key, value)
         return (ppl, s["quantization_ratio_params"]) if multi else ppl
 

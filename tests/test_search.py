@@ -1,0 +1,171 @@
+"""mpqc.search on tiny models: budgets, samplers, exact objective, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+
+import mpqc
+from mpqc.search import Budget, SearchSpace, decode
+from mpqc.search.budget import low_precision
+from tiny_models import captured
+
+HERE = os.path.dirname(__file__)
+TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(0))
+FAST = dict(seq_len=16, n_samples=2, progress=False)
+
+
+# ---- the encoding ------------------------------------------------------------------------------
+
+
+def test_decode_meets_the_target_with_least_overshoot():
+    sizes = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05, "attn": 0.0}
+    pr = {"a": 0.9, "b": 0.8, "c": 0.1, "d": 0.2, "attn": 0.7}
+    # a (0.5) fits under 0.6; b would overshoot; then d (0.05) fits, c does not; 0.55 < 0.6, so the
+    # smallest component that reaches 0.6 is added: c (0.15) -> 0.70.
+    assert sorted(decode(pr, sizes, 0.6)) == ["a", "attn", "c", "d"]
+    assert sorted(decode(pr, sizes, 0.55)) == ["a", "attn", "d"]  # met exactly, nothing more
+    assert decode({**pr, "attn": 0.3}, sizes, 0.0) == []  # zero-size components go low only above 1/2
+    assert sorted(decode(pr, sizes, 1.0)) == ["a", "attn", "b", "c", "d"]
+
+
+def test_every_trial_meets_the_budget():
+    _, graph = captured("llama")
+    result = mpqc.search.run(graph, TOKENS, ratio=0.7, sampler="random", n_trials=6, **FAST)
+    smallest = min(c.params for c in graph.components("matmul") if c.params) / graph.total_params
+    for t in result.study.trials:
+        assert 0.7 <= t.user_attrs["quantization_ratio_params"] <= 0.7 + smallest + 1e-9
+    assert result.achieved == result.plan.quantization_ratio()
+
+
+@pytest.mark.parametrize("sampler", ["sensitivity", "random", "tpe", "cmaes", "gp", "qmc"])
+def test_each_sampler_finds_a_plan_whose_perplexity_is_exact(sampler):
+    _, graph = captured("qwen2")
+    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler=sampler, n_trials=4, seed=3, **FAST)
+    assert result.plan.quantization_ratio() >= 0.5
+    # The objective is exactly what compile + evaluate of the plan gives on the same windows.
+    windows = mpqc.evaluate.sample_windows(TOKENS, 16, 2, 3)
+    again = mpqc.evaluate.perplexity(mpqc.compile(graph, result.plan), windows=windows, progress=False)
+    assert result.perplexity == again
+    assert len([t for t in result.study.trials if t.state.name == "COMPLETE"]) == 4
+
+
+def test_same_seed_same_plan_and_numbers():
+    _, graph = captured("llama")
+    a = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="tpe", n_trials=4, seed=1, **FAST)
+    b = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="tpe", n_trials=4, seed=1, **FAST)
+    assert a.plan == b.plan and a.perplexity == b.perplexity
+    assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]
+
+
+def test_nsga2_gives_a_pareto_front():
+    _, graph = captured("llama")
+    result = mpqc.search.run(graph, TOKENS, ratio=0.3, sampler="nsga2", n_trials=8, **FAST)
+    front = result.pareto
+    assert front and all(p["quantization_ratio_params"] >= 0.3 - 1e-9 for p in front)
+    ratios = [p["quantization_ratio_params"] for p in front]
+    assert ratios == sorted(ratios, reverse=True)
+    # On the front, a higher ratio never comes with a lower perplexity.
+    ppl = [p["perplexity"] for p in front]
+    assert all(ppl[i] >= ppl[i + 1] for i in range(len(ppl) - 1))
+
+
+class CountingSampler(optuna.samplers.RandomSampler):
+    calls = 0
+
+    def sample_independent(self, *args, **kwargs):
+        CountingSampler.calls += 1
+        return super().sample_independent(*args, **kwargs)
+
+
+def test_custom_sampler_instance_and_import_path():
+    _, graph = captured("llama")
+    CountingSampler.calls = 0
+    mpqc.search.run(graph, TOKENS, ratio=0.5, sampler=CountingSampler(seed=0), n_trials=2, **FAST)
+    n_components = len(graph.components("matmul"))
+    assert CountingSampler.calls == 2 * n_components
+    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="test_search:CountingSampler", n_trials=2, **FAST)
+    assert isinstance(result.study.sampler, CountingSampler)
+
+
+def test_bits_and_macs_budgets_and_layer_granularity():
+    _, graph = captured("llama")
+    bits = mpqc.search.run(graph, TOKENS, budget=("bits", 8.0), sampler="random", n_trials=3, **FAST)
+    assert bits.plan.average_bits() <= 8.0
+    macs = mpqc.search.run(graph, TOKENS, budget=Budget("macs", 0.5), sampler="random", n_trials=3, **FAST)
+    assert macs.plan.quantization_ratio(by="macs") >= 0.5
+    layer = mpqc.search.run(graph, TOKENS, ratio=0.5, granularity="layer", sampler="random", n_trials=3, **FAST)
+    assert layer.plan.granularity == "layer"
+    assert layer.notes and "nearest the layer granularity allows" in layer.notes[0]
+
+
+def test_sensitivity_priorities():
+    _, graph = captured("llama")
+    low, high = low_precision("mxint4", "bf16", weights_only=False)
+    space = SearchSpace(graph, "matmul", low, high, Budget("params", 0.5))
+    qmodel = mpqc.compile(graph, space.plan([]))
+    sens = mpqc.search.sensitivity(qmodel, space, mpqc.evaluate.sample_windows(TOKENS, 16, 2, 0), progress=False)
+    assert set(sens) == {c.name for c in space.components} and all(v >= 0 for v in sens.values())
+    assert any(v > 0 for v in sens.values())
+    sizes = space.sizes()
+    pr = mpqc.search.priorities_from_sensitivity(sens, sizes)
+    paying = sorted((n for n in sens if sizes[n] > 0), key=lambda n: sens[n] / sizes[n])
+    assert [pr[n] for n in paying] == sorted((pr[n] for n in paying), reverse=True)
+    assert all(pr[n] == 0.25 for n in sens if sizes[n] == 0)  # attention matmuls stay high
+
+
+def test_bad_input():
+    _, graph = captured("llama")
+    with pytest.raises(ValueError, match=r"ratio must lie in \[0, 1\], got 1.5"):
+        mpqc.search.run(graph, TOKENS, ratio=1.5, **FAST)
+    with pytest.raises(ValueError, match="unknown sampler 'annealing'"):
+        mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="annealing", **FAST)
+    with pytest.raises(ValueError, match="unknown format 'mxint3'"):
+        mpqc.search.run(graph, TOKENS, ratio=0.5, low="mxint3", **FAST)
+    with pytest.raises(ValueError, match="cannot open search storage"):
+        mpqc.search.run(graph, TOKENS, ratio=0.5, storage="postgresql+psycopg2://u:p@127.0.0.1:1/db", **FAST)
+
+
+def test_study_made_for_another_budget_is_refused(tmp_path):
+    _, graph = captured("llama")
+    db = str(tmp_path / "s.db")
+    mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=2, storage=db, study_name="s", **FAST)
+    with pytest.raises(ValueError, match="created for another search.*budget"):
+        mpqc.search.run(graph, TOKENS, ratio=0.6, sampler="random", n_trials=3, storage=db, study_name="s", **FAST)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    assert len(study.trials) == 2  # nothing was added or changed
+
+
+def _complete(db, name):
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    except KeyError:
+        return []
+    return [t for t in study.trials if t.state.name == "COMPLETE"]
+
+
+def test_resume_after_sigkill(tmp_path):
+    db = str(tmp_path / "resume.db")
+    worker = subprocess.Popen([sys.executable, os.path.join(HERE, "search_worker.py"), db, "r", "8", "0.3"])
+    deadline = time.time() + 240
+    while len(_complete(db, "r")) < 3 and time.time() < deadline and worker.poll() is None:
+        time.sleep(0.5)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    before = {t.number: t.params for t in _complete(db, "r")}
+    assert 3 <= len(before) < 8
+    time.sleep(2.5)  # past the heartbeat grace period: the killed trial is seen as failed and retried
+    subprocess.run([sys.executable, os.path.join(HERE, "search_worker.py"), db, "r", "8"], check=True, timeout=240)
+    after = _complete(db, "r")
+    assert len(after) == 8
+    assert all(before[n] == t.params for t in after if (n := t.number) in before)  # none lost
+    params = [tuple(sorted(t.params.items())) for t in after]
+    assert len(set(params)) == len(params)  # none repeated
