@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import socket
+import time
 import warnings
 
 import optuna
@@ -88,18 +89,28 @@ def _storage(storage, *, heartbeat: int):
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     url = storage if "://" in str(storage) else f"sqlite:///{os.path.abspath(storage)}"
-    try:
-        # Heartbeats let a restarted or sibling worker see a killed worker's trial as failed;
-        # the retry callback runs that trial again, so completed trials stay once each.
-        retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
-        params = inspect.signature(optuna.storages.RDBStorage).parameters
-        key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                              **{key: retry})
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
-        raise ValueError(f"cannot open search storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    last_error = None
+    for attempt in range(5):  # workers starting together race to create the tables: retry
+        try:
+            return _rdb_storage(url, heartbeat)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
+            last_error = e
+            if "IntegrityError" not in type(e).__name__ and "UniqueViolation" not in str(e):
+                break
+            time.sleep(0.5 * (attempt + 1))
+    e = last_error
+    raise ValueError(f"cannot open search storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _rdb_storage(url: str, heartbeat: int):
+    # Heartbeats let a restarted or sibling worker see a killed worker's trial as failed;
+    # the retry callback runs that trial again, so completed trials stay once each.
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+    params = inspect.signature(optuna.storages.RDBStorage).parameters
+    key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **{key: retry})
 
 
 def _fingerprint(graph: Graph) -> str:
