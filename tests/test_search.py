@@ -169,3 +169,16 @@ def test_resume_after_sigkill(tmp_path):
     assert all(before[n] == t.params for t in after if (n := t.number) in before)  # none lost
     params = [tuple(sorted(t.params.items())) for t in after]
     assert len(set(params)) == len(params)  # none repeated
+
+
+def test_example_custom_sampler_plugs_in():
+    sys.path.insert(0, os.path.dirname(HERE))
+    from examples.custom_sampler import SwapSampler
+
+    _, graph = captured("llama")
+    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler=SwapSampler(n_startup=2, seed=0), n_trials=5, **FAST)
+    trials = result.study.trials
+    # After the random start, each trial is the best earlier trial with two priorities swapped.
+    best2 = min(trials[:2], key=lambda t: t.value)
+    assert sorted(trials[2].params.values()) == sorted(best2.params.values()) and trials[2].params != best2.params
+    assert result.plan.quantization_ratio() >= 0.5
