@@ -105,11 +105,13 @@ def _storage(storage, *, heartbeat: int):
 def _rdb_storage(url: str, heartbeat: int):
     # Heartbeats let a restarted or sibling worker see a killed worker's trial as failed;
     # the retry callback runs that trial again, so completed trials stay once each.
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
     params = inspect.signature(optuna.storages.RDBStorage).parameters
-    key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+    new_api = "heartbeat_stale_trial_callback" in params  # optuna >= 4.9 renamed both
+    key = "heartbeat_stale_trial_callback" if new_api else "failed_trial_callback"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_cls = optuna.storages.RetryHeartbeatStaleTrialCallback if new_api else optuna.storages.RetryFailedTrialCallback
+        retry = retry_cls(max_retry=2)
         return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **{key: retry})
 
 
