@@ -1,0 +1,211 @@
+"""Scaling-law fits for mixed quantization (Cao et al. 2024) and reading Q_r,max off a ratio curve.
+
+Law 1 (model size vs the largest quantization ratio at a loss budget), in the paper's form
+
+    size = exp(k * (1 - Q_r,max) + c)
+
+    fit = fit_exponential(x, y)   # x = 1 - Q_r,max: the share of parameters kept high
+                                  # y = model size (parameters; c depends on the unit, k does not)
+
+Law 2 (loss vs quantizer block size at a fixed Q_r):
+
+    delta_ppl = A * block_size ** k
+
+    fit = fit_power(block_sizes, delta_ppls)
+
+Both are fitted by least squares on the logarithm of y (a straight line in log space), which
+weighs every point by its relative error: right for sizes spanning orders of magnitude and for
+losses whose noise grows with their size. Standard errors come from the fit's covariance
+(scipy's ``linregress``); R^2 is measured in that same log space.
+
+``max_ratio_at_budget(ratios, delta_ppls, budget)`` turns one model's searched points into
+Q_r,max for a loss budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "ExponentialFit", "MaxRatio", "PowerFit", "fit_exponential", "fit_power",
+    "max_ratio_at_budget", "monotone_envelope",
+]
+
+MIN_POINTS = 3  # two points fit any line exactly and leave no degree of freedom for an error
+
+
+@dataclasses.dataclass(frozen=True)
+class _Line:
+    slope: float
+    intercept: float
+    slope_err: float
+    intercept_err: float
+    r2: float
+    n: int
+
+
+def _as_points(x, y, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"{what}: x and y must have the same length, got {x.size} and {y.size}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError(f"{what}: x and y must be finite; got x={x.tolist()}, y={y.tolist()}")
+    if x.size < MIN_POINTS:
+        raise ValueError(f"{what}: needs at least {MIN_POINTS} points (two fit any curve exactly and "
+                         f"give no uncertainty), got {x.size}")
+    return x, y
+
+
+def _require_positive(values: np.ndarray, *, name: str, what: str) -> None:
+    bad = [float(v) for v in values if not v > 0]
+    if bad:
+        raise ValueError(f"{what}: {name} must be positive to take its logarithm; got {bad} "
+                         f"(drop those points, e.g. delta_ppl <= 0 from search noise, before fitting)")
+
+
+def _line(u: np.ndarray, v: np.ndarray, *, what: str) -> _Line:
+    if np.ptp(u) == 0:
+        raise ValueError(f"{what}: all x values are equal ({u[0]:g}); a slope needs at least two distinct x")
+    res = stats.linregress(u, v)
+    # linregress's stderr is from the residual variance with n - 2 degrees of freedom.
+    resid = v - (res.slope * u + res.intercept)
+    ss_tot = float(np.sum((v - v.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    return _Line(float(res.slope), float(res.intercept), float(res.stderr), float(res.intercept_stderr), r2, u.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExponentialFit:
+    """y = exp(k * x + c); ``k_err``/``c_err`` are one standard error; ``r2`` is of ln y."""
+
+    k: float
+    c: float
+    k_err: float
+    c_err: float
+    r2: float
+    n: int
+
+    def predict(self, x):
+        """y at x (scalar or array)."""
+        return np.exp(self.k * np.asarray(x, dtype=float) + self.c)
+
+    def solve(self, y):
+        """x at which the law reaches y; for Law 1, 1 - Q_r,max of a model of size y."""
+        return (np.log(np.asarray(y, dtype=float)) - self.c) / self.k
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerFit:
+    """y = A * x ** k; ``A_err`` is the delta-method error A * err(ln A); ``r2`` is of ln y."""
+
+    A: float
+    k: float
+    A_err: float
+    k_err: float
+    r2: float
+    n: int
+
+    def predict(self, x):
+        return self.A * np.asarray(x, dtype=float) ** self.k
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fit_exponential(x, y) -> ExponentialFit:
+    """Fit y = exp(k * x + c) by a line through (x, ln y).
+
+    For Law 1: x = 1 - Q_r,max (the share of matmul parameters kept in high precision at the
+    loss budget), y = model size in parameters. The paper reports k about -11 to -13.
+    """
+    what = "fit_exponential"
+    x, y = _as_points(x, y, what=what)
+    _require_positive(y, name="y (model size)", what=what)
+    line = _line(x, np.log(y), what=what)
+    return ExponentialFit(k=line.slope, c=line.intercept, k_err=line.slope_err, c_err=line.intercept_err,
+                          r2=line.r2, n=line.n)
+
+
+def fit_power(x, y) -> PowerFit:
+    """Fit y = A * x ** k by a line through (ln x, ln y).
+
+    For Law 2: x = block size (elements per shared scale), y = delta_ppl at a fixed Q_r.
+    The paper reports k about 0.3 to 0.6.
+    """
+    what = "fit_power"
+    x, y = _as_points(x, y, what=what)
+    _require_positive(x, name="x (block size)", what=what)
+    _require_positive(y, name="y (delta_ppl)", what=what)
+    line = _line(np.log(x), np.log(y), what=what)
+    A = math.exp(line.intercept)
+    return PowerFit(A=A, k=line.slope, A_err=A * line.intercept_err, k_err=line.slope_err, r2=line.r2, n=line.n)
+
+
+# ---- Q_r,max from a ratio curve ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxRatio:
+    """The largest Q_r whose (enveloped) delta_ppl stays within the budget.
+
+    ``status``: "interpolated" (the budget is crossed between two measured ratios),
+    "above_measured" (every measured ratio meets the budget: ``value`` is the largest measured
+    ratio, a lower bound), or "never_reached" (even the smallest measured ratio exceeds the
+    budget: ``value`` is NaN).
+    """
+
+    value: float
+    status: str
+
+    @property
+    def reached(self) -> bool:
+        return self.status != "never_reached"
+
+
+def monotone_envelope(ratios, delta_ppls) -> tuple[np.ndarray, np.ndarray]:
+    """(ratios sorted ascending, the best delta_ppl known at each ratio or above).
+
+    A plan found under "Q_r >= r'" also meets "Q_r >= r" for every r <= r', so the best loss at r
+    is at most the best at any larger ratio: the suffix minimum. It is nondecreasing in r by
+    construction and removes search noise that would make a curve dip.
+    """
+    r = np.asarray(ratios, dtype=float).ravel()
+    d = np.asarray(delta_ppls, dtype=float).ravel()
+    if r.shape != d.shape or r.size == 0:
+        raise ValueError(f"ratios and delta_ppls must be non-empty and of the same length, got {r.size} and {d.size}")
+    if not np.all(np.isfinite(r)):
+        raise ValueError(f"ratios must be finite, got {r.tolist()}")
+    d = np.where(np.isnan(d), np.inf, d)  # a broken plan (NaN perplexity) is as bad as can be
+    order = np.argsort(r, kind="stable")
+    r, d = r[order], d[order]
+    return r, np.minimum.accumulate(d[::-1])[::-1]
+
+
+def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
+    """The largest achievable Q_r at a loss budget (e.g. 0.1 for +10% perplexity).
+
+    ``ratios`` are the achieved Q_r of searched plans, ``delta_ppls`` their (ppl_q - ppl) / ppl.
+    The curve is first made monotone (:func:`monotone_envelope`); the budget is then read off by
+    linear interpolation between the last ratio within it and the next one above it.
+    """
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget is a positive relative perplexity increase such as 0.1, got {budget!r}")
+    r, env = monotone_envelope(ratios, delta_ppls)
+    within = np.nonzero(env <= budget)[0]
+    if within.size == 0:
+        return MaxRatio(math.nan, "never_reached")
+    i = int(within[-1])  # env is nondecreasing: everything up to i is within the budget
+    if i == r.size - 1:
+        return MaxRatio(float(r[i]), "above_measured")
+    r0, r1, d0, d1 = r[i], r[i + 1], env[i], env[i + 1]
+    if not math.isfinite(d1):  # the next plan diverged: no slope to interpolate along
+        return MaxRatio(float(r0), "interpolated")
+    return MaxRatio(float(r0 + (budget - d0) * (r1 - r0) / (d1 - d0)), "interpolated")

@@ -1,0 +1,129 @@
+"""mpqc.laws: fits recover known laws from seeded noisy data; Q_r,max read off ratio curves."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mpqc.laws import fit_exponential, fit_power, max_ratio_at_budget, monotone_envelope
+
+SIGMA = 0.05  # multiplicative noise: ln y gets N(0, SIGMA^2)
+
+
+def law1_data(seed, k=-12.0, c=25.0, n=8):
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0.1, 0.4, n)  # 1 - Q_r,max
+    return x, np.exp(k * x + c + rng.normal(0, SIGMA, n))
+
+
+def law2_data(seed, A=0.002, k=0.45):
+    rng = np.random.default_rng(seed)
+    x = np.array([16, 32, 64, 128, 256, 512], dtype=float)
+    return x, A * x ** k * np.exp(rng.normal(0, SIGMA, x.size))
+
+
+def slope_se(u):
+    # Standard error of a least-squares slope with known noise: sigma / sqrt(sum (u - mean)^2).
+    u = np.asarray(u)
+    return SIGMA / math.sqrt(np.sum((u - u.mean()) ** 2))
+
+
+def test_fit_exponential_recovers_law1():
+    x, y = law1_data(seed=0)
+    fit = fit_exponential(x, y)
+    se = slope_se(x)  # 0.18 for these 8 points
+    # 4 standard errors: a seeded draw this far out would be a 1-in-15000 event, not noise.
+    assert abs(fit.k - -12.0) < 4 * se
+    assert abs(fit.c - 25.0) < 4 * se * math.sqrt(np.mean(x ** 2))  # intercept error = slope error x rms(x)
+    # The reported errors estimate the true ones (sigma estimated from 6 degrees of freedom: within 2x).
+    assert 0.5 * se < fit.k_err < 2 * se
+    assert fit.r2 > 0.99 and fit.n == 8
+    assert np.allclose(fit.predict(x), np.exp(fit.k * x + fit.c))
+    assert np.allclose(fit.solve(fit.predict(x)), x)
+
+
+def test_fit_power_recovers_law2():
+    x, y = law2_data(seed=1)
+    fit = fit_power(x, y)
+    se = slope_se(np.log(x))  # 0.017
+    assert abs(fit.k - 0.45) < 4 * se
+    # ln A has error se * rms(ln x) (about 4.3 x se here); 4 of those, relative.
+    assert abs(math.log(fit.A / 0.002)) < 4 * se * math.sqrt(np.mean(np.log(x) ** 2))
+    assert fit.A_err > 0 and fit.r2 > 0.99
+    assert np.allclose(fit.predict(x), fit.A * x ** fit.k)
+
+
+def test_reported_errors_are_calibrated():
+    # Over many seeded data sets the true k lies within one reported standard error about as
+    # often as Student's t with n - 2 = 6 degrees of freedom says: P(|t| < 1) = 0.644.
+    fits = [fit_exponential(*law1_data(seed=s)) for s in range(400)]
+    hits = [abs(f.k + 12.0) < f.k_err for f in fits]
+    # 400 draws: the share has standard deviation sqrt(0.644 * 0.356 / 400) = 0.024; allow 2.5 of them.
+    assert abs(np.mean(hits) - 0.644) < 0.06
+
+
+def test_exact_data_is_fitted_exactly():
+    x = np.array([0.1, 0.2, 0.3])
+    fit = fit_exponential(x, np.exp(-11.5 * x + 20))
+    assert fit.k == pytest.approx(-11.5, rel=1e-12) and fit.c == pytest.approx(20, rel=1e-12)
+    assert fit.r2 == pytest.approx(1.0) and fit.k_err == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("fit", [fit_exponential, fit_power])
+def test_too_few_points(fit):
+    with pytest.raises(ValueError, match="at least 3 points"):
+        fit([1.0, 2.0], [1.0, 2.0])
+
+
+def test_non_positive_values_are_named():
+    with pytest.raises(ValueError, match=r"y \(model size\) must be positive.*-1.0"):
+        fit_exponential([0.1, 0.2, 0.3], [1.0, -1.0, 2.0])
+    with pytest.raises(ValueError, match=r"y \(delta_ppl\) must be positive.*0.0"):
+        fit_power([16, 32, 64], [0.01, 0.0, 0.02])
+    with pytest.raises(ValueError, match=r"x \(block size\) must be positive"):
+        fit_power([0, 32, 64], [0.01, 0.01, 0.02])
+
+
+def test_bad_shapes_and_values():
+    with pytest.raises(ValueError, match="same length"):
+        fit_exponential([0.1, 0.2, 0.3], [1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        fit_exponential([0.1, 0.2, math.nan], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="all x values are equal"):
+        fit_exponential([0.2, 0.2, 0.2], [1.0, 2.0, 3.0])
+
+
+# ---- Q_r,max ----------------------------------------------------------------------------------
+
+
+def test_max_ratio_interpolates_linearly():
+    ratios = [0.5, 0.6, 0.7, 0.8, 0.9]
+    deltas = [0.01, 0.03, 0.06, 0.12, 0.30]
+    m = max_ratio_at_budget(ratios, deltas, 0.10)
+    assert m.status == "interpolated"
+    assert m.value == pytest.approx(0.7 + (0.10 - 0.06) / (0.12 - 0.06) * 0.1)  # 0.7667
+    assert max_ratio_at_budget(ratios, deltas, 0.06).value == pytest.approx(0.7)  # exactly at a point
+    assert max_ratio_at_budget(list(reversed(ratios)), list(reversed(deltas)), 0.10).value == pytest.approx(m.value)
+
+
+def test_envelope_removes_search_noise():
+    # The plan found at 0.8 (delta 0.04) also meets Q_r >= 0.7, so 0.7's noisy 0.09 is no bound.
+    r, env = monotone_envelope([0.6, 0.7, 0.8, 0.9], [0.03, 0.09, 0.04, 0.2])
+    assert r.tolist() == [0.6, 0.7, 0.8, 0.9] and env.tolist() == [0.03, 0.04, 0.04, 0.2]
+    assert max_ratio_at_budget([0.6, 0.7, 0.8, 0.9], [0.03, 0.09, 0.04, 0.2], 0.05).value == pytest.approx(
+        0.8 + (0.05 - 0.04) / (0.2 - 0.04) * 0.1)
+
+
+def test_max_ratio_edge_cases():
+    never = max_ratio_at_budget([0.5, 0.9], [0.2, 0.4], 0.05)
+    assert math.isnan(never.value) and never.status == "never_reached" and not never.reached
+    above = max_ratio_at_budget([0.5, 0.9], [0.01, 0.02], 0.05)
+    assert above.value == 0.9 and above.status == "above_measured"
+    diverged = max_ratio_at_budget([0.5, 0.9], [0.01, math.nan], 0.05)  # NaN perplexity counts as infinite
+    assert diverged.value == 0.5 and diverged.status == "interpolated"
+    with pytest.raises(ValueError, match="positive relative perplexity"):
+        max_ratio_at_budget([0.5], [0.01], 0.0)
+    with pytest.raises(ValueError, match="same length"):
+        max_ratio_at_budget([0.5, 0.6], [0.01], 0.1)
