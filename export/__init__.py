@@ -1,1 +1,14 @@
-"""ONNX export with precision metadata; see the export issue."""
+"""ONNX export of mixed-precision models: low-bit weights, activation quantization as ``mpqc``
+functions, and precision metadata (schema in docs/onnx.md).
+
+    result = mpqc.export.to_onnx(qmodel, "model.onnx")
+    mpqc.export.read_metadata("model.onnx")["components"]
+    logits = mpqc.export.OnnxRuntimeLM("model.onnx")(input_ids)
+"""
+
+from .markers import UnsupportedExport
+from .metadata import SCHEMA_VERSION, read_metadata
+from .onnx import ExportResult, to_onnx
+from .runtime import OnnxRuntimeLM
+
+__all__ = ["SCHEMA_VERSION", "ExportResult", "OnnxRuntimeLM", "UnsupportedExport", "read_metadata", "to_onnx"]
