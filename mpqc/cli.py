@@ -184,6 +184,30 @@ def cmd_search(args) -> int:
     return 0
 
 
+# ---- sweep / fit (scaling-law studies) ----------------------------------------------------------
+
+
+def cmd_sweep(args) -> int:
+    import dataclasses
+
+    from mpqc import sweep
+
+    config = sweep.load_config(args.config)
+    if args.out:
+        config = dataclasses.replace(config, out=args.out)
+    if args.dry_run:  # list the cells and which are done, run nothing
+        done = sweep.finished_keys(config.out)
+        for cell in config.cells():
+            state = "done" if config.key(cell) in done else "todo"
+            print(f"{state}  {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
+                  f"{' weights-only' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}")
+        return 0
+    summary = sweep.run(config, progress=not args.quiet)
+    print(f"sweep: ran {summary.ran} cells, skipped {summary.skipped} finished ones, "
+          f"in {summary.seconds:.0f} s; results in {summary.out}")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 
@@ -242,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", default=None)
     s.add_argument("--out", default="mpqc-search", help="directory for best_plan.json, trials.csv, result.json")
     s.set_defaults(func=cmd_search)
+
+    sw = sub.add_parser("sweep", help="run a scaling-law sweep from a TOML config (resumable)")
+    sw.add_argument("config", help="sweep config TOML (schema: docs/scaling.md)")
+    sw.add_argument("--out", default=None, help="results CSV (default: the config's out)")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -1,0 +1,358 @@
+"""Scaling-law sweeps: one search per cell of models x granularities x Q_r x formats x block sizes x seeds.
+
+    config = mpqc.sweep.load_config("examples/sweep_small.toml")
+    summary = mpqc.sweep.run(config)          # also: mpqc sweep CONFIG.toml
+    rows = mpqc.sweep.read_results(config.out)
+
+Every cell is keyed by a hash of everything that decides its numbers (model, cell, search and
+evaluation settings). Finished cells are rows of one tidy CSV, rewritten atomically after each
+cell, so a killed sweep started again skips them; a model whose cells are all done is not even
+loaded. Each model is loaded, captured and compiled once, and its unquantized (all-high)
+perplexity on held-out text is measured once; every cell reuses the compiled model
+(``set_plan``) and the same held-out windows. The schema is in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+
+import torch
+
+from mpqc.cli import write_text_atomic
+
+__all__ = ["COLUMNS", "Cell", "ModelEntry", "SweepConfig", "config_from_dict", "finished_keys", "load_config", "read_results", "run"]
+
+COLUMNS = (
+    "model", "params", "matmul_params", "granularity", "ratio", "low", "high", "weights_only", "block_size", "seed",
+    "ppl_base", "ppl_q", "delta_ppl", "achieved", "average_bits", "total_bits", "search_ppl", "trials",
+    "sampler", "seq_len", "n_samples", "eval_samples", "seconds", "notes", "key",
+)
+_FLOAT = {"ratio", "ppl_base", "ppl_q", "delta_ppl", "achieved", "average_bits", "search_ppl", "seconds"}
+_INT = {"params", "matmul_params", "seed", "total_bits", "trials", "seq_len", "n_samples", "eval_samples"}
+
+_TOP_KEYS = {"out", "text", "models", "grid", "search", "eval"}
+_GRID_DEFAULTS = {"granularity": ["matmul"], "ratio": None, "formats": [{"low": "mxint4"}], "block_size": ["default"],
+                  "seed": [0]}
+_SEARCH_DEFAULTS = {"sampler": "sensitivity", "n_trials": 12, "seq_len": 128, "n_samples": 8, "batch_size": 8,
+                    "high": "bf16", "storage": ""}
+_EVAL_DEFAULTS = {"n_samples": 32, "seed": 1234}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str  # the label in the results
+    spec: str  # as written in the config: a path (relative to the config) or a load_model spec
+    path: str  # what load_model gets
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    model: ModelEntry
+    granularity: str
+    ratio: float
+    low: str
+    weights_only: bool
+    block_size: int | str  # resolved: the low format's default when the config says "default"
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    out: str
+    text: str
+    models: tuple[ModelEntry, ...]
+    granularities: tuple[str, ...]
+    ratios: tuple[float, ...]
+    formats: tuple[tuple[str, bool], ...]  # (low format, weights_only)
+    block_sizes: tuple[object, ...]  # ints, "vector", "tensor" or "default"
+    seeds: tuple[int, ...]
+    search: dict
+    eval: dict
+
+    def cells(self) -> list[Cell]:
+        """Every cell, model-major; duplicates (e.g. "default" and 32 for mxint4) appear once."""
+        from mpqc.formats import get_format
+
+        seen, cells = set(), []
+        for m, g, (low, wo), bs, r, s in itertools.product(self.models, self.granularities, self.formats,
+                                                           self.block_sizes, self.ratios, self.seeds):
+            fmt = get_format(low)
+            block = fmt.block_size if bs == "default" else fmt.with_block(bs).block_size
+            cell = Cell(m, g, float(r), low, wo, block, s)
+            if cell not in seen:
+                seen.add(cell)
+                cells.append(cell)
+        return cells
+
+    def key(self, cell: Cell) -> str:
+        """A hash of everything that decides the cell's numbers."""
+        data = {"model": [cell.model.name, cell.model.spec], "text": self.text,
+                **{f: getattr(cell, f) for f in ("granularity", "ratio", "low", "weights_only", "block_size", "seed")},
+                "search": {k: v for k, v in self.search.items() if k not in ("batch_size", "storage")},
+                "eval": self.eval}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+def load_config(path: str) -> SweepConfig:
+    """Read and validate a sweep TOML file; paths in it are relative to its folder."""
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"sweep config {path}: not valid TOML: {e}") from e
+    return config_from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)), where=path)
+
+
+def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep config") -> SweepConfig:
+    from mpqc.formats import get_format
+    from mpqc.formats.spec import validate_block_size
+
+    _check_keys(data, _TOP_KEYS, where)
+    for key in ("out", "models"):
+        if key not in data:
+            raise ValueError(f"{where}: missing required key {key!r} (see docs/scaling.md for the schema)")
+    grid = _section(data, "grid", _GRID_DEFAULTS, where)
+    search = _section(data, "search", _SEARCH_DEFAULTS, where)
+    evaluation = _section(data, "eval", _EVAL_DEFAULTS, where)
+    if grid["ratio"] is None:
+        raise ValueError(f"{where}: [grid] needs ratio = [...], the Q_r values to search (e.g. [0.5, 0.7, 0.9])")
+
+    models = tuple(_model_entry(m, base_dir, where) for m in _list(data["models"], "models", where))
+    if len({m.name for m in models}) != len(models):
+        raise ValueError(f"{where}: model names must be unique, got {[m.name for m in models]}")
+    granularities = tuple(_list(grid["granularity"], "grid.granularity", where))
+    for g in granularities:
+        if g not in ("matmul", "layer"):
+            raise ValueError(f"{where}: grid.granularity {g!r} is not 'matmul' or 'layer'")
+    ratios = tuple(_list(grid["ratio"], "grid.ratio", where))
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise ValueError(f"{where}: grid.ratio values are quantization ratios in (0, 1], got {r!r}")
+    formats = []
+    for f in _list(grid["formats"], "grid.formats", where):
+        f = {"low": f} if isinstance(f, str) else f
+        if not isinstance(f, dict) or "low" not in f or set(f) - {"low", "weights_only"}:
+            raise ValueError(f"{where}: each grid.formats entry is a format name or "
+                             f"{{ low = NAME, weights_only = BOOL }}, got {f!r}")
+        get_format(f["low"])  # unknown names fail here, listing the valid ones
+        formats.append((f["low"], bool(f.get("weights_only", False))))
+    block_sizes = tuple(_list(grid["block_size"], "grid.block_size", where))
+    for bs in block_sizes:
+        if bs != "default":
+            validate_block_size(bs, what=f"{where}: grid.block_size")
+            for low, _ in formats:
+                get_format(low).with_block(bs)  # a block size a format cannot take fails now, not mid-sweep
+    seeds = tuple(_list(grid["seed"], "grid.seed", where))
+    for name, value in (("search.n_trials", search["n_trials"]), ("search.seq_len", search["seq_len"]),
+                        ("search.n_samples", search["n_samples"]), ("search.batch_size", search["batch_size"]),
+                        ("eval.n_samples", evaluation["n_samples"]), *(("grid.seed", s) for s in seeds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "grid.seed" else 1):
+            raise ValueError(f"{where}: {name} must be a {'non-negative' if name == 'grid.seed' else 'positive'} "
+                             f"integer, got {value!r}")
+    if search["storage"]:
+        search["storage"] = _resolve(search["storage"], base_dir)
+    return SweepConfig(out=_resolve(data["out"], base_dir), text=_text_spec(data.get("text", "wiki"), base_dir),
+                       models=models, granularities=granularities, ratios=ratios, formats=tuple(formats),
+                       block_sizes=block_sizes, seeds=seeds, search=search, eval=evaluation)
+
+
+def _check_keys(table: dict, valid, where: str, section: str = "") -> None:
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        label = f"[{section}] " if section else ""
+        raise ValueError(f"{where}: unknown {label}key(s) {unknown}; valid: {sorted(valid)}")
+
+
+def _section(data: dict, name: str, defaults: dict, where: str) -> dict:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: {name} must be a table ([{name}]), got {type(table).__name__}")
+    _check_keys(table, defaults, where, name)
+    return {**defaults, **table}
+
+
+def _list(value, name: str, where: str) -> list:
+    value = value if isinstance(value, list) else [value]
+    if not value:
+        raise ValueError(f"{where}: {name} is empty; give at least one value")
+    return value
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def _text_spec(text: str, base_dir: str) -> str:
+    # Named texts ("wiki", "hf:...") pass through; anything else is a path relative to the config.
+    if text == "wiki" or text.startswith("hf:"):
+        return text
+    return _resolve(text, base_dir)
+
+
+def _model_entry(entry, base_dir: str, where: str) -> ModelEntry:
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", "name"}:
+        raise ValueError(f"{where}: each models entry is a path or {{ path = ..., name = ... }}, got {entry!r}")
+    spec = entry["path"]
+    local = _resolve(spec, base_dir)
+    # A path is relative to the config (it may not exist yet: trained later); anything else that
+    # is not a file here (smollm2-135m, a cached hub id) goes to load_model as written.
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
+    path = local if os.path.exists(local) or looks_like_path else spec
+    name = entry.get("name") or os.path.basename(os.path.normpath(spec))
+    return ModelEntry(name=name, spec=spec, path=path)
+
+
+# ---- results table ------------------------------------------------------------------------------
+
+
+def _read_raw(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise ValueError(f"results file {path} has columns {reader.fieldnames}, not this sweep's {list(COLUMNS)}; "
+                             "point out = at a new file")
+        return list(reader)
+
+
+def _write_raw(path: str, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())  # the old table or the whole new one, never half
+
+
+def finished_keys(path: str) -> set[str]:
+    """The keys of the cells already in a results CSV (none when it does not exist yet)."""
+    return {r["key"] for r in _read_raw(path)}
+
+
+def read_results(path: str) -> list[dict]:
+    """The results CSV with typed values (floats, ints, bools; block_size an int or a word)."""
+    rows = []
+    for raw in _read_raw(path):
+        row = dict(raw)
+        for k in _FLOAT:
+            row[k] = float(row[k]) if row[k] != "" else math.nan
+        for k in _INT:
+            row[k] = int(row[k])
+        row["weights_only"] = row["weights_only"] == "True"
+        row["block_size"] = int(row["block_size"]) if row["block_size"].isdigit() else row["block_size"]
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"results file {path} is missing or has no rows; run `mpqc sweep CONFIG.toml` first")
+    return rows
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    ran: int
+    skipped: int
+    out: str
+    seconds: float
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(config: SweepConfig, *, progress: bool = True) -> SweepSummary:
+    """Run every cell not yet in ``config.out``; returns how many ran and were skipped."""
+    t_start = time.perf_counter()
+    rows = _read_raw(config.out)
+    done = {r["key"] for r in rows}
+    cells = config.cells()
+    pending = [c for c in cells if config.key(c) not in done]
+    _log(f"sweep: {len(cells)} cells, {len(cells) - len(pending)} already in {config.out}, {len(pending)} to run")
+    for model in config.models:
+        todo = [c for c in pending if c.model == model]
+        if todo:  # a model whose cells are all finished is never loaded
+            _run_model(config, model, todo, rows, progress)
+    return SweepSummary(ran=len(pending), skipped=len(cells) - len(pending), out=config.out,
+                        seconds=time.perf_counter() - t_start)
+
+
+class _Bench:
+    """One model loaded, captured and compiled once, with its held-out windows and baseline."""
+
+    def __init__(self, config: SweepConfig, model: ModelEntry):
+        import mpqc
+        from mpqc.data import load_tokens, split_tokens
+        from mpqc.evaluate import perplexity, sample_windows
+
+        t0 = time.perf_counter()
+        hf_model, tokenizer = mpqc.load_model(model.path, cache=False)
+        self.params = sum(p.numel() for p in hf_model.parameters())
+        s = config.search
+        example = torch.zeros(2, min(s["seq_len"], 64), dtype=torch.long)
+        self.graph = mpqc.capture(hf_model, (example,))
+        self.search_tokens, holdout = split_tokens(load_tokens(tokenizer, config.text))
+        # Held-out windows drawn once, with their own seed: every cell and the baseline see the same text.
+        self.windows = sample_windows(holdout, s["seq_len"], config.eval["n_samples"], config.eval["seed"])
+        self.qmodel = mpqc.compile(self.graph, mpqc.Plan.uniform(self.graph, s["high"]))
+        self.ppl_base = perplexity(self.qmodel, windows=self.windows, batch_size=s["batch_size"], progress=False)
+        _log(f"sweep: {model.name}: {self.params:,} parameters ({self.graph.total_params:,} in matmuls), "
+             f"all-{s['high']} held-out perplexity {self.ppl_base:.3f}; ready in {time.perf_counter() - t0:.1f} s")
+
+
+def _run_model(config: SweepConfig, model: ModelEntry, todo: list[Cell], rows: list[dict], progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    bench = _Bench(config, model)
+    for cell in tqdm(todo, desc=f"sweep {model.name}", unit="cell", disable=not progress):
+        rows.append(_run_cell(config, bench, cell))
+        _write_raw(config.out, rows)
+
+
+def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
+    import mpqc
+    from mpqc.evaluate import perplexity
+
+    s, key = config.search, config.key(cell)
+    t0 = time.perf_counter()
+    result = mpqc.search.run(
+        bench.graph, bench.search_tokens, ratio=cell.ratio, granularity=cell.granularity, low=cell.low,
+        high=s["high"], weights_only=cell.weights_only, sampler=s["sampler"], n_trials=s["n_trials"],
+        seq_len=s["seq_len"], n_samples=s["n_samples"], batch_size=s["batch_size"], seed=cell.seed,
+        block_size=cell.block_size, storage=s["storage"] or None, study_name=f"sweep-{key}",
+        qmodel=bench.qmodel, progress=False,
+    )
+    bench.qmodel.set_plan(result.plan)
+    ppl_q = perplexity(bench.qmodel, windows=bench.windows, batch_size=s["batch_size"], progress=False)
+    trials = sum(t.state.name == "COMPLETE" for t in result.study.trials)
+    row = {
+        "model": cell.model.name, "params": bench.params, "matmul_params": bench.graph.total_params,
+        "granularity": cell.granularity, "ratio": cell.ratio, "low": cell.low, "high": s["high"],
+        "weights_only": cell.weights_only, "block_size": cell.block_size, "seed": cell.seed,
+        "ppl_base": bench.ppl_base, "ppl_q": ppl_q, "delta_ppl": (ppl_q - bench.ppl_base) / bench.ppl_base,
+        "achieved": result.achieved, "average_bits": result.plan.average_bits(),
+        "total_bits": result.plan.weight_bits(), "search_ppl": result.perplexity, "trials": trials,
+        "sampler": s["sampler"], "seq_len": s["seq_len"], "n_samples": s["n_samples"],
+        "eval_samples": config.eval["n_samples"], "seconds": round(time.perf_counter() - t0, 3),
+        "notes": "; ".join(result.notes), "key": key,
+    }
+    _log(f"sweep: {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
+         f"{' (weights only)' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}: "
+         f"achieved {result.achieved:.3f}, held-out ppl {bench.ppl_base:.3f} -> {ppl_q:.3f} "
+         f"({100 * row['delta_ppl']:+.2f}%) in {row['seconds']:.1f} s")
+    return row

@@ -1,0 +1,169 @@
+"""mpqc sweep on tiny saved models: the table is right, a re-run skips finished cells, bad configs fail clearly."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+import mpqc
+from mpqc import sweep
+from mpqc.cli import main
+
+WORDS = ("the a of and to in is was for on with as by at from that it his her they which this be not or "
+         "are an were had has but first also one new two time year city after who its more other may").split()
+
+
+def save_tiny_llama(path, hidden: int, layers: int, seed: int = 0):
+    """A random-weight Llama and a word-level tokenizer over WORDS, as a Hugging Face directory."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def write_text(path, n_words=3000):
+    rng = random.Random(0)
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
+
+
+CONFIG = """
+out = "results.csv"
+text = "text.txt"
+models = ["tiny-a", {{ path = "tiny-b", name = "tiny-b" }}]
+
+[grid]
+granularity = ["matmul", "layer"]
+ratio = {ratios}
+formats = [{{ low = "mxint4" }}, {{ low = "fp4_e2m1", weights_only = true }}]
+block_size = ["default"]
+seed = [0]
+
+[search]
+sampler = "random"
+n_trials = 2
+seq_len = 16
+n_samples = 2
+
+[eval]
+n_samples = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    save_tiny_llama(d / "tiny-a", hidden=16, layers=1)
+    save_tiny_llama(d / "tiny-b", hidden=32, layers=2)
+    write_text(d / "text.txt")
+    (d / "sweep.toml").write_text(CONFIG.format(ratios="[0.5, 0.9]"))
+    return d
+
+
+class Counter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def first_run(study_dir, tmp_path_factory):
+    """The sweep run once from the command line: (config path, rows, counters)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MPQC_CACHE", str(tmp_path_factory.mktemp("cache")))
+    counters = {"search": Counter(mpqc.search.run), "load": Counter(mpqc.load_model),
+                "perplexity": Counter(mpqc.evaluate.perplexity)}
+    mp.setattr(mpqc.search, "run", counters["search"])
+    mp.setattr(mpqc, "load_model", counters["load"])
+    mp.setattr(mpqc.evaluate, "perplexity", counters["perplexity"])
+    try:
+        assert main(["sweep", str(study_dir / "sweep.toml"), "--quiet"]) == 0
+    finally:
+        mp.undo()
+    return study_dir / "sweep.toml", sweep.read_results(str(study_dir / "results.csv")), counters
+
+
+def test_sweep_writes_one_row_per_cell(first_run):
+    _, rows, counters = first_run
+    # 2 models x 2 granularities x 2 ratios x 2 formats x 1 block size x 1 seed
+    assert len(rows) == 16 and len({r["key"] for r in rows}) == 16
+    assert counters["search"].calls == 16
+    # Each model loaded once; its baseline evaluated once, plus one held-out evaluation per cell.
+    assert counters["load"].calls == 2 and counters["perplexity"].calls == 2 + 16
+    for model in ("tiny-a", "tiny-b"):
+        assert len({r["ppl_base"] for r in rows if r["model"] == model}) == 1
+    blocks = {(r["low"], r["block_size"]) for r in rows}
+    assert blocks == {("mxint4", 32), ("fp4_e2m1", "vector")}  # "default" resolved per format
+    for r in rows:
+        assert r["delta_ppl"] == pytest.approx((r["ppl_q"] - r["ppl_base"]) / r["ppl_base"], rel=1e-12)
+        assert r["achieved"] >= r["ratio"] - 1e-9
+        assert r["total_bits"] == pytest.approx(r["average_bits"] * r["matmul_params"], rel=1e-12)
+        assert r["trials"] == 2 and math.isfinite(r["ppl_q"]) and r["seconds"] > 0
+        assert r["params"] > r["matmul_params"] > 0
+    sizes = {r["model"]: r["params"] for r in rows}
+    assert sizes["tiny-b"] > sizes["tiny-a"]
+
+
+def test_rerun_skips_finished_cells_and_runs_only_new_ones(first_run, tmp_path, monkeypatch):
+    config_path, rows, _ = first_run
+    # A copy of the finished study with one more ratio in the grid.
+    config = sweep.load_config(str(config_path))
+    out = tmp_path / "results.csv"
+    out.write_text((config_path.parent / "results.csv").read_text())
+    search, load = Counter(mpqc.search.run), Counter(mpqc.load_model)
+    monkeypatch.setattr(mpqc.search, "run", search)
+    monkeypatch.setattr(mpqc, "load_model", load)
+    monkeypatch.setenv("MPQC_CACHE", str(tmp_path / "cache"))
+
+    same = sweep.run(dataclasses.replace(config, out=str(out)), progress=False)
+    assert (same.ran, same.skipped) == (0, 16) and search.calls == 0 and load.calls == 0  # nothing loaded
+
+    wider = sweep.config_from_dict(
+        {"out": str(out), "text": str(config_path.parent / "text.txt"),
+         "models": [str(config_path.parent / "tiny-a")],
+         "grid": {"granularity": "matmul", "ratio": [0.5, 0.7], "formats": ["mxint4"]},
+         "search": {"sampler": "random", "n_trials": 2, "seq_len": 16, "n_samples": 2}, "eval": {"n_samples": 4}})
+    summary = sweep.run(wider, progress=False)
+    # tiny-a's (matmul, 0.5, mxint4) cell was keyed by its path relative to the config: written
+    # as an absolute path here it is another cell, so both ratios run; the old rows stay as they were.
+    assert summary.ran == 2 and search.calls == 2 and load.calls == 1
+    with open(out, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 18
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    base = {"out": "r.csv", "models": ["m"], "grid": {"ratio": [0.5]}}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['modles'\]"):
+        sweep.config_from_dict({**base, "modles": []})
+    with pytest.raises(ValueError, match=r"\[grid\] needs ratio"):
+        sweep.config_from_dict({**base, "grid": {}})
+    with pytest.raises(ValueError, match=r"ratio values are quantization ratios in \(0, 1\], got 1.5"):
+        sweep.config_from_dict({**base, "grid": {"ratio": [1.5]}})
+    with pytest.raises(ValueError, match="mxint3"):
+        sweep.config_from_dict({**base, "grid": {"ratio": [0.5], "formats": ["mxint3"]}})
+    with pytest.raises(ValueError, match="granularity 'block'"):
+        sweep.config_from_dict({**base, "grid": {"ratio": [0.5], "granularity": ["block"]}})
+    with pytest.raises(ValueError, match="missing required key 'out'"):
+        sweep.config_from_dict({"models": ["m"], "grid": {"ratio": [0.5]}})
+    (tmp_path / "bad.toml").write_text("out = \n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        sweep.load_config(str(tmp_path / "bad.toml"))
