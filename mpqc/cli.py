@@ -208,6 +208,15 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from mpqc import report
+
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    paths = report.write_report(args.results, args.out, budgets=budgets)
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 
@@ -273,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     sw.set_defaults(func=cmd_sweep)
+
+    ft = sub.add_parser("fit", help="fit the scaling laws to a sweep's results; figures and a Markdown report")
+    ft.add_argument("results", help="results CSV written by mpqc sweep")
+    ft.add_argument("--out", default="mpqc-fit", help="directory for laws.json, the PNG figures and report.md")
+    ft.add_argument("--budgets", default="0.05,0.1,0.2", help="loss budgets (relative delta_ppl), comma-separated")
+    ft.set_defaults(func=cmd_fit)
     return p
 
 

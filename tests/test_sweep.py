@@ -167,3 +167,68 @@ def test_config_errors_name_the_problem(tmp_path):
     (tmp_path / "bad.toml").write_text("out = \n")
     with pytest.raises(ValueError, match="not valid TOML"):
         sweep.load_config(str(tmp_path / "bad.toml"))
+
+
+# ---- mpqc fit -----------------------------------------------------------------------------------
+
+
+def test_fit_writes_report_from_a_real_sweep(first_run, tmp_path):
+    import json
+
+    config_path, rows, _ = first_run
+    out = tmp_path / "fit"
+    assert main(["fit", str(config_path.parent / "results.csv"), "--out", str(out)]) == 0
+    for name in ("ratio_vs_delta", "law1", "law2", "bits"):
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000  # a real image, not an empty canvas
+    data = json.loads((out / "laws.json").read_text())
+    assert data["n_rows"] == len(rows) and [m["model"] for m in data["models"]] == ["tiny-a", "tiny-b"]
+    assert len(data["max_ratio"]) == 2 * 4 * 3  # models x settings x budgets
+    assert all(e["fit"] is None for e in data["law1"])  # two models cannot fit Law 1: said, not faked
+    report = (out / "report.md").read_text()
+    assert "## Law 1" in report and "not fitted" in report and "![bits](bits.png)" in report
+
+
+def synthetic_rows():
+    """Four model sizes on Law 1 exactly (k = -12, c = 20 at the 10% budget) and one block-size
+    sweep on Law 2 exactly (A = 0.002, k = 0.45)."""
+    base = dict(matmul_params=0, high="bf16", weights_only=False, seed=0, ppl_base=10.0, average_bits=4.25,
+                total_bits=0, search_ppl=10.0, trials=2, sampler="random", seq_len=16, n_samples=2, eval_samples=4,
+                seconds=1.0, notes="", granularity="matmul", low="mxint4")
+    rows = []
+    for params in (1e6, 3e6, 1e7, 3e7):
+        q = 1 - (math.log(params) - 20) / -12  # the Q_r,max Law 1 gives this size at the 10% budget
+        for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+            delta = 0.1 / q * r  # a straight line through (q, 10%): interpolation is exact
+            rows.append({**base, "model": f"m{int(params)}", "params": int(params), "matmul_params": int(params),
+                         "total_bits": int(4.25 * params), "ratio": r, "achieved": r,
+                         "block_size": 32, "delta_ppl": delta, "ppl_q": 10 * (1 + delta)})
+    for bs in (16, 32, 64, 128, 256, 512):
+        delta = 0.002 * bs ** 0.45
+        # Another model: its single ratio per block size stays out of the Law 1 curves above.
+        rows.append({**base, "model": "b", "params": 500000, "matmul_params": 500000, "total_bits": 2125000,
+                     "ratio": 0.95, "achieved": 0.95,
+                     "block_size": bs, "delta_ppl": delta, "ppl_q": 10 * (1 + delta)})
+    for i, r in enumerate(rows):
+        r["key"] = str(i)
+    return rows
+
+
+def test_fit_recovers_laws_written_into_a_results_table(tmp_path):
+    import json
+
+    from mpqc import report
+
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(synthetic_rows())
+    paths = report.write_report(str(path), str(tmp_path / "fit"))
+    data = json.loads(open(paths["json"]).read())
+    law1 = next(e for e in data["law1"] if e["budget"] == 0.1 and e["setting"] == "matmul-wise, mxint4 W+A, block 32")
+    # Exact data: the fit is exact up to float rounding of the interpolation.
+    assert law1["fit"]["k"] == pytest.approx(-12, rel=1e-9) and law1["fit"]["c"] == pytest.approx(20, rel=1e-9)
+    (law2,) = [e for e in data["law2"] if e["fit"]]
+    assert law2["fit"]["k"] == pytest.approx(0.45, rel=1e-9) and law2["fit"]["A"] == pytest.approx(0.002, rel=1e-9)
+    assert "| 10% | -12.00 ± 0.00 |" in open(paths["report"]).read()
