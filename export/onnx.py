@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -120,11 +121,38 @@ def _torch_export(template: Template, opset: int) -> ir.Model:
                 verbose=False, report=False,
             )
     except Exception as e:  # the exporter's message is long; keep it as the cause
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise RuntimeError(f"torch.onnx.export could not translate the compiled graph: {type(e).__name__}: {first}") from e
+        raise UnsupportedExport(_explain_export_failure(e)) from e
     finally:
         registration_log.setLevel(level)
     return program.model
+
+
+def _explain_export_failure(exc: BaseException) -> str:
+    """The failing node and op out of torch.onnx's long report, and what to try."""
+    text = "\n".join(str(e) for e in _chain(exc))
+    node = re.search(r"Error when translating node %(\S+) : .*?target=([\w.]+)", text)
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
+    lines = ["torch.onnx.export could not translate the compiled graph"]
+    if node:
+        lines[0] += f": node {node.group(1)!r} ({node.group(2)})"
+    if missing:
+        lines.append(f"  torch.onnx has no ONNX translation for the op {missing.group(1)}")
+        if "grouped_mm" in missing.group(1):
+            lines.append("  mixture-of-experts: load the model with experts_implementation='batched_mm', which exports, "
+                         "and capture again")
+    if not node and not missing:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        lines.append(f"  {type(exc).__name__}: {first}")
+    lines.append("  (the full report of torch.onnx is this error's __cause__)")
+    return "\n".join(lines)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 # ---- the export ------------------------------------------------------------------------------------

@@ -217,6 +217,35 @@ def cmd_fit(args) -> int:
     return 0
 
 
+# ---- export -------------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    import mpqc
+    from mpqc.export import to_onnx
+
+    _, _, graph = _load_and_capture(args.model, 64)
+    if args.plan:
+        with open(args.plan) as f:
+            plan = mpqc.Plan.from_json(graph, f.read())
+    else:
+        plan = mpqc.Plan.uniform(graph, args.format, granularity="matmul", activations=not args.weights_only,
+                                 block_size=args.block_size)
+    qmodel = mpqc.compile(graph, plan)
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    result = to_onnx(qmodel, args.output, opset=args.opset, fp_weights=args.fp_weights, external_data=external)
+    s = plan.summary()
+    print(f"plan: {plan}")
+    print(f"wrote {result.path} ({result.file_bytes / 2**20:.2f} MiB{', data in ' + result.data_path if result.data_path else ''}): "
+          f"{result.weights} low-bit weights ({result.weight_bytes / 2**20:.2f} MiB), {result.activations} activation "
+          f"quantizers, opset {result.opset}, fp weights as {result.fp_weights}; Q_r {s['quantization_ratio_params']:.3f}, "
+          f"average bits {s['average_bits']:.3f}; {sum(result.seconds.values()):.1f} s")
+    if args.json:
+        write_json_atomic(args.json, {"model": args.model or "smollm2-135m", "model_class": graph.model_class,
+                                      "plan": json.loads(plan.to_json()), **result.to_dict()})
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 
@@ -288,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", default="mpqc-fit", help="directory for laws.json, the PNG figures and report.md")
     ft.add_argument("--budgets", default="0.05,0.1,0.2", help="loss budgets (relative delta_ppl), comma-separated")
     ft.set_defaults(func=cmd_fit)
+
+    e = sub.add_parser("export", help="export to ONNX: low-bit weights, mpqc activation functions, precision metadata")
+    model_args(e)
+    e.add_argument("--plan", help="plan JSON (from Plan.to_json or mpqc search); default: uniform --format")
+    e.add_argument("--format", default="mxint4", help="format of a uniform plan (default mxint4)")
+    e.add_argument("--weights-only", action="store_true", help="keep activations in bf16")
+    e.add_argument("--block-size", type=_block, default=None, help="block size (int, vector or tensor)")
+    e.add_argument("-o", "--output", default="model.onnx", help="the ONNX file to write (default model.onnx)")
+    e.add_argument("--fp-weights", default="table", choices=["table", "standard"],
+                   help="float-element weights as uint8 codes + lookup table (runs in ONNX Runtime) or as standard "
+                        "FLOAT4E2M1/FLOAT8 DequantizeLinear (opset 25)")
+    e.add_argument("--opset", type=int, default=None, help="default 21 (25 with --fp-weights standard)")
+    e.add_argument("--external-data", default="auto", choices=["auto", "yes", "no"],
+                   help="weights in <output>.data: by size (auto, above 1 GiB), always, never")
+    e.set_defaults(func=cmd_export)
     return p
 
 
