@@ -13,8 +13,9 @@ Model ``metadata_props`` (every value a string; JSON where structured), schema v
     mpqc.components            JSON: every component -> its precision and matmuls
     mpqc.weight_storage        JSON: how float-element weights are stored ("table" or "standard"), opset
 
-Node ``metadata_props`` on every node that quantizes something (the activation function
-calls, and every node decoding a stored weight):
+Node ``metadata_props`` on every node that quantizes something: each activation function
+call, and the node that outputs each decoded weight (its DequantizeLinear, or the last node
+of its table decoding):
 
     mpqc.kind                  "activation" or "weight"
     mpqc.format                the format name, e.g. "mxint4"
@@ -26,6 +27,8 @@ calls, and every node decoding a stored weight):
     mpqc.weight                (weights) the parameter's name in the PyTorch model
     mpqc.storage               (weights) int_dequantize_linear, lookup_table, standard_dequantize_linear, cast
     mpqc.storage_detail        (weights) JSON: element and scale types as stored
+
+The other nodes of a weight's decoding carry ``mpqc.kind`` = "weight_decode" and ``mpqc.weight``.
 """
 
 from __future__ import annotations
@@ -110,6 +113,10 @@ def activation_node_metadata(record) -> dict[str, str]:
     return _common("activation", record.format, record.axis, record.rounding, record.matmuls, record.components)
 
 
+def decode_node_metadata(record) -> dict[str, str]:
+    return {"mpqc.kind": "weight_decode", "mpqc.weight": record.weight}
+
+
 def weight_node_metadata(record, encoded) -> dict[str, str]:
     meta = _common("weight", record.format, record.axis, record.rounding, record.matmuls, record.components)
     meta.update({"mpqc.weight": record.weight, "mpqc.storage": encoded.storage,
@@ -159,7 +166,7 @@ def read_metadata(model) -> dict:
     nodes = []
     for node in proto.graph.node:
         meta = {p.key: p.value for p in node.metadata_props if p.key.startswith(PREFIX)}
-        if not meta:
+        if not meta or meta.get("mpqc.kind") == "weight_decode":
             continue
         entry = {"name": node.name, "op_type": node.op_type, "domain": node.domain}
         for key, value in meta.items():

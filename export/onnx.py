@@ -28,6 +28,7 @@ import weakref
 
 import onnx
 import onnx_ir as ir
+import onnxscript.version_converter
 import torch
 from tqdm.auto import tqdm
 
@@ -94,15 +95,25 @@ def _translation(qmodel, opset: int) -> tuple[Template, ir.Model, float]:
     if opset in per_model:
         return (*per_model[opset], 0.0)
     t0 = time.perf_counter()
-    template = prepare(qmodel)
-    model = _torch_export(template, opset)
-    for node in _all_nodes(model.graph):
-        # The exporter's node metadata repeats source locations and module paths at length; the
-        # mpqc.* keys say what matters here, and dropping these keeps small models small.
-        for k in [k for k in node.metadata_props if not k.startswith(metadata.PREFIX)]:
-            del node.metadata_props[k]
-    per_model[opset] = (template, model)
-    return template, model, time.perf_counter() - t0
+    if MIN_OPSET not in per_model:
+        template = prepare(qmodel)
+        model = _torch_export(template, MIN_OPSET)
+        for node in _all_nodes(model.graph):
+            # The exporter's node metadata repeats source locations and module paths at length;
+            # the mpqc.* keys say what matters here, and dropping these keeps small models small.
+            for k in [k for k in node.metadata_props if not k.startswith(metadata.PREFIX)]:
+                del node.metadata_props[k]
+        per_model[MIN_OPSET] = (template, model)
+    if opset != MIN_OPSET:
+        # Another opset is a conversion of the same translation (torch.onnx itself translates
+        # at one opset and converts), not a second trace.
+        template, base = per_model[MIN_OPSET]
+        model = base.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnxscript.version_converter.convert_version(model, opset, fallback=True)
+        per_model[opset] = (template, model)
+    return (*per_model[opset], time.perf_counter() - t0)
 
 
 def _torch_export(template: Template, opset: int) -> ir.Model:
@@ -289,9 +300,9 @@ def _rewrite(model: ir.Model, template: Template, resolved: Resolved, encoder: W
     for record in tqdm(resolved.weights, desc="encode weights", unit="weight", disable=not progress):
         first = min((sites[k] for k in record.sites), key=order.__getitem__)
         encoded = encoder.encode(record, _parameter(qmodel.module, record.weight))
-        node_meta = metadata.weight_node_metadata(record, encoded)
         for n in encoded.nodes:
-            n.metadata_props.update(node_meta)
+            n.metadata_props.update(metadata.weight_node_metadata(record, encoded) if n is encoded.output.producer()
+                                    else metadata.decode_node_metadata(record))
         first.graph.insert_before(first, encoded.nodes)
         for init in encoded.initializers:
             graph.register_initializer(init)
