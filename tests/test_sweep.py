@@ -232,3 +232,36 @@ def test_fit_recovers_laws_written_into_a_results_table(tmp_path):
     (law2,) = [e for e in data["law2"] if e["fit"]]
     assert law2["fit"]["k"] == pytest.approx(0.45, rel=1e-9) and law2["fit"]["A"] == pytest.approx(0.002, rel=1e-9)
     assert "| 10% | -12.00 ± 0.00 |" in open(paths["report"]).read()
+
+
+# ---- examples/train_family.py -------------------------------------------------------------------
+
+
+def test_train_family_smoke(tmp_path):
+    """Two tiny sizes, a handful of steps: loadable HF checkpoints, the same weights from the same seed."""
+    import json
+
+    from examples import train_family
+
+    text = tmp_path / "text.txt"
+    write_text(text, n_words=4000)
+    threads = torch.get_num_threads()
+    args = ["--text", str(text), "--sizes", "a:16:1:2,b:32:2:2", "--steps", "4", "--vocab", "300", "--batch", "2",
+            "--seq-len", "16", "--device", "cpu"]
+    assert train_family.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert train_family.main([*args, "--out", str(tmp_path / "two")]) == 0
+    assert torch.get_num_threads() == threads  # the caller's settings are restored
+    params = []
+    for name in ("a", "b"):
+        model, tokenizer = mpqc.load_model(tmp_path / "one" / name, cache=False)
+        again, _ = mpqc.load_model(tmp_path / "two" / name, cache=False)
+        for (k, v), (_, w) in zip(model.state_dict().items(), again.state_dict().items()):
+            assert torch.equal(v, w), k
+        log = json.loads((tmp_path / "one" / name / "train_log.json").read_text())
+        assert log["params"] == sum(p.numel() for p in model.parameters()) and math.isfinite(log["holdout_perplexity"])
+        ids = torch.tensor([tokenizer("the city and the year")["input_ids"]])
+        assert torch.isfinite(model(ids).logits).all()
+        params.append(log["params"])
+    assert params[1] > params[0]
+    with pytest.raises(ValueError, match="name:hidden:layers:heads"):
+        train_family.parse_sizes("a:16:1", {})
