@@ -203,7 +203,7 @@ def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
     if within.size == 0:
         return MaxRatio(math.nan, "never_reached")
     i = int(within[-1])  # env is nondecreasing: everything up to i is within the budget
-    if i == r.size - 1:
+    if r[i] == r[-1]:  # within the budget at the largest measured ratio (some plan there, if several)
         return MaxRatio(float(r[i]), "above_measured")
     r0, r1, d0, d1 = r[i], r[i + 1], env[i], env[i + 1]
     if not math.isfinite(d1):  # the next plan diverged: no slope to interpolate along

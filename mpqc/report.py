@@ -212,7 +212,7 @@ def fig_ratio_vs_delta(rows, budgets, path):
         ax.set_ylabel("delta perplexity (%)")
         ax.set_title(setting_label(setting), fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("Loss against quantization ratio (points: searches; lines: monotone envelope)", fontsize=10)
+    fig.suptitle("delta_ppl against Q_r (dots: searches; lines: monotone envelope)", fontsize=10)
     _save(fig, path)
 
 
@@ -411,9 +411,12 @@ def _ratio_cell(e) -> str:
     if e["status"] == "never_reached":
         return "-"
     text = f"{'>= ' if e['status'] == 'above_measured' else ''}{e['max_ratio']:.3f}"
-    seeds = [s for s in e["per_seed"] if s is not None]
-    if len(seeds) > 1:
-        text += f" (seeds: {min(seeds):.3f}-{max(seeds):.3f})"
+    reached = [s for s in e["per_seed"] if s is not None]
+    if reached:  # several seeds: the range of their own curves (the search noise)
+        spread = f"{min(reached):.3f}-{max(reached):.3f}" if len(reached) > 1 else f"{reached[0]:.3f}"
+        missed = len(e["per_seed"]) - len(reached)
+        never = f"; {missed} of {len(e['per_seed'])} never" if missed else ""
+        text += f" (seeds: {spread}{never})"
     return text
 
 

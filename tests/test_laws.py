@@ -121,6 +121,9 @@ def test_max_ratio_edge_cases():
     assert math.isnan(never.value) and never.status == "never_reached" and not never.reached
     above = max_ratio_at_budget([0.5, 0.9], [0.01, 0.02], 0.05)
     assert above.value == 0.9 and above.status == "above_measured"
+    # Two plans at the largest ratio (two seeds), one within the budget: still only a lower bound.
+    tied = max_ratio_at_budget([0.5, 1.0, 1.0], [0.01, 0.03, 0.08], 0.05)
+    assert tied.value == 1.0 and tied.status == "above_measured"
     diverged = max_ratio_at_budget([0.5, 0.9], [0.01, math.nan], 0.05)  # NaN perplexity counts as infinite
     assert diverged.value == 0.5 and diverged.status == "interpolated"
     with pytest.raises(ValueError, match="positive relative perplexity"):
