@@ -4,6 +4,9 @@
     mpqc inspect [MODEL]               the matmul / component table of a captured model
     mpqc compile [MODEL] [--plan P]    compile with a plan, report perplexity before and after
     mpqc search [MODEL] --ratio 0.9    search the best plan under a budget; writes plan and trials
+    mpqc export [MODEL] --plan P       ONNX with low-bit weights and precision metadata
+    mpqc sweep CONFIG.toml             a resumable scaling-law sweep into one results table
+    mpqc fit RESULTS.csv --out DIR     fitted laws, figures and a Markdown report
 
 MODEL is a local Hugging Face directory, a .gguf file, or (left out) the embedded default,
 SmolLM2-135M. Every command that prints a table can also write it as JSON (--json).
