@@ -299,7 +299,12 @@ def _rewrite(model: ir.Model, template: Template, resolved: Resolved, encoder: W
     replaced_inputs = []
     for record in tqdm(resolved.weights, desc="encode weights", unit="weight", disable=not progress):
         first = min((sites[k] for k in record.sites), key=order.__getitem__)
-        encoded = encoder.encode(record, _parameter(qmodel.module, record.weight))
+        weight = _parameter(qmodel.module, record.weight)
+        # What the compiled model multiplies by (its quantizer returns the cached quantized
+        # weight): what the file must decode to.
+        with torch.no_grad():
+            expected = qmodel.module.get_submodule(template.sites[record.sites[0]].quantizer)(weight)
+        encoded = encoder.encode(record, weight, expected=expected)
         for n in encoded.nodes:
             n.metadata_props.update(metadata.weight_node_metadata(record, encoded) if n is encoded.output.producer()
                                     else metadata.decode_node_metadata(record))

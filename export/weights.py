@@ -111,8 +111,13 @@ class WeightEncoder:
                     f"export with opset={first}, or with fp_weights='table'"
                 )
 
-    def encode(self, record: WeightRecord, weight: torch.Tensor, *, verify: bool = True) -> EncodedWeight:
-        """The ONNX form of ``weight`` in ``record``'s format, along its reduction axis."""
+    def encode(self, record: WeightRecord, weight: torch.Tensor, *, expected: torch.Tensor | None = None,
+               verify: bool = True) -> EncodedWeight:
+        """The ONNX form of ``weight`` in ``record``'s format, along its reduction axis.
+
+        With ``verify``, the stored codes and scales are decoded here and compared with
+        ``expected`` (the compiled model's quantized weight; computed when not given): a
+        mismatch raises instead of writing a file that computes something else."""
         self.check_supported(record)
         fmt = record.format
         weight = weight.detach().to("cpu")
@@ -121,7 +126,8 @@ class WeightEncoder:
             return self._cast(record, weight, prefix)
         packed = pack(weight, fmt, block_size=fmt.block_size, axis=record.axis, rounding=record.rounding)
         if verify:
-            expected = quantize(weight, fmt, block_size=fmt.block_size, axis=record.axis, rounding=record.rounding)
+            if expected is None:
+                expected = quantize(weight, fmt, block_size=fmt.block_size, axis=record.axis, rounding=record.rounding)
             got = packed.unpack()
             same = (got == expected) | (got.isnan() & expected.isnan())
             if not bool(same.all()):
