@@ -28,6 +28,7 @@ import weakref
 
 import onnx
 import onnx_ir as ir
+import onnxscript.optimizer
 import onnxscript.version_converter
 import torch
 from tqdm.auto import tqdm
@@ -129,8 +130,12 @@ def _torch_export(template: Template, opset: int) -> ir.Model:
                 gm, (example,), dynamo=True, dynamic_shapes=({0: "batch", 1: "sequence"},),
                 input_names=["input_ids"], output_names=["logits"], opset_version=opset,
                 custom_translation_table={torch.ops.mpqc_export.site.default: _translate_site},
-                verbose=False, report=False,
+                verbose=False, report=False, optimize=False,
             )
+            # One pass of onnxscript's optimizer (constant folding, dead code) without ONNX
+            # shape inference: on SmolLM2-135M half the time of torch.onnx's default
+            # optimization (20 s against 41 s) for 5% more nodes, which ONNX Runtime folds anyway.
+            onnxscript.optimizer.optimize_ir(program.model, num_iterations=1, onnx_shape_inference=False)
     except Exception as e:  # the exporter's message is long; keep it as the cause
         raise UnsupportedExport(_explain_export_failure(e)) from e
     finally:
