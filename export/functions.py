@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
-from mpqc.formats import FORMATS, Format, get_format
+from mpqc.formats import Format, get_format
 
 DOMAIN = "mpqc"
 DOMAIN_VERSION = 1
@@ -341,10 +341,6 @@ def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
     return _function(op_type, _scaled_body(op_type, _Body("t"), family), opset, docs[op_type])
 
 
-def opset_for_call(op_type: str) -> list:
-    return [helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
-
-
 # ---- a standalone model for checking a function against mpqc.formats.quantize ------------------------
 
 
@@ -360,11 +356,11 @@ def quantize_model(fmt, *, rank: int, axis: int = -1, block_size=None, rounding:
     dims = [f"d{i}" for i in range(rank)]
     graph = helper.make_graph([node], f"mpqc_{fmt.name}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *opset_for_call(op_type)],
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
                              functions=[function_proto(op_type, opset)])
 
 
 __all__ = [
-    "ABSMAX_OP", "ATTRIBUTES", "CAST_OP", "DOMAIN", "DOMAIN_VERSION", "FORMATS", "MX_OP", "NVFP4_OP",
+    "ABSMAX_OP", "ATTRIBUTES", "CAST_OP", "DOMAIN", "DOMAIN_VERSION", "MX_OP", "NVFP4_OP",
     "block_code", "block_from_code", "call_attributes", "function_proto", "quantize_model",
 ]

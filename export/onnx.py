@@ -3,14 +3,15 @@
     result = mpqc.export.to_onnx(qmodel, "model.onnx")                 # ONNX Runtime runs it
     result = mpqc.export.to_onnx(qmodel, "model.onnx", fp_weights="standard")  # FLOAT4E2M1 & co, opset 25
 
-Steps: ``markers.prepare`` turns each quantizer into a marked op call; ``torch.onnx.export``
-(dynamo) translates the graph, with the batch and sequence dims dynamic, the activation
-markers into calls of the ``mpqc`` functions and the weight markers into placeholders;
-then the placeholders are replaced by each weight's low-bit initializers and their
-decoding (``weights``), the function definitions and the precision metadata are added
-(``metadata``), and the file is checked (``onnx.checker``, full) and written atomically:
-into a temporary directory next to the target, then renamed into place (the external data
-file first, then the model).
+Steps: ``markers.prepare`` turns every quantizer site into a marked op call, and
+``torch.onnx.export`` (dynamo) translates that graph once per compiled model, with the batch
+and sequence dims dynamic and the sites as placeholder nodes (other opsets are converted
+from that translation). Per export, ``markers.resolve`` reads the plan's formats at the
+sites; bypassed sites vanish, weight sites become low-bit initializers and their decoding
+(``weights``), activation sites calls of the ``mpqc`` functions (``functions``); the
+function definitions and the precision metadata (``metadata``) are added, and the file is
+checked (``onnx.checker``, full) and written atomically: into a temporary directory next
+to the target, then renamed into place (the external data file first, then the model).
 """
 
 from __future__ import annotations

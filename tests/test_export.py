@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import numpy as np
 import onnx
@@ -89,7 +90,7 @@ def test_functions_equal_quantize_bit_for_bit(fmt):
     else:
         cases = [(None, -1, "nearest"), (16, 1, "even"), (7, 0, "nearest"), ("vector", 2, "even"), ("tensor", -1, "even")]
     for block, axis, rounding in cases:
-        x = _wide((4, 6, 70), seed=hash((fmt, block, axis)) % 1000)
+        x = _wide((4, 6, 70), seed=zlib.crc32(repr((fmt, block, axis)).encode()))
         x[0, 0, :] = 0
         model = fns.quantize_model(fmt, rank=3, axis=axis, block_size=block, rounding=rounding)
         onnx.checker.check_model(model, full_check=True)
