@@ -88,6 +88,17 @@ def _load_and_capture(spec, seq_len: int):
     return model, tokenizer, graph
 
 
+def _plan_from_args(graph, args):
+    """--plan JSON if given, else a uniform --format plan (--weights-only, --block-size)."""
+    import mpqc
+
+    if args.plan:
+        with open(args.plan) as f:
+            return mpqc.Plan.from_json(graph, f.read())
+    return mpqc.Plan.uniform(graph, args.format, granularity="matmul", activations=not args.weights_only,
+                             block_size=args.block_size)
+
+
 def cmd_inspect(args) -> int:
     _, _, graph = _load_and_capture(args.model, 64)
     print(graph.summary())
@@ -106,12 +117,7 @@ def cmd_compile(args) -> int:
     from mpqc.data import load_tokens, split_tokens
 
     model, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
-    if args.plan:
-        with open(args.plan) as f:
-            plan = mpqc.Plan.from_json(graph, f.read())
-    else:
-        plan = mpqc.Plan.uniform(graph, args.format, granularity="matmul", activations=not args.weights_only,
-                                 block_size=args.block_size)
+    plan = _plan_from_args(graph, args)
     tokens = load_tokens(tokenizer, args.text)
     _, holdout = split_tokens(tokens)  # report on text the search never sees
     kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed)
@@ -228,12 +234,7 @@ def cmd_export(args) -> int:
     from mpqc.export import to_onnx
 
     _, _, graph = _load_and_capture(args.model, 64)
-    if args.plan:
-        with open(args.plan) as f:
-            plan = mpqc.Plan.from_json(graph, f.read())
-    else:
-        plan = mpqc.Plan.uniform(graph, args.format, granularity="matmul", activations=not args.weights_only,
-                                 block_size=args.block_size)
+    plan = _plan_from_args(graph, args)
     qmodel = mpqc.compile(graph, plan)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     result = to_onnx(qmodel, args.output, opset=args.opset, fp_weights=args.fp_weights, external_data=external)
@@ -265,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local HF directory, .gguf file, or nothing for the embedded SmolLM2-135M")
         sp.add_argument("--json", help="also write the result here (JSON)")
 
+    def plan_args(sp):
+        sp.add_argument("--plan", help="plan JSON (from Plan.to_json or mpqc search); default: uniform --format")
+        sp.add_argument("--format", default="mxint4", help="format of a uniform plan (default mxint4)")
+        sp.add_argument("--weights-only", action="store_true", help="keep activations in bf16")
+        sp.add_argument("--block-size", type=_block, default=None, help="block size (int, vector or tensor)")
+
     i = sub.add_parser("inspect", help="print the matmuls and components of a model")
     model_args(i)
     i.add_argument("--granularity", default="matmul", choices=["matmul", "layer"])
@@ -272,10 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile with a plan and report perplexity before and after")
     model_args(c)
-    c.add_argument("--plan", help="plan JSON (from Plan.to_json or mpqc search); default: uniform --format")
-    c.add_argument("--format", default="mxint4", help="format of a uniform plan (default mxint4)")
-    c.add_argument("--weights-only", action="store_true", help="keep activations in bf16")
-    c.add_argument("--block-size", type=_block, default=None, help="block size (int, vector or tensor)")
+    plan_args(c)
     c.add_argument("--text", default=None, help="text: 'wiki' (embedded default), a .txt file or dir, hf:NAME")
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--n-samples", type=int, default=16)
@@ -323,10 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export to ONNX: low-bit weights, mpqc activation functions, precision metadata")
     model_args(e)
-    e.add_argument("--plan", help="plan JSON (from Plan.to_json or mpqc search); default: uniform --format")
-    e.add_argument("--format", default="mxint4", help="format of a uniform plan (default mxint4)")
-    e.add_argument("--weights-only", action="store_true", help="keep activations in bf16")
-    e.add_argument("--block-size", type=_block, default=None, help="block size (int, vector or tensor)")
+    plan_args(e)
     e.add_argument("-o", "--output", default="model.onnx", help="the ONNX file to write (default model.onnx)")
     e.add_argument("--fp-weights", default="table", choices=["table", "standard"],
                    help="float-element weights as uint8 codes + lookup table (runs in ONNX Runtime) or as standard "
