@@ -91,31 +91,37 @@ def _translate_site(x, key: int):
 _TRANSLATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _translation(qmodel, opset: int) -> tuple[Template, ir.Model, float]:
-    """(template, translated model, seconds spent now): cached per compiled model and opset."""
+def _template(qmodel) -> Template:
+    """The compiled graph with its quantizer sites marked (cheap; cached with the translations)."""
+    per_model = _TRANSLATIONS.setdefault(qmodel, {})
+    if "template" not in per_model:
+        per_model["template"] = prepare(qmodel)
+    return per_model["template"]
+
+
+def _translation(qmodel, opset: int) -> tuple[ir.Model, float]:
+    """(translated model, seconds spent now): cached per compiled model and opset."""
     per_model = _TRANSLATIONS.setdefault(qmodel, {})
     if opset in per_model:
-        return (*per_model[opset], 0.0)
+        return per_model[opset], 0.0
     t0 = time.perf_counter()
     if MIN_OPSET not in per_model:
-        template = prepare(qmodel)
-        model = _torch_export(template, MIN_OPSET)
+        model = _torch_export(_template(qmodel), MIN_OPSET)
         for node in _all_nodes(model.graph):
             # The exporter's node metadata repeats source locations and module paths at length;
             # the mpqc.* keys say what matters here, and dropping these keeps small models small.
             for k in [k for k in node.metadata_props if not k.startswith(metadata.PREFIX)]:
                 del node.metadata_props[k]
-        per_model[MIN_OPSET] = (template, model)
+        per_model[MIN_OPSET] = model
     if opset != MIN_OPSET:
         # Another opset is a conversion of the same translation (torch.onnx itself translates
         # at one opset and converts), not a second trace.
-        template, base = per_model[MIN_OPSET]
-        model = base.clone()
+        model = per_model[MIN_OPSET].clone()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnxscript.version_converter.convert_version(model, opset, fallback=True)
-        per_model[opset] = (template, model)
-    return (*per_model[opset], time.perf_counter() - t0)
+        per_model[opset] = model
+    return per_model[opset], time.perf_counter() - t0
 
 
 def _torch_export(template: Template, opset: int) -> ir.Model:
@@ -237,13 +243,14 @@ def to_onnx(
         raise ValueError("the compiled model has no plan; call qmodel.set_plan(plan) first")
     path = os.fspath(path)
     seconds = {}
-    template, translated, seconds["torch_export"] = _translation(qmodel, opset)
-
-    t0 = time.perf_counter()
+    template = _template(qmodel)
     resolved = resolve(qmodel, template)
     encoder = WeightEncoder(fp_weights=fp_weights, opset=opset)
     for record in resolved.weights:
         encoder.check_supported(record)  # fail before the slow part
+    translated, seconds["torch_export"] = _translation(qmodel, opset)
+
+    t0 = time.perf_counter()
     model = translated.clone()
     weight_bytes = _rewrite(model, template, resolved, encoder, qmodel, progress)
     _finish(model, qmodel, fp_weights, opset)
