@@ -88,8 +88,9 @@ class Plan:
         names = [c.name for c in self.components]
         self.default = Precision.parse(default, activations=activations, high=high)
         self.assignments: dict[str, Precision] = {}
+        known = set(names)
         for name, spec in (assignments or {}).items():
-            if name not in self._component_of.values():
+            if name not in known:
                 close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
                 hint = f"; closest: {', '.join(close)}" if close else f"; there are {len(names)} components, e.g. {', '.join(names[:3])}"
                 raise KeyError(f"plan names component {name!r}, which the {self.granularity_label} granularity of "
