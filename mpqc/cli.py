@@ -7,6 +7,7 @@
     mpqc export [MODEL] --plan P       ONNX with low-bit weights and precision metadata
     mpqc sweep CONFIG.toml             a resumable scaling-law sweep into one results table
     mpqc fit RESULTS.csv --out DIR     fitted laws, figures and a Markdown report
+    mpqc predict collect|fit|plan      predict a plan's delta_ppl from cheap measurements
 
 MODEL is a local Hugging Face directory, a .gguf file, or (left out) the embedded default,
 SmolLM2-135M. Every command that prints a table can also write it as JSON (--json).
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", default="mpqc-fit", help="directory for laws.json, the PNG figures and report.md")
     ft.add_argument("--budgets", default="0.05,0.1,0.2", help="loss budgets (relative delta_ppl), comma-separated")
     ft.set_defaults(func=cmd_fit)
+
+    from mpqc.predict_cli import add_parser as add_predict_parser
+
+    add_predict_parser(sub)
 
     e = sub.add_parser("export", help="export to ONNX: low-bit weights, mpqc activation functions, precision metadata")
     model_args(e)
