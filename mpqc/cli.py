@@ -164,24 +164,52 @@ def cmd_search(args) -> int:
         budget = ("bits", args.bits)
     else:
         budget = ("macs" if args.by_macs else "params", args.ratio)
+    if args.lm_eval_task is not None:  # fail before the model loads, not after
+        from mpqc.search import lm_eval_adapter
+
+        try:
+            lm_eval_adapter.require_lm_eval()
+        except ImportError as e:
+            print(f"mpqc search: error: --lm-eval-task: {e}", file=sys.stderr)
+            return 2
+        lm_eval_adapter.resolve_task(args.lm_eval_task, args.lm_eval_include)
+    elif args.lm_eval_include or args.lm_eval_limit is not None or args.lm_eval_metric or args.lm_eval_fewshot is not None:
+        raise ValueError("--lm-eval-include/--lm-eval-limit/--lm-eval-metric/--lm-eval-fewshot need --lm-eval-task")
     _, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
+    objective = None
+    if args.lm_eval_task is not None:
+        limit = args.lm_eval_limit
+        limit = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+        objective = lm_eval_adapter.LMEvalObjective(
+            task=args.lm_eval_task, tokenizer=tokenizer, metric=args.lm_eval_metric, limit=limit,
+            include_path=args.lm_eval_include, num_fewshot=args.lm_eval_fewshot, seed=args.seed,
+            batch_size=args.batch_size)
     t0 = time.perf_counter()
     result = mpqc.search.run(
         graph, search_tokens, budget=budget, granularity=args.granularity, low=args.low, high=args.high,
         weights_only=args.weights_only, sampler=args.sampler, sampler_kwargs=sampler_kwargs, n_trials=args.n_trials,
         seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
-        storage=args.storage, study_name=args.study_name, block_size=args.block_size,
+        storage=args.storage, study_name=args.study_name, block_size=args.block_size, objective=objective,
     )
+    seconds = time.perf_counter() - t0
     # The found plan against the all-high baseline, on held-out text the search never saw.
     kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed)
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, args.high))
     result.holdout = {"perplexity_high": mpqc.evaluate.perplexity(qmodel, holdout, **kw, progress=False)}
+    if objective is not None:
+        # The task's documents are the ones the search scored: this baseline is not held out.
+        result.objective["value_high"] = objective.evaluate(qmodel).value
     result.holdout["perplexity_plan"] = mpqc.evaluate.perplexity(qmodel.set_plan(result.plan), holdout, **kw, progress=False)
     paths = write_outputs(result, args.out)
-    print(f"{result.budget}: best perplexity {result.perplexity:.3f} (search windows) at {result.achieved:.4f}, "
+    best = (f"best {result.objective['metric']} {result.metric:.4f} ({result.objective['label']}), perplexity "
+            if objective is not None else "best perplexity ")
+    print(f"{result.budget}: {best}{result.perplexity:.3f} (search windows) at {result.achieved:.4f}, "
           f"average bits {result.plan.average_bits():.3f}, after {len(result.study.trials)} trials "
-          f"in {time.perf_counter() - t0:.0f} s")
+          f"in {seconds:.0f} s")
+    if objective is not None:
+        print(f"{result.objective['label']}: all {args.high} {result.objective['value_high']:.4f} -> plan "
+              f"{result.metric:.4f} {result.objective['metric']} (the documents the search scored)")
     h = result.holdout
     print(f"held-out perplexity: all {args.high} {h['perplexity_high']:.3f} -> plan {h['perplexity_plan']:.3f} "
           f"({100 * (h['perplexity_plan'] / h['perplexity_high'] - 1):+.1f}%)")
@@ -311,6 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", default=None, help="SQLite file or database URL: resumable, shareable by workers")
     s.add_argument("--study-name", default=None)
     s.add_argument("--out", default="mpqc-search", help="directory for best_plan.json, trials.csv, result.json")
+    s.add_argument("--lm-eval-task", default=None, metavar="NAME_OR_YAML",
+                   help="objective: an lm-eval-harness task's metric instead of perplexity (a task name such as "
+                        "mmlu, or a task YAML); needs `pip install lm_eval`")
+    s.add_argument("--lm-eval-include", action="append", default=None, metavar="DIR",
+                   help="a directory of custom lm-eval task YAMLs (repeatable)")
+    s.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",
+                   help="score the first N documents of each task (a fraction if below 1); default all")
+    s.add_argument("--lm-eval-metric", default=None, help="the task's metric to optimize, e.g. acc (default: its first)")
+    s.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     s.set_defaults(func=cmd_search)
 
     sw = sub.add_parser("sweep", help="run a scaling-law sweep from a TOML config (resumable)")

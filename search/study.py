@@ -2,7 +2,9 @@
 
 Each trial decodes the sampler's priorities into a plan that meets the budget, switches the
 one compiled model to it (``set_plan``: no recapture, weights cached per format) and
-evaluates perplexity on windows sampled once. With ``storage`` (a SQLite path or any
+evaluates perplexity on windows sampled once, or with ``objective=LMEvalObjective(...)`` an
+lm-eval-harness task's metric on the same compiled model (``mpqc.search.lm_eval_adapter``).
+With ``storage`` (a SQLite path or any
 SQLAlchemy URL, e.g. PostgreSQL) the study persists: a killed search started again with
 the same storage and study name continues, and several processes can share one study.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import json
 import math
 import os
 import socket
@@ -46,6 +49,11 @@ class SearchResult:
     notes: list[str]
     pareto: list[dict] | None = None  # nsga2: [{"perplexity", "ratio", "trial"}], best ratio first
     holdout: dict | None = None  # filled by callers that also evaluate on held-out text
+    # With an objective (e.g. LMEvalObjective): the best plan's raw metric (e.g. accuracy) and
+    # what was optimized ({"label", "metric", "higher_is_better", "loss", settings}); perplexity
+    # stays the best plan's perplexity on the search windows.
+    metric: float | None = None
+    objective: dict | None = None
 
     def trials_table(self) -> list[dict]:
         rows = []
@@ -54,6 +62,8 @@ class SearchResult:
                 "trial": t.number,
                 "state": t.state.name,
                 "perplexity": t.user_attrs.get("perplexity"),
+                "objective": t.user_attrs.get("objective"),
+                "metric": t.user_attrs.get("metric"),
                 "achieved": t.user_attrs.get("achieved"),
                 "quantization_ratio_params": t.user_attrs.get("quantization_ratio_params"),
                 "quantization_ratio_macs": t.user_attrs.get("quantization_ratio_macs"),
@@ -62,16 +72,21 @@ class SearchResult:
                 "seeded": t.user_attrs.get("seeded", False),
                 "best_so_far": None,
             })
-        best = math.inf
+        # best_so_far: the perplexity, or with an objective its raw metric, of the best trial so far.
+        best, best_row = math.inf, None
         for r in sorted(rows, key=lambda r: r["trial"]):
-            if r["state"] == "COMPLETE" and r["perplexity"] is not None:
-                best = min(best, r["perplexity"])
-            r["best_so_far"] = None if best == math.inf else best
+            loss = r["objective"] if r["objective"] is not None else r["perplexity"]
+            if r["state"] == "COMPLETE" and loss is not None and (best_row is None or loss < best):
+                best, best_row = loss, r
+            r["best_so_far"] = None if best_row is None else (
+                best_row["metric"] if best_row["objective"] is not None else best_row["perplexity"])
         return rows
 
     def to_dict(self) -> dict:
         return {
             "perplexity": self.perplexity,
+            "metric": self.metric,
+            "objective": self.objective,
             "achieved": self.achieved,
             "budget": dataclasses.asdict(self.budget),
             "study_name": self.study.study_name,
@@ -147,8 +162,9 @@ def run(
     qmodel: QuantizedModel | None = None,
     progress: bool = True,
     heartbeat: int = 10,
+    objective=None,
 ) -> SearchResult:
-    """Find the plan with the lowest perplexity on ``tokens`` under the budget.
+    """Find the plan with the lowest perplexity on ``tokens`` (or the best ``objective``) under the budget.
 
     The budget is ``ratio`` (Q_r by parameters, the paper's) or ``budget``: a ``Budget`` or
     ("params"|"macs", ratio) or ("bits", average bits). ``low``/``high``: the two precisions
@@ -156,6 +172,15 @@ def run(
     or an Optuna sampler; ``sampler_seed`` (default ``seed``) seeds it apart from the evaluation windows,
     so workers sharing one study can sample differently. ``n_trials`` counts completed trials in the study, including ones
     from earlier runs on the same storage. ``qmodel``: a compiled model of ``graph`` to reuse.
+
+    ``objective``: None (perplexity on ``n_samples`` windows of ``seq_len`` tokens of ``tokens``)
+    or an object with ``config() -> dict`` (JSON-ready; it joins the stored study's settings, so
+    a study made with another objective is refused) and ``evaluate(qmodel)`` returning a score
+    with ``.loss`` (minimized), ``.value`` and ``.metric``, e.g.
+    ``mpqc.search.lm_eval_adapter.LMEvalObjective(task="mmlu", tokenizer=tok, limit=100)``. It
+    scores the one compiled model after ``set_plan`` (no recapture). Each trial then records the
+    raw metric (``user_attrs["metric"]``) and also the window perplexity, which the sensitivity
+    sampler's seeding still uses.
     """
     if (ratio is None) == (budget is None):
         raise ValueError("give exactly one of ratio= (Q_r by parameters) or budget= (a Budget or (kind, value))")
@@ -181,10 +206,19 @@ def run(
         "low": str(low_p), "high": str(high_p), "block_size": block_size, "rounding": rounding,
         "seq_len": seq_len, "n_samples": n_samples, "seed": seed, "multi_objective": multi,
     }
+    if objective is not None:
+        for attr in ("config", "evaluate"):
+            if not callable(getattr(objective, attr, None)):
+                raise TypeError(f"objective must have config() and evaluate(qmodel) (e.g. LMEvalObjective); "
+                                f"{type(objective).__name__} has no {attr}()")
+        # Only a non-default objective adds the key: studies stored before it existed still resume.
+        config["objective"] = json.loads(json.dumps(objective.config()))
     directions = ["minimize", "maximize"] if multi else ["minimize"]
     rdb = _storage(storage, heartbeat=heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or f"mpqc-{config['graph']}-{budget.kind}{budget.value:g}-{config['granularity']}-{low}"
+    if objective is not None and study_name is None:
+        name += f"-{config['objective'].get('kind', 'objective')}-{config['objective'].get('task', '')}"
     try:
         study = optuna.create_study(storage=rdb, study_name=name, sampler=the_sampler, directions=directions,
                                     load_if_exists=True)
@@ -195,8 +229,12 @@ def run(
         study.set_user_attr("mpqc_config", config)
     elif stored != config:
         diff = {k: (stored.get(k), config.get(k)) for k in set(stored) | set(config) if stored.get(k) != config.get(k)}
-        raise ValueError(f"study {name!r} was created for another search; differing settings (stored, asked): {diff}. "
-                         "Use another study_name or the same settings.")
+        what = ""
+        if "objective" in diff:
+            what = (f" It was made with objective {_objective_label(stored.get('objective'))}, "
+                    f"asked {_objective_label(config.get('objective'))}.")
+        raise ValueError(f"study {name!r} was created for another search;{what} differing settings (stored, asked): "
+                         f"{diff}. Use another study_name or the same settings.")
 
     qmodel = qmodel or compile(graph, space.plan([]))
     if qmodel.graph is not graph:
@@ -204,10 +242,22 @@ def run(
 
     def evaluate_plan(plan: Plan) -> float:
         qmodel.set_plan(plan)
-        value = math.exp(nll(qmodel, windows=windows, batch_size=batch_size, progress=False))
+        mean = nll(qmodel, windows=windows, batch_size=batch_size, progress=False)
+        value = math.exp(mean) if mean <= 709.0 else math.inf  # exp overflows past ~709.78
         return value if math.isfinite(value) else math.inf
 
-    def objective(trial: optuna.Trial):
+    def measure(plan: Plan) -> tuple[float, dict]:
+        """(what the study minimizes, what the trial records) for ``plan``."""
+        ppl = evaluate_plan(plan)
+        if objective is None:
+            return ppl, {"perplexity": ppl}
+        score = objective.evaluate(qmodel)  # the same compiled model, now on ``plan``
+        loss = float(score.loss)
+        loss = loss if math.isfinite(loss) else math.inf
+        return loss, {"perplexity": ppl, "objective": loss, "metric": float(score.value), "metric_name": score.metric,
+                      "higher_is_better": bool(getattr(score, "higher_is_better", False))}
+
+    def trial_objective(trial: optuna.Trial):
         goal = target
         if multi:  # the ratio itself is searched: one study spans the Pareto front
             goal = trial.suggest_float("target", target, max(target, sum(sizes.values())))
@@ -215,12 +265,12 @@ def run(
         chosen = decode(priorities, sizes, goal)
         plan = space.plan(chosen)
         achieved = space.achieved(plan)
-        ppl = evaluate_plan(plan)
+        loss, measured = measure(plan)
         s = plan.summary()
         worker = f"{socket.gethostname()}:{os.getpid()}"
-        for key, value in {**s, "perplexity": ppl, "achieved": achieved, "low": chosen, "worker": worker}.items():
+        for key, value in {**s, **measured, "achieved": achieved, "low": chosen, "worker": worker}.items():
             trial.set_user_attr(key, value)
-        return (ppl, s["quantization_ratio_params"]) if multi else ppl
+        return (loss, s["quantization_ratio_params"]) if multi else loss
 
     # Our strategy: seed the study with the sensitivity ranking and perturbations of it.
     if sampler == "sensitivity" and not study.user_attrs.get("seeded"):
@@ -243,25 +293,38 @@ def run(
     def on_trial(study_, trial_):
         bar.n = min(n_complete(), n_trials)
         if not multi and any(t.state == optuna.trial.TrialState.COMPLETE for t in study_.trials):
-            bar.set_postfix(best=f"{study_.best_value:.3f}")
+            best_trial = study_.best_trial  # with an objective, its raw metric rather than the loss
+            bar.set_postfix(best=f"{best_trial.user_attrs.get('metric', best_trial.value):.3f}")
         bar.refresh()
 
     stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         while n_complete() < n_trials:
-            study.optimize(objective, n_trials=n_trials - n_complete(), callbacks=[on_trial, stop])
+            study.optimize(trial_objective, n_trials=n_trials - n_complete(), callbacks=[on_trial, stop])
     bar.close()
-    return _result(study, space, budget, multi, notes, evaluate_plan)
+    return _result(study, space, budget, multi, notes, config.get("objective"))
 
 
-def _result(study, space: SearchSpace, budget: Budget, multi: bool, notes: list, evaluate_plan) -> SearchResult:
+def _objective_label(config: dict | None) -> str:
+    if config is None:
+        return "perplexity on windows"
+    if config.get("kind") == "lm_eval":
+        return (f"lm-eval {config.get('task')}" + (f" {config['metric']}" if config.get("metric") else "")
+                + (f" (limit {config['limit']})" if config.get("limit") is not None else ""))
+    return str(config.get("kind", config))
+
+
+def _result(study, space: SearchSpace, budget: Budget, multi: bool, notes: list, objective: dict | None) -> SearchResult:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pareto = None
     if multi:
         front = sorted(study.best_trials, key=lambda t: -t.values[1])
-        pareto = [{"trial": t.number, "perplexity": t.values[0], "quantization_ratio_params": t.values[1],
-                   "low": t.user_attrs["low"]} for t in front]
+        pareto = [{"trial": t.number, "perplexity": t.user_attrs.get("perplexity", t.values[0]),
+                   "quantization_ratio_params": t.values[1], "low": t.user_attrs["low"]} for t in front]
+        if objective is not None:
+            for p, t in zip(pareto, front):
+                p.update(objective=t.values[0], metric=t.user_attrs.get("metric"))
         meeting = [t for t in complete if t.user_attrs["achieved"] >= budget.value - 1e-9] if budget.kind != "bits" else complete
         best = min(meeting or complete, key=lambda t: t.values[0])
     else:
@@ -271,8 +334,14 @@ def _result(study, space: SearchSpace, budget: Budget, multi: bool, notes: list,
     if not multi and abs(achieved - budget.value) > REACH_TOLERANCE:
         notes.append(f"asked {budget}, the nearest the {space.plan([]).granularity_label} granularity allows "
                      f"is {achieved:.4f}")
+    described = None
+    if objective is not None:
+        described = {"label": _objective_label(objective), "metric": best.user_attrs.get("metric_name"),
+                     "higher_is_better": best.user_attrs.get("higher_is_better"), "loss": best.values[0],
+                     "settings": objective}
     return SearchResult(plan=plan, perplexity=best.user_attrs["perplexity"], achieved=achieved, budget=budget,
-                        study=study, notes=notes, pareto=pareto)
+                        study=study, notes=notes, pareto=pareto, metric=best.user_attrs.get("metric"),
+                        objective=described)
 
 
 def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
