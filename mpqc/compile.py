@@ -3,6 +3,7 @@
     qmodel = mpqc.compile(graph, plan)
     logits = qmodel(input_ids)          # any batch size and sequence length
     qmodel.set_plan(other_plan)         # new precisions, same graph: no recapture, no recompile
+    fast = torch.compile(qmodel)        # plan switches do not recompile it either (see quantizers)
 
 The graph is copied (parameters shared, never modified), quantizers are inserted once by
 ``InsertQuantizers``, and a plan only configures them. Quantized weights are cached per
@@ -34,7 +35,23 @@ class QuantizedModel(nn.Module):
         self._inserted = InsertQuantizers(graph, self.weight_cache)
         self._inserted(self.module)
         self.plan: Plan | None = None
+        # Activation formats any plan has asked for (None: unquantized), shared by every
+        # activation quantizer: a torch.compile'd forward recompiles only when this grows.
+        self._activation_candidates: tuple = (None,)
         self.set_plan(plan)
+
+    def add_activation_formats(self, formats) -> None:
+        """Declare activation formats that later plans will use (a search: its low and high).
+
+        Under ``torch.compile`` each new activation format costs one recompile, whenever it
+        first appears; declaring them before the first compiled forward makes that zero.
+        Eager forwards do not depend on this."""
+        new = [f for f in dict.fromkeys(formats) if f not in self._activation_candidates]
+        if new:
+            self._activation_candidates = self._activation_candidates + tuple(new)
+            if self.plan is not None:
+                for aq in self._inserted.activation_quantizers:
+                    aq.configure(aq.formats, aq.rounding, self._activation_candidates)
 
     def set_plan(self, plan: Plan) -> "QuantizedModel":
         """Switch every quantizer to ``plan``'s formats; weights come from the cache when seen before."""
@@ -49,8 +66,11 @@ class QuantizedModel(nn.Module):
             m = self.graph.matmul(name)
             wq.configure(plan.weight_format(m), plan.rounding, self.module.get_parameter(m.weight)
                          if _is_parameter(self.module, m.weight) else self.module.get_buffer(m.weight))
-        for aq in self._inserted.activation_quantizers:
-            aq.configure([plan.activation_format(self.graph.matmul(n)) for n in aq.consumers], plan.rounding)
+        per_quantizer = [[plan.activation_format(self.graph.matmul(n)) for n in aq.consumers]
+                          for aq in self._inserted.activation_quantizers]
+        self.add_activation_formats(f for formats in per_quantizer for f in formats)
+        for aq, formats in zip(self._inserted.activation_quantizers, per_quantizer):
+            aq.configure(formats, plan.rounding, self._activation_candidates)
         self.plan = plan
         return self
 

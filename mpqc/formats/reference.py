@@ -48,6 +48,27 @@ def round_half(r: torch.Tensor, rounding: str) -> torch.Tensor:
     return torch.round(r)  # round-half-to-even
 
 
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype).to(x.dtype)``, bit for bit, from integer and power-of-two float32 ops.
+
+    TorchInductor drops a downcast that is followed by an upcast (unless its
+    ``emulate_precision_casts`` is set), so the plain round trip does not round at all in a
+    compiled graph. This form does: round half to even, overflow to +-inf, NaN kept."""
+    if dtype == x.dtype or (dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return x
+    y = x.to(torch.float32)
+    if dtype == torch.bfloat16:  # same exponent range as float32: round the low 16 bits away
+        i = y.view(torch.int32)
+        r = ((i + ((i >> 16) & 1) + 0x7FFF) & -65536).view(torch.float32)
+    elif dtype == torch.float16:  # 10 fraction bits, normal exponents -14 .. 15
+        step = pow2(floor_log2(y.abs()).clamp(min=-14, max=15) - 10)
+        r = torch.round(y / step) * step
+        r = torch.where(r.abs() > 65504.0, torch.copysign(torch.full_like(r, float("inf")), y), r)
+    else:
+        raise ValueError(f"no exact rounding to {dtype} here; casts go to float32, float16 or bfloat16")
+    return torch.where(torch.isnan(y), y, r).to(x.dtype)
+
+
 # ---- element conversion ---------------------------------------------------------------------
 
 
