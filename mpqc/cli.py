@@ -191,6 +191,7 @@ def cmd_search(args) -> int:
         weights_only=args.weights_only, sampler=args.sampler, sampler_kwargs=sampler_kwargs, n_trials=args.n_trials,
         seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
         storage=args.storage, study_name=args.study_name, block_size=args.block_size, objective=objective,
+        torch_compile=args.torch_compile,
     )
     seconds = time.perf_counter() - t0
     # The found plan against the all-high baseline, on held-out text the search never saw.
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sensitivity (default), random, tpe, cmaes, gp, qmc, nsga2, or package.module:Class")
     s.add_argument("--sampler-kwargs", default=None, help="JSON keyword arguments for the sampler")
     s.add_argument("--n-trials", type=int, default=12)
+    s.add_argument("--torch-compile", action="store_true",
+                   help="evaluate trials through torch.compile: one compile for the whole search, then faster trials")
     s.add_argument("--paper", action="store_true", help="the paper's setting: random, 50 trials, 1024 sequences")
     s.add_argument("--text", default=None)
     s.add_argument("--seq-len", type=int, default=128)

@@ -58,6 +58,19 @@ def test_each_sampler_finds_a_plan_whose_perplexity_is_exact(sampler):
     assert len([t for t in result.study.trials if t.state.name == "COMPLETE"]) == 4
 
 
+def test_torch_compiled_search_compiles_once_and_gives_the_same_numbers():
+    from torch._dynamo.testing import CompileCounter
+
+    _, graph = captured("llama")
+    counter = CompileCounter()  # traces like torch.compile, runs the traced graph eagerly: exact
+    torch._dynamo.reset()
+    fast = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=8, seed=2, torch_compile=counter, **FAST)
+    plain = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=8, seed=2, **FAST)
+    assert [t.values for t in fast.study.trials] == [t.values for t in plain.study.trials]
+    assert len({t.values[0] for t in plain.study.trials}) > 1
+    assert counter.frame_count == 1  # eight plans, one graph
+
+
 def test_same_seed_same_plan_and_numbers():
     _, graph = captured("llama")
     a = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="tpe", n_trials=4, seed=1, **FAST)
