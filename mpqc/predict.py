@@ -81,9 +81,10 @@ __all__ = [
 MODEL_FEATURES = ("params", "nll_base", "noise_rise_all")
 PLAN_FEATURES = ("ratio", "fisher", "fisher_diag", "first_order", "weight_noise", "noise_rise")
 FEATURES = MODEL_FEATURES + PLAN_FEATURES
-# Provisional, from the toy family: the summed per-component Fisher estimate carries the ranking;
-# the unquantized NLL and the size can set the scale across models.
-DEFAULT_TERMS = ("log(fisher_diag)", "nll_base", "log(params)")
+# Chosen on the measurements in docs/scaling.md ("Prediction"): the summed per-component Fisher
+# estimate alone ranks plans best, needs no forward per plan, and carries over between models best;
+# Q_r, the noise probe and the model-level factors add little within a model and extrapolate badly.
+DEFAULT_TERMS = ("log(fisher_diag)",)
 LOG_FLOOR = 1e-6  # log(x) of a feature or target below this (noise: a loss change <= 0) uses this
 SIMILAR_RATIO = 0.05  # plans this close in Q_r count as "the same budget" when scoring the ranking
 
