@@ -10,10 +10,8 @@ and in docs/scaling.md ("Prediction").
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import time
 
 
