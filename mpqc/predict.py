@@ -61,17 +61,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import stats
 from tqdm.auto import tqdm
 
 from mpqc.compile import QuantizedModel
 from mpqc.evaluate import nll, sample_windows
-from mpqc.formats import quantize
 from mpqc.graph import Graph
 from mpqc.plan import Plan
 from mpqc.search.budget import Budget, SearchSpace, decode, low_precision
-from mpqc.search.sensitivity import _delta_weight, _frozen_parameters, priorities_from_sensitivity
+from mpqc.search.sensitivity import priorities_from_sensitivity, window_gradients
 
 __all__ = [
     "COLUMNS", "DEFAULT_TERMS", "FEATURES", "Features", "Predictor", "collect", "fisher_gradients", "metrics",
@@ -105,63 +103,12 @@ def fisher_gradients(qmodel: QuantizedModel, space: SearchSpace, windows: torch.
                      progress: bool = False) -> np.ndarray:
     """g[w, c]: the first-order loss change on window w of moving component c low, all at once.
 
-    The same construction as search/sensitivity.py (one zero scalar per component scales what the
-    low format would change at every quantizer), kept per window and signed, so that
-    ``0.5 * mean_w g[w, c]^2`` is exactly ``sensitivity()[c]`` and any set of components has its
-    joint estimate ``0.5 * mean_w (sum_c g[w, c])^2``. Returns float64 [n_windows, n_components]
-    in ``space.components`` order.
+    search/sensitivity.py's construction, kept per window and signed: ``0.5 * mean_w g[w, c]^2``
+    is exactly ``sensitivity()[c]`` and any set of components has its joint estimate
+    ``0.5 * mean_w (sum_c g[w, c])^2``. Float64 [n_windows, n_components] in
+    ``space.components`` order.
     """
-    graph = space.graph
-    component_of = {m.name: c.name for c in space.components for m in c.matmuls}
-    names = [c.name for c in space.components]
-    eps = {n: torch.zeros((), requires_grad=True) for n in names}
-    high_plan, low_plan = space.plan([]), space.plan(names)
-    previous = qmodel.plan
-    qmodel.set_plan(high_plan)
-    handles = []
-    for mname, wq in qmodel.weight_quantizers.items():
-        m = graph.matmul(mname)
-        low_fmt = low_plan.weight_format(m)
-        if low_fmt == high_plan.weight_format(m):
-            continue
-        c = component_of[mname]
-
-        def hook(mod, inputs, out, low_fmt=low_fmt, c=c):
-            return out + eps[c] * _delta_weight(mod, low_fmt, low_plan.rounding, inputs[0], out).detach()
-
-        handles.append(wq.register_forward_hook(hook))
-    for aq in qmodel.activation_quantizers:
-        lows = [low_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
-        highs = [high_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
-        comps = [component_of[n] for n in aq.consumers]
-
-        def hook(mod, inputs, outs, lows=lows, highs=highs, comps=comps):
-            x = inputs[0]
-            result = []
-            for out, fmt, high, c in zip(outs, lows, highs, comps):
-                if fmt is None or fmt == high:
-                    result.append(out)
-                    continue
-                block = None if fmt.family == "cast" else fmt.block_size
-                low = quantize(x.detach(), fmt, block_size=block, axis=mod.axis, rounding=low_plan.rounding)
-                result.append(out + eps[c] * (low - out.detach()))
-            return tuple(result)
-
-        handles.append(aq.register_forward_hook(hook))
-    g = np.zeros((len(windows), len(names)))
-    try:
-        with _frozen_parameters(qmodel), torch.enable_grad():
-            for w, window in enumerate(tqdm(windows, desc="fisher", unit="window", disable=not progress)):
-                ids = window[None]
-                logits = qmodel(ids)
-                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-                grads = torch.autograd.grad(loss, [eps[n] for n in names], allow_unused=True)
-                g[w] = [0.0 if d is None else d.item() for d in grads]
-    finally:
-        for h in handles:
-            h.remove()
-        qmodel.set_plan(previous if previous is not None else high_plan)
-    return g
+    return window_gradients(qmodel, space, windows, progress=progress)
 
 
 class Features:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -41,8 +42,16 @@ def _frozen_parameters(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def sensitivity(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True) -> dict[str, float]:
-    """Expected loss increase (nats per token) per component of ``space`` when only it goes low."""
+def window_gradients(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *,
+                     progress: bool = True) -> np.ndarray:
+    """g[w, c]: d loss(window w) / d eps_c, where eps_c scales what moving component c low changes.
+
+    One zero scalar per component multiplies the difference between the low and the high
+    format at every quantizer of that component, so one backward pass per window gives the
+    first-order loss change of every component at once. Float64 [n_windows, n_components] in
+    ``space.components`` order; signed, so a set of components has the joint estimate
+    ``0.5 * mean_w (sum_c g[w, c])^2``.
+    """
     graph = space.graph
     component_of = {m.name: c.name for c in space.components for m in c.matmuls}
     names = [c.name for c in space.components]
@@ -64,13 +73,14 @@ def sensitivity(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tenso
         handles.append(wq.register_forward_hook(hook))
     for aq in qmodel.activation_quantizers:
         lows = [low_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
+        highs = [high_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
         comps = [component_of[n] for n in aq.consumers]
 
-        def hook(mod, inputs, outs, lows=lows, comps=comps):
+        def hook(mod, inputs, outs, lows=lows, highs=highs, comps=comps):
             x = inputs[0]
             result = []
-            for out, fmt, c in zip(outs, lows, comps):
-                if fmt is None:
+            for out, fmt, high, c in zip(outs, lows, highs, comps):
+                if fmt is None or fmt == high:
                     result.append(out)
                     continue
                 block = None if fmt.family == "cast" else fmt.block_size
@@ -79,22 +89,27 @@ def sensitivity(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tenso
             return tuple(result)
 
         handles.append(aq.register_forward_hook(hook))
-    squares = {n: 0.0 for n in names}
+    g = np.zeros((len(windows), len(names)))
     try:
         with _frozen_parameters(qmodel), torch.enable_grad():
-            for window in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
+            for w, window in enumerate(tqdm(windows, desc="sensitivity", unit="window", disable=not progress)):
                 ids = window[None]
                 logits = qmodel(ids)
                 loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                 grads = torch.autograd.grad(loss, [eps[n] for n in names], allow_unused=True)
-                for n, g in zip(names, grads):
-                    if g is not None:
-                        squares[n] += g.item() ** 2
+                g[w] = [0.0 if d is None else d.item() for d in grads]
     finally:
         for h in handles:
             h.remove()
         qmodel.set_plan(previous if previous is not None else high_plan)
-    return {n: 0.5 * squares[n] / len(windows) for n in names}
+    return g
+
+
+def sensitivity(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True) -> dict[str, float]:
+    """Expected loss increase (nats per token) per component of ``space`` when only it goes low:
+    the empirical Fisher estimate 0.5 * mean over windows of the squared first-order change."""
+    g = window_gradients(qmodel, space, windows, progress=progress)
+    return {c.name: float(0.5 * np.mean(g[:, i] ** 2)) for i, c in enumerate(space.components)}
 
 
 def priorities_from_sensitivity(sens: dict[str, float], sizes: dict[str, float]) -> dict[str, float]:
