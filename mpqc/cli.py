@@ -115,13 +115,14 @@ def cmd_inspect(args) -> int:
 
 def cmd_compile(args) -> int:
     import mpqc
-    from mpqc.data import load_tokens, split_tokens
+    from mpqc.data import load_tokens, split_tokens, text_prefix
 
     model, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
     plan = _plan_from_args(graph, args)
     tokens = load_tokens(tokenizer, args.text)
     _, holdout = split_tokens(tokens)  # report on text the search never sees
-    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed)
+    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
+              prefix=text_prefix(tokenizer))
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "fp32"))
     t0 = time.perf_counter()
     base = mpqc.evaluate.perplexity(qmodel, holdout, **kw)
@@ -154,7 +155,7 @@ def cmd_compile(args) -> int:
 
 def cmd_search(args) -> int:
     import mpqc
-    from mpqc.data import load_tokens, split_tokens
+    from mpqc.data import load_tokens, split_tokens, text_prefix
     from mpqc.search import PAPER_SETTING, write_outputs
 
     if args.paper:
@@ -191,11 +192,12 @@ def cmd_search(args) -> int:
         weights_only=args.weights_only, sampler=args.sampler, sampler_kwargs=sampler_kwargs, n_trials=args.n_trials,
         seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
         storage=args.storage, study_name=args.study_name, block_size=args.block_size, objective=objective,
-        torch_compile=args.torch_compile,
+        torch_compile=args.torch_compile, prefix=text_prefix(tokenizer),
     )
     seconds = time.perf_counter() - t0
     # The found plan against the all-high baseline, on held-out text the search never saw.
-    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed)
+    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
+              prefix=text_prefix(tokenizer))
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, args.high))
     result.holdout = {"perplexity_high": mpqc.evaluate.perplexity(qmodel, holdout, **kw, progress=False)}
     if objective is not None:

@@ -344,6 +344,20 @@ def load_tokens(
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
+def text_prefix(tokenizer) -> tuple[int, ...]:
+    """The token ids ``tokenizer`` puts before any text (its BOS token, if it adds one).
+
+    A token stream is tokenized without special tokens, so windows cut from it need these in
+    front to look like what the model saw in training: Gemma's perplexity on windows without
+    its ``<bos>`` is several times higher (measured: 233 against 33 on 8 windows of 128)."""
+    with_special = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    n = len(with_special) - len(plain)
+    if n <= 0 or with_special[n:] != plain:
+        return ()
+    return tuple(int(t) for t in with_special[:n])
+
+
 def split_tokens(tokens: torch.Tensor, holdout_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(search, holdout): the leading ``1 - holdout_fraction`` of the stream and
     the trailing rest. Contiguous, so no window of one overlaps the other; use

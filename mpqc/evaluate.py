@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,25 +42,36 @@ def _check_stream(tokens) -> torch.Tensor:
     return tokens
 
 
-def sample_windows(tokens: torch.Tensor, seq_len: int = 512, n_samples: int = 64, seed: int = 0) -> torch.Tensor:
-    """``n_samples`` non-overlapping windows of ``seq_len`` tokens, as [n, seq_len]."""
+def sample_windows(tokens: torch.Tensor, seq_len: int = 512, n_samples: int = 64, seed: int = 0,
+                   prefix: Sequence[int] = ()) -> torch.Tensor:
+    """``n_samples`` non-overlapping windows of ``seq_len`` tokens, as [n, seq_len].
+
+    ``prefix``: token ids every window starts with, before ``seq_len - len(prefix)`` tokens of
+    the stream: what the tokenizer puts before any text (``mpqc.data.text_prefix``), e.g. the
+    BOS token that Gemma and Llama 3 models are never run without."""
     _check_stream(tokens)
     _positive_int("seq_len", seq_len)
     _positive_int("n_samples", n_samples)
-    if seq_len < 2:
-        raise ValueError("seq_len must be at least 2: a window needs one token to predict")
-    available = tokens.numel() // seq_len
+    prefix = [int(t) for t in prefix]
+    if seq_len - len(prefix) < 2:
+        raise ValueError(f"seq_len must be at least 2 + the {len(prefix)} prefix tokens: a window needs a "
+                         f"token to predict, got seq_len={seq_len}")
+    body = seq_len - len(prefix)
+    available = tokens.numel() // body
     if n_samples > available:
         raise ValueError(
-            f"{n_samples} windows of {seq_len} tokens do not fit in a stream of "
+            f"{n_samples} windows of {body} tokens do not fit in a stream of "
             f"{tokens.numel()} tokens: at most {available} non-overlapping windows fit; "
             "lower n_samples or seq_len, or use more text"
         )
     generator = torch.Generator().manual_seed(int(seed))
     # randperm prefix: distinct slots, and nested in n_samples.
     slots = torch.randperm(available, generator=generator)[:n_samples]
-    starts = slots * seq_len
-    return tokens[starts[:, None] + torch.arange(seq_len)]
+    starts = slots * body
+    windows = tokens[starts[:, None] + torch.arange(body)]
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n_samples, -1), windows], dim=1)
+    return windows
 
 
 def _model_device(model) -> torch.device:
@@ -102,19 +114,20 @@ def nll(
     n_samples: int = 64,
     batch_size: int = 8,
     seed: int = 0,
+    prefix: Sequence[int] = (),
     progress: bool = True,
 ) -> float:
     """Mean negative log-likelihood (nats per predicted token) over sampled windows.
 
     Pass a 1-D ``tokens`` stream (windows are sampled with ``seq_len``,
-    ``n_samples`` and ``seed``) or ready ``windows`` [n, seq_len] from
+    ``n_samples``, ``seed`` and ``prefix``) or ready ``windows`` [n, seq_len] from
     :func:`sample_windows`, not both.
     """
     if (tokens is None) == (windows is None):
         raise ValueError("pass exactly one of `tokens` (a 1-D stream) or `windows` ([n, seq_len])")
     _positive_int("batch_size", batch_size)
     if windows is None:
-        windows = sample_windows(tokens, seq_len, n_samples, seed)
+        windows = sample_windows(tokens, seq_len, n_samples, seed, prefix)
     elif not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise ValueError("windows must be a [n, seq_len] torch.long tensor, as sample_windows() returns")
     elif windows.shape[0] == 0 or windows.shape[1] < 2:
@@ -163,9 +176,10 @@ def perplexity(
     n_samples: int = 64,
     batch_size: int = 8,
     seed: int = 0,
+    prefix: Sequence[int] = (),
     progress: bool = True,
 ) -> float:
     """exp(mean NLL) over sampled windows; arguments as in :func:`nll`."""
     mean = nll(model, tokens, windows=windows, seq_len=seq_len, n_samples=n_samples,
-               batch_size=batch_size, seed=seed, progress=progress)
+               batch_size=batch_size, seed=seed, prefix=prefix, progress=progress)
     return math.inf if mean > 709.0 else math.exp(mean)  # exp overflows a float past ~709.78; nan stays nan

@@ -297,7 +297,7 @@ class _Bench:
 
     def __init__(self, config: SweepConfig, model: ModelEntry):
         import mpqc
-        from mpqc.data import load_tokens, split_tokens
+        from mpqc.data import load_tokens, split_tokens, text_prefix
         from mpqc.evaluate import perplexity, sample_windows
 
         t0 = time.perf_counter()
@@ -308,7 +308,8 @@ class _Bench:
         self.graph = mpqc.capture(hf_model, (example,))
         self.search_tokens, holdout = split_tokens(load_tokens(tokenizer, config.text))
         # Held-out windows drawn once, with their own seed: every cell and the baseline see the same text.
-        self.windows = sample_windows(holdout, s["seq_len"], config.eval["n_samples"], config.eval["seed"])
+        self.prefix = text_prefix(tokenizer)  # the BOS, for models that add one
+        self.windows = sample_windows(holdout, s["seq_len"], config.eval["n_samples"], config.eval["seed"], self.prefix)
         self.qmodel = mpqc.compile(self.graph, mpqc.Plan.uniform(self.graph, s["high"]))
         self.ppl_base = perplexity(self.qmodel, windows=self.windows, batch_size=s["batch_size"], progress=False)
         _log(f"sweep: {model.name}: {self.params:,} parameters ({self.graph.total_params:,} in matmuls), "
@@ -335,7 +336,7 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         high=s["high"], weights_only=cell.weights_only, sampler=s["sampler"], n_trials=s["n_trials"],
         seq_len=s["seq_len"], n_samples=s["n_samples"], batch_size=s["batch_size"], seed=cell.seed,
         block_size=cell.block_size, storage=s["storage"] or None, study_name=f"sweep-{key}",
-        qmodel=bench.qmodel, progress=False,
+        qmodel=bench.qmodel, progress=False, prefix=bench.prefix,
     )
     bench.qmodel.set_plan(result.plan)
     ppl_q = perplexity(bench.qmodel, windows=bench.windows, batch_size=s["batch_size"], progress=False)

@@ -164,6 +164,7 @@ def run(
     heartbeat: int = 10,
     objective=None,
     torch_compile=False,
+    prefix: tuple[int, ...] = (),
 ) -> SearchResult:
     """Find the plan with the lowest perplexity on ``tokens`` (or the best ``objective``) under the budget.
 
@@ -182,6 +183,8 @@ def run(
     scores the one compiled model after ``set_plan`` (no recapture). Each trial then records the
     raw metric (``user_attrs["metric"]``) and also the window perplexity, which the sensitivity
     sampler's seeding still uses.
+
+    ``prefix``: token ids every window starts with (``mpqc.data.text_prefix(tokenizer)``: the BOS).
 
     ``torch_compile``: True (or a torch.compile backend) evaluates through ``torch.compile(qmodel)``. The low and high formats are
     declared up front, so the whole search is one compile (plus one per new batch shape); it
@@ -205,12 +208,15 @@ def run(
 
     sizes, target = space.sizes(), space.target()
     names = [c.name for c in space.components]
-    windows = sample_windows(tokens, seq_len, n_samples, seed)
+    prefix = tuple(int(t) for t in prefix)
+    windows = sample_windows(tokens, seq_len, n_samples, seed, prefix)
     config = {
         "graph": _fingerprint(graph), "budget": dataclasses.asdict(budget), "granularity": space.plan([]).granularity_label,
         "low": str(low_p), "high": str(high_p), "block_size": block_size, "rounding": rounding,
         "seq_len": seq_len, "n_samples": n_samples, "seed": seed, "multi_objective": multi,
     }
+    if prefix:  # only then: studies stored before windows had prefixes still resume
+        config["prefix"] = list(prefix)
     if objective is not None:
         for attr in ("config", "evaluate"):
             if not callable(getattr(objective, attr, None)):
@@ -284,7 +290,7 @@ def run(
 
     # Our strategy: seed the study with the sensitivity ranking and perturbations of it.
     if sampler == "sensitivity" and not study.user_attrs.get("seeded"):
-        sens = sensitivity(qmodel, space, sample_windows(tokens, seq_len, sensitivity_windows, seed + 1),
+        sens = sensitivity(qmodel, space, sample_windows(tokens, seq_len, sensitivity_windows, seed + 1, prefix),
                            progress=progress)
         base = priorities_from_sensitivity(sens, sizes)
         rng = torch.Generator().manual_seed(seed)

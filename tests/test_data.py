@@ -162,6 +162,18 @@ def test_load_tokens_rejects_bad_max_tokens(tmp_path):
         load_tokens(None, tmp_path / "t.txt", max_tokens=0)
 
 
+def test_text_prefix_is_what_the_tokenizer_puts_before_text():
+    from mpqc.data import text_prefix
+    from tokenizers.processors import TemplateProcessing
+
+    tok = byte_level_tokenizer()
+    assert text_prefix(tok) == ()  # GPT-2 style: no special tokens around text
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    bos = tok.convert_tokens_to_ids("<bos>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert text_prefix(tok) == (bos,)  # Gemma / Llama 3 style: a BOS before every text
+
+
 def test_split_tokens_is_contiguous_and_disjoint():
     tokens = torch.arange(1000)
     search, holdout = split_tokens(tokens)

@@ -66,6 +66,31 @@ def test_windows_are_contiguous_non_overlapping_and_nested():
     assert torch.equal(sample_windows(tokens, 100, 10, seed=3), w[:10])
 
 
+def test_windows_with_a_prefix_start_with_it_and_keep_their_length():
+    tokens = torch.arange(10_000) + 5
+    w = sample_windows(tokens, seq_len=100, n_samples=30, seed=3, prefix=(1,))
+    assert w.shape == (30, 100)
+    assert (w[:, 0] == 1).all()
+    body = w[:, 1:]
+    assert torch.equal(body - body[:, :1], torch.arange(99).expand(30, 99))  # 99 consecutive stream tokens
+    assert ((body[:, 0] - 5) % 99 == 0).all() and len(set(body[:, 0].tolist())) == 30
+    assert sample_windows(torch.arange(990), 100, 10, prefix=(7,)).shape == (10, 100)  # 10 x 99 tokens fit
+    with pytest.raises(ValueError, match="prefix"):
+        sample_windows(tokens, seq_len=3, n_samples=1, prefix=(1, 2))
+
+
+def test_perplexity_counts_the_prediction_after_the_prefix():
+    model = tiny_llama()
+    tokens = torch.randint(3, 64, (4000,), generator=torch.Generator().manual_seed(0))
+    windows = sample_windows(tokens, 32, 4, seed=0, prefix=(1,))
+    got = nll(model, tokens, seq_len=32, n_samples=4, seed=0, prefix=(1,), progress=False)
+    assert got == nll(model, windows=windows, progress=False)
+    with torch.no_grad():
+        logits = model(windows).logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert math.isclose(got, want.item(), rel_tol=1e-5)
+
+
 def test_all_windows_fit_exactly_and_one_more_is_a_clear_error():
     tokens = torch.arange(1000)
     w = sample_windows(tokens, seq_len=100, n_samples=10, seed=0)

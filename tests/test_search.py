@@ -71,6 +71,16 @@ def test_torch_compiled_search_compiles_once_and_gives_the_same_numbers():
     assert counter.frame_count == 1  # eight plans, one graph
 
 
+def test_windows_start_with_the_prefix():
+    _, graph = captured("llama")
+    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=2, seed=3, prefix=(5,), **FAST)
+    windows = mpqc.evaluate.sample_windows(TOKENS, 16, 2, 3, prefix=(5,))
+    assert (windows[:, 0] == 5).all()
+    again = mpqc.evaluate.perplexity(mpqc.compile(graph, result.plan), windows=windows, progress=False)
+    assert result.perplexity == again
+    assert result.study.user_attrs["mpqc_config"]["prefix"] == [5]
+
+
 def test_same_seed_same_plan_and_numbers():
     _, graph = captured("llama")
     a = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="tpe", n_trials=4, seed=1, **FAST)
