@@ -4,13 +4,16 @@ A search chooses which components go low. Every budget here is linear in that ch
 component has a size in the budget's unit (its share of matmul parameters, of MACs, or of
 the bits it saves), and a plan meets the budget when the low components' sizes add up to
 at least the target. A sampler proposes one priority in [0, 1] per component; ``decode``
-takes components in priority order until the target is met, so any Optuna sampler works
-under the constraint and no trial is wasted on an infeasible plan.
+fills components in priority order under the target and finishes with the crossing that
+overshoots least, so any Optuna sampler works under the constraint and no trial is wasted
+on an infeasible plan.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 
 from mpqc.formats import get_format
@@ -97,31 +100,99 @@ class SearchSpace:
 def decode(priorities: Mapping[str, float], sizes: Mapping[str, float], target: float) -> list[str]:
     """The components that go low: the budget met with the least overshoot the priorities allow.
 
-    First pass: in priority order, take each component that still fits under the target.
-    If the target is not met exactly, add the smallest remaining component that meets it
-    (ties: the higher priority). Components of size zero (attention matmuls under a
-    parameter budget) cost nothing: they go low when their priority is above one half.
+    Greedy fill: in priority order, take each component that still fits under the target. If
+    that meets the target (within 1e-12), it is the plan. Otherwise one component has to cross
+    the target, and the plan is the one of least overshoot among these finishes:
+
+    - the greedy fill plus the smallest remaining component that reaches the target;
+    - for each component ``r`` the fill left out, ``r`` last: the shortest priority-order
+      prefix of the greedy fill that ``r`` brings to the target, plus ``r``;
+    - for each such ``r``, ``r`` first: ``r`` forced in, the greedy fill redone in priority
+      order under the target around it, then (if still short) the smallest remaining
+      component that reaches the target.
+
+    Ties (overshoots within 1e-12) go to the higher-priority set: the one holding the
+    highest-ranked component where the two differ. So a component larger than the rest put
+    together (a tied lm_head) is reachable on its own plus a few small ones, instead of only
+    with everything. Components of size zero (attention matmuls under a parameter budget) cost
+    nothing: they go low when their priority is above one half. The list is in priority order.
+    O(n^2) in the number of components at worst (about 2 ms for 300).
     """
     eps = 1e-12
     order = sorted(priorities, key=lambda n: (-priorities[n], n))
-    chosen, total = [], 0.0
-    for name in order:
-        size = sizes[name]
-        if size == 0:
-            if priorities[name] > 0.5:
-                chosen.append(name)
-        elif total + size <= target + eps:
-            chosen.append(name)
-            total += size
-    if total < target - eps:
-        rest = [n for n in order if n not in chosen and sizes[n] > 0]
-        meeting = [n for n in rest if total + sizes[n] >= target - eps]
-        if meeting:
-            pick = min(meeting, key=lambda n: (sizes[n], order.index(n)))
-            chosen.append(pick)
-        else:  # even everything is not enough: take all
-            chosen.extend(rest)
-    return chosen
+    free = [i for i, n in enumerate(order) if sizes[n] == 0 and priorities[n] > 0.5]
+    costly = [i for i, n in enumerate(order) if sizes[n] != 0]  # ranks, in priority order
+    size = [float(sizes[n]) for n in order]
+    by_size = sorted((i for i in costly if size[i] > 0), key=lambda i: (size[i], i))  # finishing order
+
+    monotone = all(size[i] > 0 for i in costly)
+    costly_sizes = [(i, size[i]) for i in costly]
+    cap = target + eps
+
+    def fill(forced: int | None) -> tuple[set[int], float]:
+        chosen, total = set(), 0.0
+        if forced is not None:
+            chosen.add(forced)
+            total = size[forced]
+        for i, s in costly_sizes:
+            if total + s <= cap and i != forced:
+                chosen.add(i)
+                total += s
+                if monotone and total >= target - eps:  # met: only sizes under 2e-12 could still fit
+                    break
+        return chosen, total
+
+    def finish(chosen: set[int], total: float) -> tuple[set[int], float] | None:
+        """``chosen`` plus the smallest component outside it that reaches the target, or None."""
+        for i in by_size:  # ascending size: the first that reaches and is free to add
+            if i not in chosen and total + size[i] >= target - eps:
+                return chosen | {i}, total + size[i]
+        return None
+
+    def ranked(chosen) -> list[str]:
+        return [order[i] for i in sorted(set(chosen).union(free))]
+
+    chosen, total = fill(None)
+    if total >= target - eps:
+        return ranked(chosen)
+    first = finish(chosen, total)
+    if first is None:  # even everything is not enough: take all
+        return ranked(costly)
+    best, best_total = first
+
+    def consider(cand: set[int], cand_total: float) -> None:
+        nonlocal best, best_total
+        over, best_over = cand_total - target, best_total - target
+        if over < best_over - eps or (over <= best_over + eps and _higher_priority(cand, best)):
+            best, best_total = cand, cand_total
+
+    filled = sorted(chosen)  # the fill, in priority order, and its running totals
+    prefix = list(itertools.accumulate((size[i] for i in filled), initial=0.0))
+    for r in by_size:
+        if r in chosen:
+            continue
+        if monotone and size[r] - target > best_total - target + eps:  # r alone overshoots more, so do
+            break  # all after it (ascending sizes)
+        # r last: the fill's shortest priority prefix that r completes (the fill left r out, so the
+        # fill without r is the same fill, and all of it plus r meets the target)
+        need = target - eps - size[r]
+        k = bisect.bisect_left(prefix, need) if monotone else next(k for k, p in enumerate(prefix) if p >= need)
+        consider(set(filled[:k]) | {r}, prefix[k] + size[r])
+        # r first: the fill redone under the target around r, then the smallest that reaches
+        cand, cand_total = fill(r)
+        if cand_total < target - eps:
+            done = finish(cand, cand_total)
+            if done is None:
+                continue
+            cand, cand_total = done
+        consider(cand, cand_total)
+    return ranked(best)
+
+
+def _higher_priority(a: set[int], b: set[int]) -> bool:
+    """Whether rank set ``a`` holds the highest-ranked (smallest) rank where ``a`` and ``b`` differ."""
+    diff = a ^ b
+    return bool(diff) and min(diff) in a
 
 
 def low_precision(low, high, *, weights_only: bool) -> tuple[Precision, Precision]:

@@ -29,12 +29,98 @@ FAST = dict(seq_len=16, n_samples=2, progress=False)
 def test_decode_meets_the_target_with_least_overshoot():
     sizes = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05, "attn": 0.0}
     pr = {"a": 0.9, "b": 0.8, "c": 0.1, "d": 0.2, "attn": 0.7}
-    # a (0.5) fits under 0.6; b would overshoot; then d (0.05) fits, c does not; 0.55 < 0.6, so the
-    # smallest component that reaches 0.6 is added: c (0.15) -> 0.70.
-    assert sorted(decode(pr, sizes, 0.6)) == ["a", "attn", "c", "d"]
+    # a (0.5) fits under 0.6; b would overshoot; then d (0.05) fits, c does not; 0.55 < 0.6. Adding the
+    # smallest component that reaches 0.6 (c) would give 0.70; c finishing a alone gives 0.65.
+    assert sorted(decode(pr, sizes, 0.6)) == ["a", "attn", "c"]
     assert sorted(decode(pr, sizes, 0.55)) == ["a", "attn", "d"]  # met exactly, nothing more
     assert decode({**pr, "attn": 0.3}, sizes, 0.0) == []  # zero-size components go low only above 1/2
     assert sorted(decode(pr, sizes, 1.0)) == ["a", "attn", "b", "c", "d"]
+
+
+def _old_decode(priorities, sizes, target):
+    """The decode before the least-overshoot finish: greedy fill, then the smallest that reaches."""
+    eps = 1e-12
+    order = sorted(priorities, key=lambda n: (-priorities[n], n))
+    chosen, total = [], 0.0
+    for name in order:
+        size = sizes[name]
+        if size == 0:
+            if priorities[name] > 0.5:
+                chosen.append(name)
+        elif total + size <= target + eps:
+            chosen.append(name)
+            total += size
+    if total < target - eps:
+        rest = [n for n in order if n not in chosen and sizes[n] > 0]
+        meeting = [n for n in rest if total + sizes[n] >= target - eps]
+        if meeting:
+            chosen.append(min(meeting, key=lambda n: (sizes[n], order.index(n))))
+        else:
+            chosen.extend(rest)
+    return chosen
+
+
+def _gemma_like_sizes(seed=0):
+    """A tied lm_head of 0.626 and 126 layer matmuls of 0.374 together (Gemma 3 270M by parameters)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(126, generator=g, dtype=torch.float64) + 0.5
+    small = small / small.sum() * 0.374
+    return {"lm_head": 0.626, **{f"layers.{i}": float(x) for i, x in enumerate(small)}}
+
+
+def test_decode_reaches_a_component_larger_than_the_rest():
+    sizes = _gemma_like_sizes()
+    largest_small = max(v for k, v in sizes.items() if k != "lm_head")
+    plans = set()
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        pr = {n: float(p) for n, p in zip(sizes, torch.rand(len(sizes), generator=g))}
+        for target in (0.4, 0.5, 0.6):
+            chosen = decode(pr, sizes, target)
+            ratio = sum(sizes[n] for n in chosen)
+            assert "lm_head" in chosen and 0.626 - 1e-9 <= ratio <= 0.626 + largest_small + 1e-9, (target, ratio)
+            assert ratio < 1.0 - 1e-9 and ratio >= target
+            assert sum(sizes[n] for n in _old_decode(pr, sizes, target)) == pytest.approx(1.0)  # the old bug
+        chosen = decode(pr, sizes, 0.65)  # lm_head plus a few layer matmuls, which ones set by priority
+        ratio = sum(sizes[n] for n in chosen)
+        assert "lm_head" in chosen and 0.65 <= ratio <= 0.65 + largest_small + 1e-9
+        plans.add(frozenset(chosen))
+        assert decode(pr, sizes, 0.65) == chosen  # deterministic
+    assert len(plans) > 1  # the priorities still choose the plan
+
+
+def test_decode_never_overshoots_more_than_the_greedy_finish():
+    g = torch.Generator().manual_seed(0)
+    for case in range(400):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        raw = torch.rand(n, generator=g, dtype=torch.float64) ** float(torch.rand(1, generator=g) * 6 + 0.2)
+        raw[torch.rand(n, generator=g) < 0.1] = 0.0  # some zero-size components
+        if case % 4 == 0:
+            raw[0] = raw.sum() * 1.7 + 0.1  # one component larger than all the rest together
+        total = float(raw.sum()) or 1.0
+        sizes = {f"c{i}": float(x) / total for i, x in enumerate(raw)}
+        pr = {k: float(p) for k, p in zip(sizes, torch.rand(n, generator=g))}
+        target = float(torch.rand(1, generator=g)) if case % 5 else float(sum(list(sizes.values())[: n // 2]))
+        new, old = decode(pr, sizes, target), _old_decode(pr, sizes, target)
+        got, was = sum(sizes[k] for k in new), sum(sizes[k] for k in old)
+        assert len(set(new)) == len(new)
+        assert got >= target - 1e-9 or set(new) >= {k for k, v in sizes.items() if v > 0}, (case, got, target)
+        assert got - target <= was - target + 1e-12, (case, got, was, target)
+        assert {k for k in new if sizes[k] == 0} == {k for k in sizes if sizes[k] == 0 and pr[k] > 0.5}
+
+
+def test_decode_is_fast_for_hundreds_of_components():
+    g = torch.Generator().manual_seed(1)
+    raw = torch.rand(300, generator=g, dtype=torch.float64) ** 3
+    sizes = {f"c{i}": float(x) for i, x in enumerate(raw / raw.sum())}
+    pr = {k: float(p) for k, p in zip(sizes, torch.rand(300, generator=g))}
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for target in (0.1, 0.3, 0.5, 0.7, 0.9):
+            decode(pr, sizes, target)
+        best = min(best, (time.perf_counter() - start) / 5)
+    assert best < 0.05  # about 2 ms each here; a loose bound for busy machines
 
 
 def test_every_trial_meets_the_budget():
