@@ -176,8 +176,9 @@ def decode(priorities: Mapping[str, float], sizes: Mapping[str, float], target: 
         # r last: the fill's shortest priority prefix that r completes (the fill left r out, so the
         # fill without r is the same fill, and all of it plus r meets the target)
         need = target - eps - size[r]
-        k = bisect.bisect_left(prefix, need) if monotone else next(k for k, p in enumerate(prefix) if p >= need)
-        consider(set(filled[:k]) | {r}, prefix[k] + size[r])
+        k = bisect.bisect_left(prefix, need) if monotone else next((k for k, p in enumerate(prefix) if p >= need), None)
+        if k is not None and k < len(prefix):  # always, unless negative sizes (bits a component adds)
+            consider(set(filled[:k]) | {r}, prefix[k] + size[r])
         # r first: the fill redone under the target around r, then the smallest that reaches
         cand, cand_total = fill(r)
         if cand_total < target - eps:
