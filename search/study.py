@@ -348,8 +348,11 @@ def _result(study, space: SearchSpace, budget: Budget, multi: bool, notes: list,
     plan = space.plan(best.user_attrs["low"])
     achieved = space.achieved(plan)
     if not multi and abs(achieved - budget.value) > REACH_TOLERANCE:
+        # The nearest reachable value is a subset-sum question; report what the trials found.
+        values = [t.user_attrs["achieved"] for t in complete]
+        closest = max(values) if budget.kind == "bits" else min(values)
         notes.append(f"asked {budget}, the nearest the {space.plan([]).granularity_label} granularity allows "
-                     f"is {achieved:.4f}")
+                     f"in these trials is {closest:.4f}; the best plan reaches {achieved:.4f}")
     described = None
     if objective is not None:
         described = {"label": _objective_label(objective), "metric": best.user_attrs.get("metric_name"),
