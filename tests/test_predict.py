@@ -173,6 +173,20 @@ def test_features_of_a_plan_equal_those_of_its_low_components():
 # ---- a real collection on a trained tiny model --------------------------------------------------
 
 
+def train_briefly(model, tokens, *, steps, seq_len, generator, lr=3e-3):
+    """``steps`` AdamW steps on batches of 8 random windows of ``tokens``; the model, in eval mode."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        starts = torch.randint(0, len(tokens) - seq_len - 1, (8,), generator=generator)
+        x = tokens[starts[:, None] + torch.arange(seq_len)]
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @functools.lru_cache(maxsize=None)
 def trained_tiny():
     """A tiny Llama trained for 150 steps on a two-successor Markov chain (a few seconds): a model
@@ -187,17 +201,8 @@ def trained_tiny():
         stream.append(int(successors[stream[-1], choice[i]]))
     tokens = torch.tensor(stream)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama")).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        starts = torch.randint(0, 10000 - 33, (8,), generator=g)
-        x = tokens[starts[:, None] + torch.arange(32)]
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model, tokens
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    return train_briefly(model, tokens[:10000], steps=150, seq_len=32, generator=g), tokens
 
 
 def test_collection_fit_and_held_out_ranking_on_a_trained_tiny_model():
@@ -250,17 +255,9 @@ def saved_model(tmp_path_factory):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        starts = torch.randint(0, 5000 - 17, (8,), generator=g)
-        x = ids[starts[:, None] + torch.arange(16)]
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().save_pretrained(d / "tiny")
+    model = train_briefly(LlamaForCausalLM(config), ids[:5000], steps=100, seq_len=16,
+                          generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(d / "tiny")
     return d
 
 
