@@ -306,7 +306,8 @@ def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Ten
             probe_samples: int = 2, eval_samples: int = 8, batch_size: int = 8, seed: int = 0,
             ratio_range=(0.2, 1.0), guided_fraction: float = 0.3, search_trials: int = 0,
             search_ratios: Sequence[float] = (0.5, 0.9), qmodel: QuantizedModel | None = None,
-            existing: Sequence[Mapping] = (), on_row=None, progress: bool = True) -> list[dict]:
+            existing: Sequence[Mapping] = (), on_row=None, progress: bool = True,
+            prefix: Sequence[int] = ()) -> list[dict]:
     """Rows of (features, measured delta_ppl) for sampled plans of one model.
 
     Features come from ``calib_samples`` windows of ``search_tokens`` (the first
@@ -315,6 +316,7 @@ def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Ten
     with ``search_trials``, every distinct trial of a short sensitivity-seeded search at each
     of ``search_ratios``. Rows of ``existing`` with the same model and setup are not measured
     again (resume); ``on_row(rows)`` is called with all rows so far after each new one.
+    ``prefix``: the token ids every window opens with (``mpqc.data.text_prefix``: a BOS).
     """
     import mpqc
 
@@ -325,12 +327,15 @@ def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Ten
              "probe_samples": probe_samples, "eval_samples": eval_samples, "seed": seed,
              "ratio_range": list(ratio_range), "guided_fraction": guided_fraction, "search_trials": search_trials,
              "search_ratios": list(search_ratios)}
+    prefix = [int(t) for t in prefix]
+    if prefix:  # only then: data collected before windows had prefixes keep their keys
+        setup["prefix"] = prefix
     key = _setup_key(setup)
     rows = [dict(r) for r in existing]
     done = {int(r["plan_id"]) for r in rows if r["model"] == model and r["setup"] == key}
     qmodel = qmodel or mpqc.compile(graph, space.plan([]))
-    calib = sample_windows(search_tokens, seq_len, calib_samples, seed + 1)
-    evals = sample_windows(holdout_tokens, seq_len, eval_samples, seed + 2)
+    calib = sample_windows(search_tokens, seq_len, calib_samples, seed + 1, prefix)
+    evals = sample_windows(holdout_tokens, seq_len, eval_samples, seed + 2, prefix)
     t0 = time.perf_counter()
     feats = Features(qmodel, space, calib, probe_samples=probe_samples, batch_size=batch_size, noise_seed=seed,
                      progress=progress)
@@ -343,7 +348,7 @@ def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Ten
         plans += _search_plans(graph, search_tokens, space, qmodel, plans, low=low, high=high,
                                weights_only=weights_only, granularity=granularity, block_size=block_size,
                                trials=search_trials, ratios=search_ratios, seq_len=seq_len,
-                               n_samples=calib_samples, batch_size=batch_size, seed=seed)
+                               n_samples=calib_samples, batch_size=batch_size, seed=seed, prefix=prefix)
     todo = [p for p in plans if p["plan_id"] not in done]
     for p in tqdm(todo, desc=f"collect {model}", unit="plan", disable=not progress):
         t1 = time.perf_counter()
@@ -370,7 +375,7 @@ def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Ten
 
 
 def _search_plans(graph, tokens, space, qmodel, existing, *, low, high, weights_only, granularity, block_size,
-                  trials, ratios, seq_len, n_samples, batch_size, seed) -> list[dict]:
+                  trials, ratios, seq_len, n_samples, batch_size, seed, prefix=()) -> list[dict]:
     import mpqc
 
     seen = {frozenset(p["low"]) for p in existing}
@@ -380,7 +385,7 @@ def _search_plans(graph, tokens, space, qmodel, existing, *, low, high, weights_
         result = mpqc.search.run(graph, tokens, ratio=r, granularity=granularity, low=low, high=high,
                                  weights_only=weights_only, sampler="sensitivity", n_trials=trials, seq_len=seq_len,
                                  n_samples=n_samples, batch_size=batch_size, seed=seed, block_size=block_size,
-                                 qmodel=qmodel, progress=False)
+                                 qmodel=qmodel, progress=False, prefix=tuple(prefix))
         for t in result.study.trials:
             chosen = t.user_attrs.get("low")
             if t.state.name != "COMPLETE" or chosen is None or frozenset(chosen) in seen:

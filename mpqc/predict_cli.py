@@ -93,7 +93,7 @@ def add_parser(sub) -> None:
 def cmd_collect(args) -> int:
     from mpqc import predict
     from mpqc.cli import _load_and_capture
-    from mpqc.data import load_tokens, split_tokens
+    from mpqc.data import load_tokens, split_tokens, text_prefix
 
     for name in ("n_plans", "seq_len", "calib_samples", "eval_samples", "batch_size"):
         value = getattr(args, name)
@@ -115,7 +115,8 @@ def cmd_collect(args) -> int:
         calib_samples=args.calib_samples, probe_samples=args.probe_samples, eval_samples=args.eval_samples,
         batch_size=args.batch_size, seed=args.seed, ratio_range=(args.min_ratio, args.max_ratio),
         guided_fraction=args.guided_fraction, search_trials=args.search_trials, search_ratios=ratios,
-        existing=existing, on_row=lambda rs: predict.write_data(args.out, rs), progress=not args.quiet)
+        existing=existing, on_row=lambda rs: predict.write_data(args.out, rs), progress=not args.quiet,
+        prefix=text_prefix(tokenizer))
     predict.write_data(args.out, rows)
     mine = [r for r in rows if r["model"] == name]
     new = len(rows) - n_before
@@ -199,7 +200,7 @@ def cmd_plan(args) -> int:
     import mpqc
     from mpqc import predict
     from mpqc.cli import _load_and_capture
-    from mpqc.data import load_tokens, split_tokens
+    from mpqc.data import load_tokens, split_tokens, text_prefix
     from mpqc.evaluate import nll, sample_windows
     from mpqc.search.budget import Budget, SearchSpace, low_precision
 
@@ -218,7 +219,8 @@ def cmd_plan(args) -> int:
     low_p, high_p = low_precision(s["low"], s["high"], weights_only=bool(s["weights_only"]))
     space = SearchSpace(graph, s["granularity"], low_p, high_p, Budget("params", 0.0), _setup_block(s["block_size"]))
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
-    calib = sample_windows(search_tokens, s["seq_len"], s["calib_samples"], s["seed"] + 1)
+    prefix = text_prefix(tokenizer)
+    calib = sample_windows(search_tokens, s["seq_len"], s["calib_samples"], s["seed"] + 1, prefix)
     needs_probe = any(predict._parse_term(t)[1] in ("noise_rise", "noise_rise_all") for t in predictor.terms)
     qmodel = mpqc.compile(graph, space.plan([]))
     t0 = time.perf_counter()
@@ -230,7 +232,7 @@ def cmd_plan(args) -> int:
     pred = dict(zip(rows, predictor.predict(list(rows.values()))))
     measured = {}
     if args.measure:
-        evals = sample_windows(holdout, s["seq_len"], s.get("eval_samples") or 8, s["seed"] + 2)
+        evals = sample_windows(holdout, s["seq_len"], s.get("eval_samples") or 8, s["seed"] + 2, prefix)
         base = nll(qmodel.set_plan(space.plan([])), windows=evals, batch_size=args.batch_size, progress=False)
         for path, plan in plans.items():
             measured[path] = math.expm1(nll(qmodel.set_plan(plan), windows=evals, batch_size=args.batch_size,
