@@ -46,12 +46,15 @@ class QuantizedModel(nn.Module):
         Under ``torch.compile`` each new activation format costs one recompile, whenever it
         first appears; declaring them before the first compiled forward makes that zero.
         Eager forwards do not depend on this."""
+        if self._grow_candidates(formats) and self.plan is not None:
+            for aq in self._inserted.activation_quantizers:
+                aq.configure(aq.formats, aq.rounding, self._activation_candidates)
+
+    def _grow_candidates(self, formats) -> bool:
+        """Append the formats not yet among the candidates; whether any were new."""
         new = [f for f in dict.fromkeys(formats) if f not in self._activation_candidates]
-        if new:
-            self._activation_candidates = self._activation_candidates + tuple(new)
-            if self.plan is not None:
-                for aq in self._inserted.activation_quantizers:
-                    aq.configure(aq.formats, aq.rounding, self._activation_candidates)
+        self._activation_candidates += tuple(new)
+        return bool(new)
 
     def set_plan(self, plan: Plan) -> "QuantizedModel":
         """Switch every quantizer to ``plan``'s formats; weights come from the cache when seen before."""
@@ -68,7 +71,7 @@ class QuantizedModel(nn.Module):
                          if _is_parameter(self.module, m.weight) else self.module.get_buffer(m.weight))
         per_quantizer = [[plan.activation_format(self.graph.matmul(n)) for n in aq.consumers]
                           for aq in self._inserted.activation_quantizers]
-        self.add_activation_formats(f for formats in per_quantizer for f in formats)
+        self._grow_candidates(f for formats in per_quantizer for f in formats)  # configured just below
         for aq, formats in zip(self._inserted.activation_quantizers, per_quantizer):
             aq.configure(formats, plan.rounding, self._activation_candidates)
         self.plan = plan
