@@ -423,7 +423,10 @@ def resolve_task(task: str, include_path=None) -> tuple[str, list[str]]:
 
 
 @functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def _task_manager(includes: tuple[str, ...], defaults: bool):
+    # Built once per include path: a search evaluates the same task every trial, and indexing
+    # lm-eval's built-in tasks costs seconds. The index only maps names to configs.
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(includes) or None, include_defaults=defaults)
