@@ -36,10 +36,15 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True) -> 
     ``example_inputs`` is ``(input_ids,)`` (or the tensor itself): int64 [batch, seq]
     token ids. With ``dynamic=True`` the captured module runs on any batch size and
     sequence length; with ``dynamic=False`` only on the example's shape. The model is
-    put in eval mode and otherwise left untouched; the graph shares its parameters.
+    put in eval mode and otherwise left untouched; the graph shares its parameters and
+    runs on their device and dtype only (``graph.device``, ``graph.dtype``).
     """
     input_ids = _example_input_ids(example_inputs)
     model.eval()
+    # The graph is captured on the model's device (it keeps that device); the example ids follow.
+    first = next(model.parameters(), None)
+    if first is not None:
+        input_ids = input_ids.to(first.device)
     batch, seq = input_ids.shape
     input_name, kwargs = _forward_signature(model)
     # Sizes 0 and 1 make torch.export specialize a dim; trace with at least 2 of each.

@@ -73,15 +73,24 @@ def cmd_formats(args) -> int:
 # ---- inspect / compile --------------------------------------------------------------------------
 
 
-def _load_and_capture(spec, seq_len: int):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_device_args(sp) -> None:
+    sp.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N")
+    sp.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="the model's dtype (default float32; bfloat16 on a GPU)")
+
+
+def _load_and_capture(spec, seq_len: int, device: str = "cpu", dtype: str = "float32"):
     import torch
 
     import mpqc
 
     t0 = time.perf_counter()
-    model, tokenizer = mpqc.load_model(spec)
-    print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    model, tokenizer = mpqc.load_model(spec, device=device, dtype=getattr(torch, dtype))
+    print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
+          f"{device}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     t0 = time.perf_counter()
     example = torch.zeros(2, min(seq_len, 64), dtype=torch.long)
     graph = mpqc.capture(model, (example,))
@@ -117,7 +126,7 @@ def cmd_compile(args) -> int:
     import mpqc
     from mpqc.data import load_tokens, split_tokens, text_prefix
 
-    model, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
+    model, tokenizer, graph = _load_and_capture(args.model, args.seq_len, args.device, args.dtype)
     plan = _plan_from_args(graph, args)
     tokens = load_tokens(tokenizer, args.text)
     _, holdout = split_tokens(tokens)  # report on text the search never sees
@@ -146,7 +155,7 @@ def cmd_compile(args) -> int:
     print(f"plan: {plan}")
     print(f"quantization ratio (params) {s['quantization_ratio_params']:.3f}, (MACs) {s['quantization_ratio_macs']:.3f}, "
           f"average bits per weight {s['average_bits']:.3f}")
-    print(f"perplexity fp32 {base:.3f} -> quantized {quant:.3f} (delta {100 * result['delta_ppl']:+.2f}%) "
+    print(f"perplexity unquantized ({graph.dtype}) {base:.3f} -> quantized {quant:.3f} (delta {100 * result['delta_ppl']:+.2f}%) "
           f"on {args.n_samples} x {args.seq_len} held-out tokens")
     if args.json:
         write_json_atomic(args.json, result)
@@ -176,7 +185,7 @@ def cmd_search(args) -> int:
         lm_eval_adapter.resolve_task(args.lm_eval_task, args.lm_eval_include)
     elif args.lm_eval_include or args.lm_eval_limit is not None or args.lm_eval_metric or args.lm_eval_fewshot is not None:
         raise ValueError("--lm-eval-include/--lm-eval-limit/--lm-eval-metric/--lm-eval-fewshot need --lm-eval-task")
-    _, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
+    _, tokenizer, graph = _load_and_capture(args.model, args.seq_len, args.device, args.dtype)
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     objective = None
     if args.lm_eval_task is not None:
@@ -311,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile with a plan and report perplexity before and after")
     model_args(c)
+    add_device_args(c)
     plan_args(c)
     c.add_argument("--text", default=None, help="text: 'wiki' (embedded default), a .txt file or dir, hf:NAME")
     c.add_argument("--seq-len", type=int, default=256)
@@ -321,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="search the best plan under a quantization-ratio or bits budget")
     model_args(s)
+    add_device_args(s)
     s.add_argument("--ratio", type=float, default=0.9, help="Q_r budget: share of matmul parameters in low precision")
     s.add_argument("--by-macs", action="store_true", help="the ratio counts MACs instead of parameters")
     s.add_argument("--bits", type=float, default=None, help="instead of a ratio: average bits per weight at most this")

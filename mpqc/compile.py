@@ -78,7 +78,23 @@ class QuantizedModel(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.device != self.graph.device:
+            raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.graph.device}: "
+                             f"move them with input_ids.to({str(self.graph.device)!r})")
         return self.module(input_ids)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() and the like end here. The captured graph holds its
+        # device and dtype (see Graph), and cached quantized weights would stay behind, so
+        # a move is refused with what to do instead; a no-op conversion passes.
+        probe = fn(torch.empty(0, dtype=self.graph.dtype, device=self.graph.device))
+        if (probe.device, probe.dtype) != (self.graph.device, self.graph.dtype):
+            raise ValueError(
+                f"a compiled model runs where its graph was captured ({self.graph.device}, {self.graph.dtype}), "
+                f"not on ({probe.device}, {probe.dtype}): load the model there, e.g. "
+                f"mpqc.load_model(..., device={str(probe.device)!r}, dtype={probe.dtype}), capture it and "
+                "compile again")
+        return super()._apply(fn, recurse)
 
     @property
     def weight_quantizers(self):

@@ -223,6 +223,11 @@ class Graph:
         self._by_name = {m.name: m for m in self.matmuls}
         if len(self._by_name) != len(self.matmuls):
             raise ValueError(f"{model_class}: matmul names are not unique")
+        # torch.export bakes the capture's device and dtype into the graph (aranges made on
+        # that device, dtype assertions), so the graph runs only there, in that dtype.
+        first = next((p for p in module.parameters() if p.is_floating_point()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = first.dtype if first is not None else torch.float32
 
     def __iter__(self) -> Iterator[Matmul]:
         return iter(self.matmuls)

@@ -104,16 +104,35 @@ def resolve_model(spec: str | Path | None = None) -> ModelSource:
 _CACHE: dict[tuple, tuple] = {}
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that exists here, or a ValueError saying what would."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but this torch sees no CUDA device; use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    return device
+
+
 def load_model(
     spec: str | Path | None = None,
     *,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     cache: bool = True,
 ):
     """Load ``(model, tokenizer)`` for a causal LM, offline, in eval mode.
 
-    ``model.mpqc_source`` (a :class:`ModelSource`) says where it came from and how
+    ``device``/``dtype``: where and in what the model runs; capture it there, since a
+    captured graph keeps its device and dtype (a GPU search: ``device="cuda",
+    dtype=torch.bfloat16``). ``model.mpqc_source`` (a :class:`ModelSource`) says where it came from and how
     long the load took. With ``cache=True`` the first load in a process is kept
     and later calls return a deep copy of it (about a second for 135M params,
     against 15-20 s for a GGUF load), so callers may modify their copy freely;
@@ -123,8 +142,9 @@ def load_model(
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    device = parse_device(device)
     source = resolve_model(spec)
-    key = (source.path, source.gguf_file, dtype, attn_implementation)
+    key = (source.path, source.gguf_file, dtype, device, attn_implementation)
     if cache and key in _CACHE:
         model, tokenizer = _CACHE[key]
         return copy.deepcopy(model), tokenizer
@@ -149,7 +169,7 @@ def load_model(
             f"model {source.spec!r} is not in the local Hugging Face cache, and nothing can "
             f"be downloaded here; {_ACCEPTED}"
         ) from e
-    model.eval()
+    model.to(device).eval()
     source = dataclasses.replace(source, load_seconds=time.perf_counter() - start)
     model.mpqc_source = source
     if cache:

@@ -26,6 +26,8 @@ def _setup_block(value):
 
 
 def add_parser(sub) -> None:
+    from mpqc.cli import add_device_args
+
     p = sub.add_parser("predict", help="predict a plan's delta_ppl from cheap measurements (collect, fit, plan)",
                        description=__doc__.split("\n\n")[0])
     ps = p.add_subparsers(dest="predict_command", required=True)
@@ -33,6 +35,7 @@ def add_parser(sub) -> None:
     c = ps.add_parser("collect", help="measure features and delta_ppl of sampled plans of one model into a CSV")
     c.add_argument("model", nargs="?", default=None,
                    help="local HF directory, .gguf file, or nothing for the embedded SmolLM2-135M")
+    add_device_args(c)
     c.add_argument("--out", required=True, help="the data CSV; rows of other models are kept, finished plans skipped")
     c.add_argument("--name", default=None, help="the model's label in the data (default: folder name)")
     c.add_argument("--n-plans", type=int, default=40, help="sampled plans (default 40)")
@@ -105,7 +108,7 @@ def cmd_collect(args) -> int:
     existing = predict.read_data(args.out) if os.path.exists(args.out) else []
     name = args.name or (os.path.basename(os.path.normpath(args.model)) if args.model else "smollm2-135m")
     t0 = time.perf_counter()
-    _, tokenizer, graph = _load_and_capture(args.model, args.seq_len)
+    _, tokenizer, graph = _load_and_capture(args.model, args.seq_len, args.device, args.dtype)
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     n_before = len(existing)
     rows = predict.collect(

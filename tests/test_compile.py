@@ -177,3 +177,36 @@ def test_moe_batched_mm_experts_quantize_through_the_expert_gather():
         expected = hand_quantized_copy(model, graph, "mxint4")(ids, use_cache=False).logits
     torch.testing.assert_close(qmodel(ids), expected, atol=ATOL, rtol=RTOL)
     assert any(m.role == "expert" and len(m.weight_shape) == 3 for m in graph.matmuls)
+
+
+def test_bf16_model_captures_compiles_and_quantizes_in_bf16():
+    """A model loaded in bf16 (the GPU setting) keeps bf16 through capture, compile and the quantizers."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    graph = mpqc.capture(model, (example_ids(),))
+    assert (graph.device, graph.dtype) == (torch.device("cpu"), torch.bfloat16)
+    ids = new_ids()
+    bf16 = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
+    assert torch.equal(bf16(ids), graph.module(ids))  # bf16 on a bf16 model is no quantizer at all
+    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "mxint4"))
+    out = qmodel(ids)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert not torch.equal(out, bf16(ids))
+    # Each weight is the bf16 weight quantized by the same kernel, in bf16.
+    for name, wq in qmodel.weight_quantizers.items():
+        w = qmodel.module.get_parameter(wq.weight_name)
+        expected = quantize(w.detach(), mpqc.formats.get_format("mxint4"), axis=wq.axis)
+        assert wq(w).dtype == torch.bfloat16 and torch.equal(wq(w), expected), name
+
+
+def test_moving_a_compiled_model_is_refused_with_what_to_do():
+    _, graph = captured("llama")
+    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "mxint4"))
+    qmodel.to("cpu").to(torch.float32)  # no change: allowed
+    for move in (lambda: qmodel.to(torch.bfloat16), lambda: qmodel.half(), lambda: qmodel.to("meta")):
+        with pytest.raises(ValueError, match=r"runs where its graph was captured \(cpu, torch.float32\).*capture it"):
+            move()
+    assert torch.equal(qmodel(new_ids()), mpqc.compile(graph, qmodel.plan)(new_ids()))  # nothing moved
+    with pytest.raises(ValueError, match="input_ids are on meta, the model on cpu"):
+        qmodel(new_ids().to("meta"))

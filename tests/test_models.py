@@ -56,6 +56,23 @@ def test_bad_specs_are_clear_errors(tmp_path):
         resolve_model(tmp_path / "weights.bin")
     with pytest.raises(ValueError, match="floating torch.dtype"):
         load_model(tmp_path, dtype=torch.int8)
+    save_tiny_model(tmp_path)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        load_model(tmp_path, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device; use 'cpu'"):
+            load_model(tmp_path, device="cuda")
+
+
+def test_load_model_puts_the_model_on_the_device_and_capture_follows_it(tmp_path):
+    import mpqc
+
+    save_tiny_model(tmp_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(tmp_path, device=device, dtype=torch.bfloat16, cache=False)
+    assert next(model.parameters()).device.type == device
+    graph = mpqc.capture(model, (torch.zeros(2, 8, dtype=torch.long),))  # CPU example ids follow the model
+    assert (graph.device.type, graph.dtype) == (device, torch.bfloat16)
 
 
 def test_hub_id_outside_the_local_cache_says_nothing_is_downloaded(tmp_path, monkeypatch):

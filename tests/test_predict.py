@@ -316,3 +316,20 @@ def test_cli_errors_are_clear(saved_model, tmp_path, capsys):
     assert "does not have" in capsys.readouterr().err
     assert main(["predict", "collect", "--out", str(tmp_path / "x.csv"), "--n-plans", "0"]) == 2
     assert "--n-plans must be a positive integer" in capsys.readouterr().err
+
+
+def test_cli_compile_and_search_run_the_model_in_the_dtype_asked(saved_model, tmp_path, capsys):
+    """--dtype bfloat16 (what a GPU run uses) loads, captures, compiles and searches in bf16."""
+    d = saved_model
+    common = [str(d / "tiny"), "--dtype", "bfloat16", "--text", str(d / "text.txt"), "--seq-len", "16",
+              "--n-samples", "4", "--batch-size", "4"]
+    assert main(["compile", *common, "--json", str(tmp_path / "c.json")]) == 0
+    assert "perplexity unquantized (torch.bfloat16)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert 1 < result["perplexity_fp32"] < result["perplexity_quantized"]
+    assert main(["search", *common, "--ratio", "0.5", "--n-trials", "2", "--sampler", "random",
+                 "--out", str(tmp_path / "s")]) == 0
+    found = json.loads((tmp_path / "s" / "result.json").read_text())
+    assert abs(found["achieved"] - 0.5) < 0.2 and found["holdout"]["perplexity_plan"] > 1
+    assert main(["compile", str(d / "tiny"), "--device", "gpu"]) == 2
+    assert "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in capsys.readouterr().err
