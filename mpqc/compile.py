@@ -3,7 +3,7 @@
     qmodel = mpqc.compile(graph, plan)
     logits = qmodel(input_ids)          # any batch size and sequence length
     qmodel.set_plan(other_plan)         # new precisions, same graph: no recapture, no recompile
-    fast = torch.compile(qmodel)        # plan switches do not recompile it either (see quantizers)
+    fast = qmodel.torch_compile()       # torch.compile; plan switches do not recompile it (see quantizers)
 
 The graph is copied (parameters shared, never modified), quantizers are inserted once by
 ``InsertQuantizers``, and a plan only configures them. Quantized weights are cached per
@@ -76,6 +76,19 @@ class QuantizedModel(nn.Module):
             aq.configure(formats, plan.rounding, self._activation_candidates)
         self.plan = plan
         return self
+
+    def torch_compile(self, backend="inductor", **kwargs):
+        """``torch.compile(self)`` with the settings that keep a compiled forward honest.
+
+        Inductor keeps the intermediates of a 16-bit model in float32 unless told to round
+        them as eager does (``emulate_precision_casts``); a quantizer then sees values a few
+        ulps away from eager's, and rounds some of them to another grid point, so a bf16
+        model's plans would score differently compiled and eager. With it, Inductor's bf16
+        forward matches eager bit for bit on the tiny test models (tests/test_torch_compile.py).
+        """
+        if backend == "inductor":
+            kwargs["options"] = {"emulate_precision_casts": True, **kwargs.get("options", {})}
+        return torch.compile(self, backend=backend, **kwargs)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.device != self.graph.device:

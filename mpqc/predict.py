@@ -179,7 +179,7 @@ class Features:
         if noise is None:
             seed = int(hashlib.sha256(f"{self._noise_seed}:{mname}".encode()).hexdigest()[:8], 16)
             gen = torch.Generator().manual_seed(seed)
-            noise = torch.randn(like.shape, generator=gen, dtype=torch.float32).to(like.dtype)
+            noise = torch.randn(like.shape, generator=gen, dtype=torch.float32).to(like.device, like.dtype)
             self._noise[mname] = noise
         return noise
 

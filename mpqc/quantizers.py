@@ -90,7 +90,7 @@ class ActivationQuantizer(nn.Module):
     Returns one tensor per consumer (a tuple); consumers wanting the same format share one
     quantize call, so q/k/v projections reading one input quantize it once."""
 
-    def __init__(self, axis: int, consumers: tuple[str, ...]):
+    def __init__(self, axis: int, consumers: tuple[str, ...], device: torch.device | str = "cpu"):
         super().__init__()
         self.axis = axis
         self.consumers = consumers  # matmul names, in slot order
@@ -98,7 +98,10 @@ class ActivationQuantizer(nn.Module):
         self.rounding = "nearest"
         # The compiled forward's view of ``formats``: slot i uses candidates[choice[i]].
         self.candidates: tuple[Format | None, ...] = (None,)
-        self.register_buffer("choice", torch.zeros(len(consumers), dtype=torch.long), persistent=False)
+        # On the graph's device: a compiled forward selects with it, never copying it over.
+        self.register_buffer("choice", torch.zeros(len(consumers), dtype=torch.long, device=device),
+                             persistent=False)
+        self._choice = [0] * len(consumers)  # what ``choice`` holds, as a list
 
     def configure(self, formats: list[Format | None], rounding: str,
                   candidates: tuple[Format | None, ...] | None = None) -> None:
@@ -112,7 +115,10 @@ class ActivationQuantizer(nn.Module):
         self.formats, self.rounding = list(formats), rounding
         if candidates != self.candidates:
             self.candidates = candidates
-        self.choice.copy_(torch.tensor([candidates.index(f) for f in formats], dtype=torch.long))
+        choice = [candidates.index(f) for f in formats]
+        if choice != self._choice:  # a copy to the device only when the selection changes
+            self.choice.copy_(torch.tensor(choice, dtype=torch.long))
+            self._choice = choice
 
     def _quantize(self, x: torch.Tensor, fmt: Format | None, traced: bool) -> torch.Tensor:
         if _is_identity(fmt, x.dtype):

@@ -55,7 +55,7 @@ def window_gradients(qmodel: QuantizedModel, space: SearchSpace, windows: torch.
     graph = space.graph
     component_of = {m.name: c.name for c in space.components for m in c.matmuls}
     names = [c.name for c in space.components]
-    eps = {n: torch.zeros((), requires_grad=True) for n in names}
+    eps = {n: torch.zeros((), device=graph.device, requires_grad=True) for n in names}
     high_plan, low_plan = space.plan([]), space.plan(names)
     previous = qmodel.plan
     qmodel.set_plan(high_plan)
@@ -93,7 +93,7 @@ def window_gradients(qmodel: QuantizedModel, space: SearchSpace, windows: torch.
     try:
         with _frozen_parameters(qmodel), torch.enable_grad():
             for w, window in enumerate(tqdm(windows, desc="sensitivity", unit="window", disable=not progress)):
-                ids = window[None]
+                ids = window[None].to(graph.device)
                 logits = qmodel(ids)
                 loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                 grads = torch.autograd.grad(loss, [eps[n] for n in names], allow_unused=True)

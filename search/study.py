@@ -254,7 +254,7 @@ def run(
     forward = qmodel
     if torch_compile:
         qmodel.add_activation_formats([low_p.activation, high_p.activation])
-        forward = torch.compile(qmodel) if torch_compile is True else torch.compile(qmodel, backend=torch_compile)
+        forward = qmodel.torch_compile() if torch_compile is True else qmodel.torch_compile(backend=torch_compile)
 
     def evaluate_plan(plan: Plan) -> float:
         qmodel.set_plan(plan)

@@ -207,3 +207,19 @@ def test_activation_quantization_fuses_into_the_norm_before_it():
     assert len(kernels) == 1, kernels
     # (Inductor's norm differs from eager's by ulps, so the outputs are compared elsewhere.)
     torch.testing.assert_close(out[1], block(x, gain)[1])
+
+
+def test_inductor_on_a_bf16_model_equals_eager_bit_for_bit():
+    """qmodel.torch_compile() has Inductor round 16-bit intermediates as eager does; without
+    that, a bf16 model's quantizers see float32 intermediates (here: logits off by 0.18)."""
+    model, _ = captured("llama", "sdpa")
+    import copy
+
+    graph = mpqc.capture(copy.deepcopy(model).to(torch.bfloat16), (example_ids(),))
+    plans = [mpqc.Plan.uniform(graph, "bf16"), mpqc.Plan.uniform(graph, "mxint4"), *random_plans(graph, 2, seed=4)]
+    qmodel = mpqc.compile(graph, plans[1])
+    fast = qmodel.torch_compile()
+    ids = example_ids((2, 12), seed=3)
+    for plan in plans:
+        qmodel.set_plan(plan)
+        assert torch.equal(fast(ids), qmodel(ids)), str(plan)

@@ -9,7 +9,7 @@
 #      W+A MXINT4 plans, eager (Triton quantize kernels)
 #   3. search trials per hour, SmolLM2-135M's shape (random weights: the 93 MB model file
 #      does not fit the transfer), eager
-#   4. the kernels against the reference bit for bit on the GPU (pytest -m gpu)
+#   4. pytest -m gpu: the kernels against the reference bit for bit, the pipeline on the GPU
 #   5. 2 under torch.compile;  6. 3 under torch.compile
 # SMOKE=1 runs the same steps at toy sizes on the CPU, to check the script itself.
 set -uo pipefail
@@ -47,7 +47,7 @@ $PY -c "import torch, transformers, optuna, mpqc; print('torch', torch.__version
 [ "${SMOKE:-0}" = 1 ] || step quantize 60 $PY benchmarks/quantize_gpu.py --skip-compiled --json "$OUT/quantize.json"
 step llama_eager 60 $PY benchmarks/set_plan.py $LLAMA $DEV --dtype bfloat16 --json "$OUT/llama_eager.json"
 step trials_eager 60 $PY benchmarks/trial_cost.py --random-weights $TRIALS $DEV --dtype bfloat16 --skip-compiled --json "$OUT/trials_eager.json"
-[ "${SMOKE:-0}" = 1 ] || step kernels_test 60 $PY -m pytest tests/test_triton.py -m gpu -q -p no:cacheprovider
+[ "${SMOKE:-0}" = 1 ] || step gpu_tests 60 $PY -m pytest tests/test_triton.py tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider
 step llama_compiled 120 $PY benchmarks/set_plan.py $LLAMA $DEV --dtype bfloat16 --torch-compile --no-fresh-compile --json "$OUT/llama_compiled.json"
 step trials_compiled 120 $PY benchmarks/trial_cost.py --random-weights $TRIALS $DEV --dtype bfloat16 --json "$OUT/trials_compiled.json"
 echo "total $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.log"

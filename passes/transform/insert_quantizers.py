@@ -88,7 +88,7 @@ class InsertQuantizers(PassBase):
         self.weight_quantizers[m.name] = quantizer
 
     def _insert_activation(self, gm, source, axis, uses, order) -> None:
-        quantizer = ActivationQuantizer(axis, tuple(name for _, _, name in uses))
+        quantizer = ActivationQuantizer(axis, tuple(name for _, _, name in uses), device=self.graph.device)
         target = _module_name("mpqc_aq", f"{source.name}_axis{axis}")
         gm.add_submodule(target, quantizer)
         first_use = min((n for n, _, _ in uses), key=order.__getitem__)
