@@ -44,7 +44,7 @@ _TOP_KEYS = {"out", "text", "models", "grid", "search", "eval"}
 _GRID_DEFAULTS = {"granularity": ["matmul"], "ratio": None, "formats": [{"low": "mxint4"}], "block_size": ["default"],
                   "seed": [0]}
 _SEARCH_DEFAULTS = {"sampler": "sensitivity", "n_trials": 12, "seq_len": 128, "n_samples": 8, "batch_size": 8,
-                    "high": "bf16", "storage": ""}
+                    "high": "bf16", "storage": "", "device": "cpu", "dtype": "float32"}
 _EVAL_DEFAULTS = {"n_samples": 32, "seed": 1234}
 
 
@@ -98,7 +98,10 @@ class SweepConfig:
         """A hash of everything that decides the cell's numbers."""
         data = {"model": [cell.model.name, cell.model.spec], "text": self.text,
                 **{f: getattr(cell, f) for f in ("granularity", "ratio", "low", "weights_only", "block_size", "seed")},
-                "search": {k: v for k, v in self.search.items() if k not in ("batch_size", "storage")},
+                # device does not decide the numbers; dtype does, and joins the key when not the
+                # default, so the keys of sweeps made before it existed stay as they were.
+                "search": {k: v for k, v in self.search.items() if k not in ("batch_size", "storage", "device")
+                           and not (k == "dtype" and v == "float32")},
                 "eval": self.eval}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -162,6 +165,10 @@ def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep con
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "grid.seed" else 1):
             raise ValueError(f"{where}: {name} must be a {'non-negative' if name == 'grid.seed' else 'positive'} "
                              f"integer, got {value!r}")
+    if search["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{where}: search.dtype must be 'float32', 'bfloat16' or 'float16', got {search['dtype']!r}")
+    if not isinstance(search["device"], str) or not search["device"]:
+        raise ValueError(f"{where}: search.device must be 'cpu', 'cuda' or 'cuda:N', got {search['device']!r}")
     if search["storage"]:
         search["storage"] = _resolve(search["storage"], base_dir)
     return SweepConfig(out=_resolve(data["out"], base_dir), text=_text_spec(data.get("text", "wiki"), base_dir),
@@ -301,9 +308,10 @@ class _Bench:
         from mpqc.evaluate import perplexity, sample_windows
 
         t0 = time.perf_counter()
-        hf_model, tokenizer = mpqc.load_model(model.path, cache=False)
-        self.params = sum(p.numel() for p in hf_model.parameters())
         s = config.search
+        hf_model, tokenizer = mpqc.load_model(model.path, cache=False, device=s["device"],
+                                              dtype=getattr(torch, s["dtype"]))
+        self.params = sum(p.numel() for p in hf_model.parameters())
         example = torch.zeros(2, min(s["seq_len"], 64), dtype=torch.long)
         self.graph = mpqc.capture(hf_model, (example,))
         self.search_tokens, holdout = split_tokens(load_tokens(tokenizer, config.text))

@@ -164,9 +164,21 @@ def test_config_errors_name_the_problem(tmp_path):
         sweep.config_from_dict({**base, "grid": {"ratio": [0.5], "granularity": ["block"]}})
     with pytest.raises(ValueError, match="missing required key 'out'"):
         sweep.config_from_dict({"models": ["m"], "grid": {"ratio": [0.5]}})
+    with pytest.raises(ValueError, match="search.dtype must be 'float32', 'bfloat16' or 'float16', got 'int8'"):
+        sweep.config_from_dict({**base, "search": {"dtype": "int8"}})
     (tmp_path / "bad.toml").write_text("out = \n")
     with pytest.raises(ValueError, match="not valid TOML"):
         sweep.load_config(str(tmp_path / "bad.toml"))
+
+
+def test_device_never_and_dtype_only_off_its_default_change_a_cells_key():
+    base = {"out": "r.csv", "models": ["m"], "grid": {"ratio": [0.5]}}
+    keys = {}
+    for name, search in (("old", {}), ("cpu", {"device": "cpu", "dtype": "float32"}), ("gpu", {"device": "cuda:1"}),
+                         ("bf16", {"dtype": "bfloat16"})):
+        config = sweep.config_from_dict({**base, "search": search})
+        keys[name] = config.key(config.cells()[0])
+    assert keys["old"] == keys["cpu"] == keys["gpu"] != keys["bf16"]
 
 
 # ---- mpqc fit -----------------------------------------------------------------------------------
