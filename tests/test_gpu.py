@@ -49,6 +49,7 @@ def test_torch_compile_on_the_gpu_switches_plans_without_recompiling(cuda_graph)
     plans = [mpqc.Plan.uniform(cuda_graph, "bf16"), mpqc.Plan.uniform(cuda_graph, "mxint4"),
              mpqc.Plan.uniform(cuda_graph, "mxint4", activations=False)]
     qmodel = mpqc.compile(cuda_graph, plans[1])
+    qmodel.add_activation_formats({p.activation_format(m) for p in plans for m in cuda_graph.matmuls})
     counter = CompileCounter()
     traced = torch.compile(qmodel, backend=counter, fullgraph=True)
     inductor = qmodel.torch_compile()
