@@ -68,8 +68,8 @@ def main():
     torch.manual_seed(0)
     device, dtype = mpqc.models.parse_device(args.device), getattr(torch, args.dtype)
     if args.random_weights:
-        model = AutoModelForCausalLM.from_config(SMOLLM2_135M, dtype=dtype, attn_implementation="sdpa")
-        model.to(device).eval()
+        with device:
+            model = AutoModelForCausalLM.from_config(SMOLLM2_135M, dtype=dtype, attn_implementation="sdpa").eval()
         tokens = torch.randint(0, SMOLLM2_135M.vocab_size, (200_000,), generator=torch.Generator().manual_seed(0))
     else:
         model, tokenizer = mpqc.load_model(device=device, dtype=dtype)
