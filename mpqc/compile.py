@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mpqc.graph import Graph
+from mpqc.passes.analysis.find_matmuls import weight_tensor
 from mpqc.passes.transform.insert_quantizers import InsertQuantizers
 from mpqc.plan import Plan
 from mpqc.quantizers import WeightCache
@@ -34,6 +35,9 @@ class QuantizedModel(nn.Module):
         self.weight_cache = WeightCache()
         self._inserted = InsertQuantizers(graph, self.weight_cache)
         self._inserted(self.module)
+        # Each quantized matmul's weight, looked up once: set_plan runs per search trial.
+        self._weights = {name: weight_tensor(self.module, self.graph.matmul(name).weight)
+                         for name in self._inserted.weight_quantizers}
         self.plan: Plan | None = None
         # Activation formats any plan has asked for (None: unquantized), shared by every
         # activation quantizer: a torch.compile'd forward recompiles only when this grows.
@@ -66,9 +70,7 @@ class QuantizedModel(nn.Module):
                 "Plan(qmodel.graph, ...) or Plan.from_json(qmodel.graph, text)"
             )
         for name, wq in self._inserted.weight_quantizers.items():
-            m = self.graph.matmul(name)
-            wq.configure(plan.weight_format(m), plan.rounding, self.module.get_parameter(m.weight)
-                         if _is_parameter(self.module, m.weight) else self.module.get_buffer(m.weight))
+            wq.configure(plan.weight_format(self.graph.matmul(name)), plan.rounding, self._weights[name])
         per_quantizer = [[plan.activation_format(self.graph.matmul(n)) for n in aq.consumers]
                           for aq in self._inserted.activation_quantizers]
         self._grow_candidates(f for formats in per_quantizer for f in formats)  # configured just below
@@ -109,6 +111,10 @@ class QuantizedModel(nn.Module):
                 "compile again")
         return super()._apply(fn, recurse)
 
+    def weight(self, matmul: str) -> torch.Tensor:
+        """The (unquantized) weight tensor of the matmul named ``matmul``."""
+        return self._weights[matmul]
+
     @property
     def weight_quantizers(self):
         """Matmul name -> the WeightQuantizer in front of its weight."""
@@ -118,14 +124,6 @@ class QuantizedModel(nn.Module):
     def activation_quantizers(self):
         """The ActivationQuantizers, each serving the matmuls named in its ``consumers``."""
         return list(self._inserted.activation_quantizers)
-
-
-def _is_parameter(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def compile(graph: Graph, plan: Plan) -> QuantizedModel:  # noqa: A001 - the verb of the API

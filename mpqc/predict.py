@@ -148,13 +148,6 @@ class Features:
             qmodel.set_plan(previous if previous is not None else self.high_plan)
 
     # -- per model --------------------------------------------------------------------------------
-    def _weight(self, m) -> torch.Tensor:
-        module = self.qmodel.module
-        try:
-            return module.get_parameter(m.weight)
-        except AttributeError:
-            return module.get_buffer(m.weight)
-
     def _weight_stats(self) -> None:
         """Per matmul: the RMS of q_low(W) - q_high(W); per component: that noise's energy."""
         cache, rounding = self.qmodel.weight_cache, self.high_plan.rounding
@@ -164,7 +157,7 @@ class Features:
         component_of = {m.name: c.name for c in self.space.components for m in c.matmuls}
         for mname, wq in self.qmodel.weight_quantizers.items():
             m = self.graph.matmul(mname)
-            w = self._weight(m)
+            w = self.qmodel.weight(m.name)
             high = cache.get(wq.weight_name, w, self.high_plan.weight_format(m), wq.axis, rounding)
             low = cache.get(wq.weight_name, w, self._low_plan.weight_format(m), wq.axis, rounding)
             sq = float(((low.detach().double() - high.detach().double()) ** 2).sum())

@@ -153,8 +153,8 @@ def test_more_low_components_give_larger_features():
     everything = feats.features([c.name for c in space.components])
     assert everything["noise_rise"] == feats.noise_rise_all  # the same noise on the same weights
     assert everything["weight_noise"] == pytest.approx(
-        sum(float(((mpqc.formats.quantize(feats._weight(m).detach(), "mxint4", axis=m.weight_reduction_axis)
-                    - feats._weight(m).detach().bfloat16().float()) ** 2).sum()) for c in space.components
+        sum(float(((mpqc.formats.quantize(feats.qmodel.weight(m.name).detach(), "mxint4", axis=m.weight_reduction_axis)
+                    - feats.qmodel.weight(m.name).detach().bfloat16().float()) ** 2).sum()) for c in space.components
             for m in c.matmuls if m.params) / feats._weight_total, rel=1e-6)
 
 
