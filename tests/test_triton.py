@@ -201,6 +201,89 @@ def test_kernel_equals_reference(interpreted, case):
     assert interpreted["cases"][case["id"]] == "ok", interpreted["cases"][case["id"]]
 
 
+# ---- the kernels inside whole models, interpreted -------------------------------------------------
+# The cases above call the kernels directly. Here every quantize a compiled model makes (its
+# cached weights; each linear input; Q, K^T, P and V of attention, some of them strided views)
+# runs through the kernels, forced by MPQC_QUANTIZE_BACKEND=triton, which under TRITON_INTERPRET=1
+# accepts CPU tensors. The logits must equal the same models' on the reference bit for bit: what
+# tests/test_gpu.py checks on a GPU, checked on every CI run.
+
+MODEL_CASES = [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float16")]
+MODEL_PLANS = ("mxint4", "mxfp4", "nvfp4", "mxfp6_e2m3", "mixed-b16-even")
+
+
+def model_plans(graph):
+    import mpqc
+
+    plans = {name: mpqc.Plan.uniform(graph, name) for name in MODEL_PLANS[:-1]}
+    formats = ("mxint4", "mxfp8_e4m3", "bf16", "mxint8", ("mxfp4", "mxint8"))
+    mixed = {c.name: formats[i % len(formats)] for i, c in enumerate(graph.components("matmul"))}
+    plans["mixed-b16-even"] = mpqc.Plan(graph, mixed, block_size=16, rounding="even")
+    return plans
+
+
+def model_logits() -> dict[str, torch.Tensor]:
+    """Logits of tiny models under W+A plans, by whatever quantize backend is in force."""
+    import mpqc
+    from tiny_models import example_ids, tiny_model
+
+    out = {}
+    ids = example_ids((3, 11), seed=7)
+    for arch, dtype in MODEL_CASES:
+        graph = mpqc.capture(tiny_model(arch).to(getattr(torch, dtype)), (example_ids(),))
+        for name, plan in model_plans(graph).items():
+            with torch.no_grad():
+                out[f"{arch}-{dtype}-{name}"] = mpqc.compile(graph, plan)(ids)
+    return out
+
+
+def _model_worker(path: str) -> None:
+    """Run as a script with TRITON_INTERPRET=1 and the kernels forced: save the logits to ``path``."""
+    import numpy as np
+
+    np.seterr(all="ignore")
+    from mpqc.formats import triton_quantize
+
+    calls = []
+    run = triton_quantize.quantize_triton
+
+    def counted(x, *args, **kwargs):
+        calls.append((tuple(x.shape), x.is_contiguous()))
+        return run(x, *args, **kwargs)
+
+    triton_quantize.quantize_triton = counted
+    logits = model_logits()
+    torch.save({"logits": logits, "calls": len(calls), "strided": sum(not c for _, c in calls)}, path)
+
+
+@pytest.fixture(scope="module")
+def interpreted_models(tmp_path_factory):
+    if not HAVE_TRITON:
+        pytest.skip(NO_TRITON)
+    path = str(tmp_path_factory.mktemp("triton") / "logits.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", MPQC_QUANTIZE_BACKEND="triton",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-models", path],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"the interpreter worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return torch.load(path)
+
+
+def test_models_on_interpreted_kernels_equal_the_reference(interpreted_models, monkeypatch):
+    # every quantize went through the kernels (weights, activations), some on strided views (K^T)
+    assert interpreted_models["calls"] > 100 and interpreted_models["strided"] > 0, interpreted_models
+    monkeypatch.setenv("MPQC_QUANTIZE_BACKEND", "reference")
+    want = model_logits()
+    got = interpreted_models["logits"]
+    assert set(got) == set(want)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"kernels differ from the reference inside these models: {differ}"
+    for k in want:  # and the plans did quantize: no plan equals another
+        assert not torch.isnan(want[k]).any(), k
+    assert len({tuple(v.flatten()[:64].tolist()) for v in want.values()}) == len(want)
+
+
 # ---- dispatch (no triton needed) ------------------------------------------------------------------
 
 
@@ -218,6 +301,7 @@ def test_cpu_auto_never_touches_triton(monkeypatch):
 
 def test_forced_triton_on_cpu_says_why(monkeypatch):
     monkeypatch.setenv("MPQC_QUANTIZE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(4, 64)
     with pytest.raises(RuntimeError, match="MPQC_QUANTIZE_BACKEND=triton"):
         kernels.quantize(x, FORMATS["mxfp4"], 32, 1, "nearest")
@@ -269,3 +353,5 @@ def test_gpu_kernels_equal_reference(monkeypatch):
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret-worker"]:
     _worker()
+elif __name__ == "__main__" and sys.argv[1:2] == ["--interpret-models"]:
+    _model_worker(sys.argv[2])

@@ -15,7 +15,8 @@ seconds per (format, block, rounding, dtype) pays off. Under ``auto`` a fused pa
 fails falls back for good, with a warning (the Triton kernels to the compiled path, the
 compiled path to the reference; for instance on a machine without a C++ compiler).
 ``triton`` forces the kernels and raises where they cannot run (no triton, a CPU tensor);
-``compiled`` forces TorchInductor. Plain casts and ``"tensor"`` blocks always run the
+with ``TRITON_INTERPRET=1`` as well it runs them in Triton's interpreter on CPU tensors (slow:
+for tests and debugging without a GPU). ``compiled`` forces TorchInductor. Plain casts and ``"tensor"`` blocks always run the
 reference: a single block over everything leaves nothing to fuse per row.
 """
 
@@ -53,6 +54,11 @@ def _triton_module():
     return triton_quantize
 
 
+def interpreting() -> bool:
+    """Triton's interpreter is on: its kernels take CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_available() -> bool:
     return not isinstance(_triton_module(), str)
 
@@ -62,7 +68,8 @@ def describe() -> str:
     if name == "reference":
         return "reference (plain PyTorch)"
     if name == "triton":
-        return "Triton kernels (forced; CUDA tensors only)"
+        return "Triton kernels (forced; interpreted, on CPU tensors)" if interpreting() else \
+            "Triton kernels (forced; CUDA tensors only)"
     if name == "compiled":
         return "compiled"
     cpu = (f"reference (compiling failed: {_compile_failed})" if _compile_failed
@@ -108,9 +115,10 @@ def quantize_with_triton(x: torch.Tensor, fmt: Format, block_size, axis: int, ro
     if isinstance(module, str):
         raise RuntimeError(f"MPQC_QUANTIZE_BACKEND=triton, but triton does not import ({module}); "
                            "install triton or pick auto, compiled or reference")
-    if not x.is_cuda:
+    if not x.is_cuda and not interpreting():
         raise RuntimeError(f"MPQC_QUANTIZE_BACKEND=triton runs on CUDA tensors only, got a {x.device} tensor; "
-                           "pick auto, compiled or reference here")
+                           "pick auto, compiled or reference here (or set TRITON_INTERPRET=1 as well to run "
+                           "the kernels in Triton's interpreter, slowly)")
     return module.quantize_triton(x, fmt, block_size, axis, rounding)
 
 
