@@ -16,8 +16,9 @@ fails falls back for good, with a warning (the Triton kernels to the compiled pa
 compiled path to the reference; for instance on a machine without a C++ compiler).
 ``triton`` forces the kernels and raises where they cannot run (no triton, a CPU tensor);
 with ``TRITON_INTERPRET=1`` as well it runs them in Triton's interpreter on CPU tensors (slow:
-for tests and debugging without a GPU). ``compiled`` forces TorchInductor. Plain casts and ``"tensor"`` blocks always run the
-reference: a single block over everything leaves nothing to fuse per row.
+for tests and debugging without a GPU). ``compiled`` forces TorchInductor. Plain casts and
+``"tensor"`` blocks always run the reference: a single block over everything leaves nothing
+to fuse per row.
 """
 
 from __future__ import annotations
