@@ -216,7 +216,8 @@ def cmd_search(args) -> int:
     paths = write_outputs(result, args.out)
     best = (f"best {result.objective['metric']} {result.metric:.4f} ({result.objective['label']}), perplexity "
             if objective is not None else "best perplexity ")
-    print(f"{result.budget}: {best}{result.perplexity:.3f} (search windows) at {result.achieved:.4f}, "
+    eager = "" if result.eager_perplexity is None else f", {result.eager_perplexity:.3f} eagerly"
+    print(f"{result.budget}: {best}{result.perplexity:.3f} (search windows{eager}) at {result.achieved:.4f}, "
           f"average bits {result.plan.average_bits():.3f}, after {len(result.study.trials)} trials "
           f"in {seconds:.0f} s")
     if objective is not None:

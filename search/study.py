@@ -54,6 +54,10 @@ class SearchResult:
     # stays the best plan's perplexity on the search windows.
     metric: float | None = None
     objective: dict | None = None
+    # With torch_compile: the best plan's perplexity on the same windows, evaluated eagerly.
+    # Inductor's float reductions differ from eager ones by ulps, which a deeply quantized
+    # model can amplify (docs/performance.md); eager is the reference, so both are reported.
+    eager_perplexity: float | None = None
 
     def trials_table(self) -> list[dict]:
         rows = []
@@ -85,6 +89,7 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {
             "perplexity": self.perplexity,
+            "eager_perplexity": self.eager_perplexity,
             "metric": self.metric,
             "objective": self.objective,
             "achieved": self.achieved,
@@ -188,7 +193,8 @@ def run(
 
     ``torch_compile``: True (or a torch.compile backend) evaluates through ``torch.compile(qmodel)``. The low and high formats are
     declared up front, so the whole search is one compile (plus one per new batch shape); it
-    pays off when trials outnumber the compile's cost (benchmarks/trial_cost.py).
+    pays off when trials outnumber the compile's cost (benchmarks/trial_cost.py). The best plan
+    is then evaluated once more eagerly (``result.eager_perplexity``), the reference number.
     """
     if (ratio is None) == (budget is None):
         raise ValueError("give exactly one of ratio= (Q_r by parameters) or budget= (a Budget or (kind, value))")
@@ -256,9 +262,9 @@ def run(
         qmodel.add_activation_formats([low_p.activation, high_p.activation])
         forward = qmodel.torch_compile() if torch_compile is True else qmodel.torch_compile(backend=torch_compile)
 
-    def evaluate_plan(plan: Plan) -> float:
+    def evaluate_plan(plan: Plan, run=forward) -> float:
         qmodel.set_plan(plan)
-        mean = nll(forward, windows=windows, batch_size=batch_size, progress=False)
+        mean = nll(run, windows=windows, batch_size=batch_size, progress=False)
         value = math.exp(mean) if mean <= 709.0 else math.inf  # exp overflows past ~709.78
         return value if math.isfinite(value) else math.inf
 
@@ -319,7 +325,10 @@ def run(
         while n_complete() < n_trials:
             study.optimize(trial_objective, n_trials=n_trials - n_complete(), callbacks=[on_trial, stop])
     bar.close()
-    return _result(study, space, budget, multi, notes, config.get("objective"))
+    result = _result(study, space, budget, multi, notes, config.get("objective"))
+    if torch_compile:
+        result.eager_perplexity = evaluate_plan(result.plan, run=qmodel)
+    return result
 
 
 def _objective_label(config: dict | None) -> str:

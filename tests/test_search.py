@@ -142,6 +142,23 @@ def test_torch_compiled_search_compiles_once_and_gives_the_same_numbers():
     assert counter.frame_count == 1  # eight plans, one graph
 
 
+def test_compiled_search_reports_the_best_plan_evaluated_eagerly():
+    def skewed(gm, example_inputs):  # a "compiler" whose numbers differ from eager ones
+        def run(*args):
+            return [o * 0.5 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in gm(*args)]
+        return run
+
+    _, graph = captured("llama")
+    torch._dynamo.reset()
+    fast = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=3, seed=2, torch_compile=skewed, **FAST)
+    windows = mpqc.evaluate.sample_windows(TOKENS, 16, 2, 2)
+    eager = mpqc.evaluate.perplexity(mpqc.compile(graph, fast.plan), windows=windows, progress=False)
+    assert fast.eager_perplexity == eager != fast.perplexity
+    assert fast.to_dict()["eager_perplexity"] == eager
+    plain = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=3, seed=2, **FAST)
+    assert plain.eager_perplexity is None
+
+
 def test_windows_start_with_the_prefix():
     _, graph = captured("llama")
     result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=2, seed=3, prefix=(5,), **FAST)
