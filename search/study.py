@@ -186,8 +186,9 @@ def run(
     with ``.loss`` (minimized), ``.value`` and ``.metric``, e.g.
     ``mpqc.search.lm_eval_adapter.LMEvalObjective(task="mmlu", tokenizer=tok, limit=100)``. It
     scores the one compiled model after ``set_plan`` (no recapture). Each trial then records the
-    raw metric (``user_attrs["metric"]``) and also the window perplexity, which the sensitivity
-    sampler's seeding still uses.
+    raw metric (``user_attrs["metric"]``) and also the window perplexity (one more pass over
+    ``n_samples`` windows, small next to a task), so trials.csv and result.json keep a
+    perplexity for every plan.
 
     ``prefix``: token ids every window starts with (``mpqc.data.text_prefix(tokenizer)``: the BOS).
 
