@@ -28,7 +28,7 @@ import operator
 import torch
 
 from mpqc.formats import Format, get_format
-from mpqc.passes.transform.insert_quantizers import QUANTIZER_META
+from mpqc.graph import QUANTIZER_META
 
 __all__ = ["ActivationRecord", "Resolved", "Site", "Template", "UnsupportedExport", "WeightRecord", "prepare", "resolve"]
 

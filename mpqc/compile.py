@@ -17,8 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from mpqc.graph import Graph
-from mpqc.passes.analysis.find_matmuls import weight_tensor
+from mpqc.graph import Graph, weight_tensor
 from mpqc.passes.transform.insert_quantizers import InsertQuantizers
 from mpqc.plan import Plan
 from mpqc.quantizers import WeightCache

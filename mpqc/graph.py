@@ -59,6 +59,21 @@ ROLES = (
 
 GRANULARITIES = ("matmul", "layer")
 
+# node.meta key marking the quantize nodes InsertQuantizers adds (read by compile and export).
+QUANTIZER_META = "mpqc_quantizer"
+
+
+def weight_tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | None:
+    """The tensor at ``target`` if it is a weight: a float parameter or buffer of rank >= 2."""
+    try:
+        t = gm.get_parameter(target)
+    except AttributeError:
+        try:
+            t = gm.get_buffer(target)
+        except AttributeError:
+            return None
+    return t if t.is_floating_point() and t.dim() >= 2 else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Matmul:

@@ -22,7 +22,7 @@ import sympy
 import torch
 
 from ._common import AnalysisError, AnalysisPass, PassResult, input_placeholder, matmul_nodes, mpqc_meta, shape_of
-from .find_matmuls import weight_tensor
+from mpqc.graph import weight_tensor
 
 
 def _reference_substitution(gm: torch.fx.GraphModule, batch: int | None, seq: int | None) -> tuple[dict, int, int]:

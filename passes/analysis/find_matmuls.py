@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+from mpqc.graph import weight_tensor
+
 from ._common import AnalysisError, AnalysisPass, PassResult, mpqc_meta, shape_of
 
 # op -> (positions of a and b in node.args, whether b is a linear-layout [out, in] weight)
@@ -105,18 +107,6 @@ def _input_axis(node: torch.fx.Node, axis: int) -> int | None:
             return axis
         return None
     return None
-
-
-def weight_tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | None:
-    """The tensor at ``target`` if it is a weight: a float parameter or buffer of rank >= 2."""
-    try:
-        t = gm.get_parameter(target)
-    except AttributeError:
-        try:
-            t = gm.get_buffer(target)
-        except AttributeError:
-            return None
-    return t if t.is_floating_point() and t.dim() >= 2 else None
 
 
 def _reads_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -17,10 +17,9 @@ import re
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from mpqc.graph import Graph
+from mpqc.graph import QUANTIZER_META, Graph
 from mpqc.quantizers import ActivationQuantizer, WeightCache, WeightQuantizer
 
-QUANTIZER_META = "mpqc_quantizer"  # node.meta key marking the nodes this pass adds
 
 
 def _module_name(prefix: str, name: str) -> str:
