@@ -60,6 +60,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True) -> 
     module = _logits_module(ep, model)
     if dynamic:
         _check_dims_dynamic(module, model)
+        _check_guards(ep, model, (batch, seq))
     DecomposeAttention()(module)
     run_analysis(
         module,
@@ -150,15 +151,67 @@ def _logits_module(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> 
     return module
 
 
+def _is_symbolic(size) -> bool:
+    """A size export kept symbolic: a SymInt whose expression is not a constant."""
+    return isinstance(size, torch.SymInt) and not size.node.expr.is_number
+
+
 def _check_dims_dynamic(module: torch.fx.GraphModule, model: torch.nn.Module) -> None:
     shape = module.graph.find_nodes(op="placeholder")[0].meta["val"].shape
     for dim, size in zip(("batch", "sequence"), shape):
-        if not isinstance(size, torch.SymInt):
+        if not _is_symbolic(size):
             raise CaptureError(
                 f"{type(model).__name__}: torch.export specialized the {dim} dimension of input_ids to {size}: "
                 f"the model's code fixes it, so the graph would only run at {dim} size {size}. "
                 "Capture with dynamic=False to accept that, or remove what fixes the size"
             )
+
+
+# Sizes at which the exported program's shape guards are evaluated: around powers of two
+# (where chunked and blocked code changes its number of pieces), small and large.
+GUARD_PROBE_SIZES = (2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 1000, 1025, 4097)
+
+
+def _guard_failure(guards: torch.nn.Module, inputs: list, shape: tuple[int, int]) -> str | None:
+    """The guard the exported program fails at input_ids of ``shape``, or None if it passes them all."""
+    ids = torch.empty(shape, dtype=torch.int64, device="meta")
+    try:
+        guards(ids, *inputs[1:])
+    except AssertionError as e:
+        return str(e).splitlines()[0].removeprefix("Guard failed: ")
+    return None
+
+
+def _check_guards(ep: torch.export.ExportedProgram, model: torch.nn.Module, example: tuple[int, int]) -> None:
+    """Refuse a graph whose shape guards (conditions the model's code put on the sizes) exclude other shapes.
+
+    torch.export keeps a dim symbolic yet records guards such as ``input_ids.size()[1] == 8``
+    (a Python loop over positions) or ``size()[1] <= 8`` (a chunked scan traced with one
+    chunk); the graph then fails, or computes wrong values, at other sizes. The guards are
+    evaluated on meta tensors at GUARD_PROBE_SIZES, varying one dim at a time."""
+    guarded = ep.module() if "check_guards" in inspect.signature(ep.module).parameters else None
+    guards = getattr(guarded, "_guards_fn", None)
+    if guards is None:  # torch before 2.9 checks guards another way; nothing to evaluate here
+        return
+    (call,) = guarded.graph.find_nodes(op="call_module", target="_guards_fn")
+    inputs = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in call.args]
+    failed = []
+    for i, dim in enumerate(("batch", "sequence")):
+        for size in GUARD_PROBE_SIZES:
+            shape = tuple(size if j == i else example[j] for j in range(2))
+            guard = _guard_failure(guards, inputs, shape)
+            if guard is not None:
+                failed.append(f"{dim} size {size} fails `{guard}`")
+                break
+    if failed:
+        raise CaptureError(
+            f"{type(model).__name__}: torch.export kept the input's sizes symbolic, but the exported program only "
+            f"holds for some of them: {'; '.join(failed)} (example shape {example}). The model's code fixes or "
+            "limits that size (a Python loop over positions, a branch on the length, a chunked scan traced with "
+            "one chunk), so the graph would fail or compute wrong logits at other sizes. Capture with "
+            "dynamic=False to accept a graph for the example's shape only, try a longer example input, "
+            "or change what fixes the size"
+        )
 
 
 def _base_model_prefix(model: torch.nn.Module) -> str | None:

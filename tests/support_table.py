@@ -1,0 +1,543 @@
+"""The support table: every causal LM type in transformers' auto mapping, built tiny, through mpqc.
+
+    python tests/support_table.py              # walk every type; write docs/architectures.md and .json
+    python tests/support_table.py llama falcon # walk these types; print their rows
+
+Each model type gets a tiny config (TINY applied to the keys its default config has, a
+short ``layer_types`` with one layer of each kind, then OVERRIDES for the types whose
+defaults do not build), random weights and eager attention, and goes through:
+
+1. ``forward``: the HF model's own forward on the example and on a new shape. A type whose
+   own forward fails is listed as such ("hf-fails"), not counted against mpqc.
+2. ``capture``: a CaptureError or AnalysisError is a refusal with its reason ("refused").
+3. ``params``: the matmul parameters of the graph equal, tensor for tensor, what the HF
+   forward multiplies by, as a TorchFunctionMode sees it (``multiplied_tensors``).
+4. ``fp32``: the fp32 plan on a new shape equals the graph bit for bit and the HF logits
+   to float32 rounding.
+5. ``w4a4``: weights and activations in MXINT4 on a new shape give finite logits.
+6. ``w4``: weight-only MXINT4 (activations untouched) equals the HF model with its weights
+   quantized by hand, where every matmul weight is a plain Linear or Conv1D.
+
+A type that passes all is "supported"; one that captures but fails a check is "wrong"
+(silently wrong: the target is to have none); an exception of another kind from mpqc is
+"error". tests/test_support_table.py runs the walk and compares it with the committed table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+import warnings
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE_MD = ROOT / "docs" / "architectures.md"
+TABLE_JSON = ROOT / "docs" / "architectures.json"
+
+VOCAB = 128
+H = 32
+EXAMPLE_SHAPE = (2, 8)
+NEW_SHAPE = (3, 11)
+TIMEOUT_S = 150  # per type; the slowest (one-chunk linear-attention loops) export in about a minute
+# Logits of the compiled fp32 plan against the HF model: the eager graphs run the model's
+# own ops, so they agree to float32 rounding through one or two tiny layers (measured below
+# 1e-6 on every type); 1e-5 absolute / 1e-4 relative leaves margin and is still far below the
+# differences a lost weight or a wrong axis makes (1e-2 and up).
+ATOL, RTOL = 1e-5, 1e-4
+
+# Size keys shrunk wherever a default config has them (int-valued).
+TINY = {
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "emb_dim", "embedding_dim", "embedding_size",
+                     "word_embed_proj_dim", "input_embedding_size", "output_embedding_size", "lru_width"), H),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "d_ff", "n_inner", "dim_ff", "dff", "ffn_hidden_size",
+                     "dense_intermediate_size", "intermediate_size_mlp", "feed_forward_size", "decoder_ffn_dim",
+                     "encoder_ffn_dim"), 2 * H),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "moe_shared_expert_intermediate_size",
+                     "shared_intermediate_size", "shared_experts_intermediate_size", "expert_ffn_hidden_size"), H),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers"), 1),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads",
+                     "encoder_attention_heads"), 4),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "num_query_groups"), 2),
+    **dict.fromkeys(("head_dim", "attention_head_dim", "d_head", "dim_head", "kv_channels", "attention_head_size",
+                     "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim"), 8),
+    **dict.fromkeys(("vocab_size",), VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token"), 2),
+    **dict.fromkeys(("q_lora_rank", "kv_lora_rank", "o_lora_rank"), 16),
+    **dict.fromkeys(("state_size", "ssm_state_size", "mamba_d_state"), 8),
+    **dict.fromkeys(("time_step_rank", "mamba_dt_rank"), 4),
+    **dict.fromkeys(("mamba_n_heads", "mamba_num_heads"), 4),
+    **dict.fromkeys(("mamba_d_head", "mamba_head_dim", "mamba_headdim"), 16),
+    **dict.fromkeys(("chunk_size", "mamba_chunk_size"), 8),
+    **dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "index_head_dim"), 8),
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "index_n_heads": 2, "index_topk": 4, "mamba_d_ssm": 64,
+}
+LAYER_PATTERN_KEYS = ("layer_types", "mlp_layer_types", "layers_block_type")
+SUB_CONFIGS = ("text_config", "decoder", "vision_config", "audio_config")
+SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+# Per type, what the shrunk defaults get wrong ("sub.key" sets a key of a sub-config).
+OVERRIDES: dict[str, dict] = {}
+
+
+# ---- building a tiny model ------------------------------------------------------------------
+
+
+def _shrink(config) -> None:
+    for key, value in TINY.items():
+        current = config.__dict__.get(key)
+        if isinstance(current, int) and not isinstance(current, bool):
+            setattr(config, key, value)
+    for key, value in SPECIAL_TOKENS.items():
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, value)
+    patterns = [k for k in LAYER_PATTERN_KEYS if isinstance(config.__dict__.get(k), list)]
+    if patterns:
+        # One layer of each kind, in order of first appearance, in every pattern.
+        kinds = {k: list(dict.fromkeys(config.__dict__[k])) for k in patterns}
+        n = max(len(v) for v in kinds.values())
+        for k in patterns:
+            setattr(config, k, [kinds[k][i % len(kinds[k])] for i in range(n)])
+        if "num_hidden_layers" in config.__dict__:
+            config.num_hidden_layers = n
+    for name in SUB_CONFIGS:
+        sub = config.__dict__.get(name)
+        if sub is not None and hasattr(sub, "to_dict"):
+            _shrink(sub)
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    _shrink(config)
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, last, value)
+    return config
+
+
+def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager").eval()
+
+
+def token_ids(shape, seed: int) -> torch.Tensor:
+    # Ids from 3 up: clear of the special tokens (0, 1, 2), which some models treat apart.
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+def hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids, **_forward_kwargs(model))
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+# ---- what the HF forward multiplies by ---------------------------------------------------------
+
+# torch functions that multiply matrices, with the argument positions of the two factors.
+_MATMUL_FUNCTIONS = {
+    "linear": (0, 1), "matmul": (0, 1), "__matmul__": (0, 1), "__rmatmul__": (0, 1), "mm": (0, 1),
+    "bmm": (0, 1), "mv": (0, 1), "_grouped_mm": (0, 1), "grouped_mm_fallback": (0, 1),
+    "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2), "einsum": None, "bilinear": None, "tensordot": (0, 1),
+}
+_LOOKUPS = {"embedding"}
+
+
+def _function_name(func) -> str:
+    schema = getattr(func, "_schema", None)
+    if schema is not None:
+        return schema.name.split("::")[-1]
+    return getattr(func, "__name__", str(func))
+
+
+class _MultipliedTensors(TorchFunctionMode):
+    """Records the model tensors (parameters, buffers of rank >= 2) that reach a matmul's factors.
+
+    A tensor computed only from model tensors (any op; integer tensors such as expert ids
+    do not count as activations) is derived from them; an embedding lookup's rows are
+    activations. Whatever derived tensor reaches a factor of a matmul function counts."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        named = dict(model.named_parameters())
+        named.update(dict(model.named_buffers()))
+        self.sources = {id(t): (name, t) for name, t in named.items() if t.is_floating_point() and t.dim() >= 2}
+        self.by_name = {name: t for name, t in self.sources.values()}
+        self.derived: dict[int, tuple[weakref.ref, frozenset]] = {}
+        self.multiplied: dict[tuple, tuple[str, int]] = {}
+
+    def _origin(self, t: torch.Tensor):
+        """frozenset of model-tensor names ``t`` is computed from, or None if it is an activation."""
+        if id(t) in self.sources:
+            return frozenset([self.sources[id(t)][0]])
+        ref, names = self.derived.get(id(t), (None, None))
+        if ref is not None and ref() is t:
+            return names
+        return None if (t.is_floating_point() or t.is_complex()) else frozenset()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = _function_name(func)
+        flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        origins = [self._origin(t) for t in flat]
+        if name in _MATMUL_FUNCTIONS:
+            positions = _MATMUL_FUNCTIONS[name]
+            factors = flat if positions is None else [args[i] for i in positions if i < len(args)]
+            for f in factors:
+                if isinstance(f, torch.Tensor):
+                    for source in self._origin(f) or ():
+                        t = self.by_name[source]
+                        self.multiplied[_storage_key(t)] = (source, t.numel())
+        if name not in _LOOKUPS and None not in origins:
+            names = frozenset().union(*origins) if origins else frozenset()
+            if names:
+                for o in tree_flatten(out)[0]:
+                    if isinstance(o, torch.Tensor):
+                        self.derived[id(o)] = (weakref.ref(o), names)
+        return out
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def multiplied_tensors(model: nn.Module, ids: torch.Tensor) -> dict[tuple, tuple[str, int]]:
+    """Storage key -> (name, elements) of every model tensor the HF forward multiplies by."""
+    mode = _MultipliedTensors(model)
+    with torch.no_grad(), mode:
+        model(ids, **_forward_kwargs(model))
+    return mode.multiplied
+
+
+# ---- the checks -----------------------------------------------------------------------------
+
+STATUSES = ("supported", "refused", "hf-fails", "wrong", "error", "timeout")
+
+
+@dataclasses.dataclass
+class Row:
+    model_type: str
+    status: str = "error"
+    reason: str = ""
+    model_class: str = ""
+    roles: tuple[str, ...] = ()
+    matmuls: int = 0
+    params: int | None = None  # matmul parameters of the captured graph
+    expected_params: int | None = None  # elements of the tensors the HF forward multiplies by
+    fp32_max_diff: float | None = None  # compiled fp32 plan vs the HF logits, new shape
+    w4: str = ""  # weight-only MXINT4 against hand-quantized weights
+    seconds: float = 0.0
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _timed_out(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, _Timeout):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def check(model_type: str) -> Row:
+    """Walk one model type through the checks; never raises (the row says what happened)."""
+    row, start = Row(model_type), time.monotonic()
+    try:
+        _check(row)
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        row.status, row.reason = ("timeout", f"over {TIMEOUT_S} s") if _timed_out(e) else ("error", _first_line(e))
+        row.reason += f" [{traceback.extract_tb(e.__traceback__)[-1].name}]" if row.status == "error" else ""
+    row.seconds = round(time.monotonic() - start, 1)
+    return row
+
+
+def _check(row: Row) -> None:
+    from mpqc.capture import CaptureError, capture
+    from mpqc.passes.analysis import AnalysisError
+
+    example, new = token_ids(EXAMPLE_SHAPE, 1), token_ids(NEW_SHAPE, 2)
+    try:
+        model = tiny_model(row.model_type)
+        row.model_class = type(model).__name__
+        hf_logits(model, example)
+        reference = hf_logits(model, new)
+    except Exception as e:  # noqa: BLE001 - HF's own failure, recorded
+        if _timed_out(e):
+            raise
+        row.status, row.reason = "hf-fails", _first_line(e)
+        return
+    try:
+        graph = capture(model, (example,))
+    except (CaptureError, AnalysisError) as e:
+        if _timed_out(e):
+            raise
+        row.status, row.reason = "refused", _first_line(e, 600)
+        return
+    row.roles = tuple(sorted({m.role for m in graph.matmuls}))
+    row.matmuls, row.params = len(graph.matmuls), graph.total_params
+    problems = _check_params(row, model, graph, example)
+    problems += _check_plans(row, model, graph, new, reference)
+    row.status = "wrong" if problems else "supported"
+    row.reason = "; ".join(problems)
+
+
+def _check_params(row: Row, model, graph, example) -> list[str]:
+    from mpqc.graph import weight_tensor
+
+    expected = multiplied_tensors(model, example)
+    row.expected_params = sum(numel for _, numel in expected.values())
+    found = {_storage_key(weight_tensor(graph.module, m.weight)): m.weight for m in graph.matmuls if m.has_weight}
+    problems = []
+    missing = sorted(name for key, (name, _) in expected.items() if key not in found)
+    extra = sorted(name for key, name in found.items() if key not in expected)
+    if missing:
+        problems.append(f"weights the model multiplies by but the graph does not: {missing}")
+    if extra:
+        problems.append(f"graph weights the model does not multiply by: {extra}")
+    if row.params != row.expected_params:
+        problems.append(f"matmul parameters {row.params:,} != {row.expected_params:,}")
+    return problems
+
+
+def _check_plans(row: Row, model, graph, new, reference) -> list[str]:
+    import mpqc
+
+    problems = []
+    fp32 = mpqc.compile(graph, mpqc.Plan.uniform(graph, "fp32"))(new)
+    row.fp32_max_diff = float((fp32 - reference).abs().max())
+    if not torch.equal(fp32, graph.module(new)):
+        problems.append("the fp32 plan differs from the captured graph")
+    if fp32.shape != reference.shape or not torch.allclose(fp32, reference, atol=ATOL, rtol=RTOL):
+        problems.append(f"fp32 logits differ from the model's by {row.fp32_max_diff:.2e}")
+    w4a4 = mpqc.compile(graph, mpqc.Plan.uniform(graph, "mxint4"))(new)
+    if not torch.isfinite(w4a4).all():
+        problems.append("W+A MXINT4 logits are not finite")
+    hand = _hand_quantized(model, graph)
+    if isinstance(hand, str):
+        row.w4 = hand
+    else:
+        got = mpqc.compile(graph, mpqc.Plan.uniform(graph, "mxint4", activations=False, high="fp32"))(new)
+        expected = hf_logits(hand, new)
+        diff = float((got - expected).abs().max())
+        row.w4 = f"equal (max diff {diff:.1e})" if torch.allclose(got, expected, atol=ATOL, rtol=RTOL) else ""
+        if not row.w4:
+            problems.append(f"weight-only MXINT4 differs from hand-quantized weights by {diff:.2e}")
+            row.w4 = f"differs by {diff:.2e}"
+    return problems
+
+
+def _hand_quantized(model: nn.Module, graph) -> nn.Module | str:
+    """A copy of the model with every matmul weight quantized by hand, or why there is none.
+
+    nn.Linear weights are [out, in] (quantized along axis 1), GPT-2's Conv1D [in, out]
+    (axis 0); a head tied to the embedding is untied first, since the lookup keeps the
+    float embedding. Types with other matmul weights (stacked experts ...) get none."""
+    from transformers.pytorch_utils import Conv1D
+
+    from mpqc.formats import quantize
+
+    clone = copy.deepcopy(model)
+    head, embed = clone.get_output_embeddings(), clone.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    if tied:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+    modules = dict(clone.named_modules())
+    axes = {}
+    for m in graph.matmuls:
+        if not m.has_weight:
+            continue
+        owner = modules.get(m.weight.rsplit(".", 1)[0])
+        if tied and owner is embed:
+            owner = head
+        if isinstance(owner, nn.Linear):
+            axes[id(owner.weight)] = (owner.weight, 1)
+        elif isinstance(owner, Conv1D):
+            axes[id(owner.weight)] = (owner.weight, 0)
+        else:
+            return f"n/a ({m.weight.rsplit('.', 1)[-1]} of {type(owner).__name__})"
+    with torch.no_grad():
+        for weight, axis in axes.values():
+            weight.copy_(quantize(weight, "mxint4", axis=axis))
+    return clone
+
+
+# ---- walking every type ---------------------------------------------------------------------
+
+
+def causal_lm_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    signal.signal(signal.SIGALRM, _alarm)
+    import mpqc  # noqa: F401 - the heavy imports, once per worker
+    import transformers  # noqa: F401
+
+
+def _check_with_timeout(model_type: str) -> Row:
+    signal.alarm(TIMEOUT_S)
+    try:
+        return check(model_type)
+    finally:
+        signal.alarm(0)
+
+
+def walk(types: list[str], workers: int | None = None, progress=None) -> list[Row]:
+    """Check every type, in ``workers`` processes (default: MPQC_SUPPORT_WORKERS or 2)."""
+    workers = workers or int(os.environ.get("MPQC_SUPPORT_WORKERS", min(2, os.cpu_count() or 1)))
+    if workers <= 1:
+        _init_worker()
+        rows = []
+        for t in types:
+            rows.append(_check_with_timeout(t))
+            if progress:
+                progress(rows[-1])
+        return rows
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fork of a process running torch threads can hang
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        rows = []
+        for row in pool.map(_check_with_timeout, types):
+            rows.append(row)
+            if progress:
+                progress(row)
+    return rows
+
+
+def counts(rows: list[Row]) -> dict[str, int]:
+    return {"total": len(rows), **{s: sum(r.status == s for r in rows) for s in STATUSES}}
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def write_table(rows: list[Row], md: Path = TABLE_MD, js: Path = TABLE_JSON) -> None:
+    """docs/architectures.md (for people) and .json (for the test), each written to a temp file, then renamed."""
+    data = {"versions": _versions(), "counts": counts(rows), "rows": [dataclasses.asdict(r) for r in rows]}
+    for path, text in ((js, json.dumps(data, indent=1) + "\n"), (md, render_markdown(rows))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+_STATUS_TEXT = {
+    "supported": "supported",
+    "refused": "refused at capture",
+    "hf-fails": "HF forward fails",
+    "wrong": "WRONG (silently)",
+    "error": "mpqc error",
+    "timeout": "timed out",
+}
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(rows: list[Row]) -> str:
+    c, v = counts(rows), _versions()
+    lines = [
+        "# Architectures",
+        "",
+        "Every model type in transformers' causal-LM auto mapping (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), built",
+        f"tiny (hidden size {H}, one decoder layer of each kind, vocabulary {VOCAB}, random weights, eager",
+        f"attention, float32) and walked through mpqc. Generated by `python tests/support_table.py` with",
+        f"transformers {v['transformers']} and torch {v['torch']}; `tests/test_support_table.py` runs the same",
+        "walk in CI and compares it with this table.",
+        "",
+        "A type is **supported** when its HF forward runs, mpqc captures it, the graph's matmul parameters",
+        "are exactly the tensors the HF forward multiplies by (seen by a TorchFunctionMode, a tied head",
+        "once, embeddings that are only looked up left out), the fp32 plan reproduces the HF logits on a",
+        f"new shape ({NEW_SHAPE[0]} x {NEW_SHAPE[1]} against the example's {EXAMPLE_SHAPE[0]} x "
+        f"{EXAMPLE_SHAPE[1]}), W+A MXINT4 gives finite logits there, and weight-only",
+        "MXINT4 equals the model with hand-quantized weights (checked where every matmul weight is a plain",
+        "`Linear` or `Conv1D`). **Refused at capture** means mpqc raised a `CaptureError` or `AnalysisError`",
+        "saying why, instead of building a graph that would be wrong. **HF forward fails** means the model's",
+        "own forward fails on the tiny config; those are not counted against mpqc.",
+        "",
+        "| types | HF forward fails | supported | refused at capture | silently wrong | mpqc error | timed out |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {c['total']} | {c['hf-fails']} | {c['supported']} | {c['refused']} | {c['wrong']} | {c['error']} "
+        f"| {c['timeout']} |",
+        "",
+        "| type | model class | status | roles found | matmul params (graph / HF) | notes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        params = "" if r.params is None else f"{r.params:,} / {r.expected_params:,}"
+        notes = r.reason or (f"weight-only: {r.w4}" if r.w4 else "")
+        lines.append(
+            f"| `{r.model_type}` | {_cell(r.model_class)} | {_STATUS_TEXT[r.status]} | {_cell(', '.join(r.roles))} "
+            f"| {params} | {_cell(notes)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def read_table(js: Path = TABLE_JSON) -> dict:
+    return json.loads(js.read_text())
+
+
+def main(argv: list[str]) -> int:
+    types = argv or causal_lm_types()
+    start = time.monotonic()
+
+    def show(row: Row) -> None:
+        print(f"{row.model_type:28s} {row.seconds:6.1f}s {row.status:9s} {row.reason[:160]}", flush=True)
+
+    rows = walk(types, progress=show)
+    print(counts(rows), f"{time.monotonic() - start:.0f} s")
+    if not argv:
+        write_table(rows)
+        print(f"wrote {TABLE_MD.relative_to(ROOT)} and {TABLE_JSON.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
