@@ -182,22 +182,43 @@ def _guard_failure(guards: torch.nn.Module, inputs: list, shape: tuple[int, int]
     return None
 
 
+# Config keys that bound the sequence length a model is built for (its position table).
+_MAX_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "n_ctx")
+
+
+def _max_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's config declares, or None: guards beyond it are the model's own limit."""
+    config = getattr(model, "config", None)
+    for c in (config, getattr(config, "text_config", None)):
+        for key in _MAX_LENGTH_KEYS:
+            value = getattr(c, key, None) if c is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return value
+    return None
+
+
 def _check_guards(ep: torch.export.ExportedProgram, model: torch.nn.Module, example: tuple[int, int]) -> None:
     """Refuse a graph whose shape guards (conditions the model's code put on the sizes) exclude other shapes.
 
     torch.export keeps a dim symbolic yet records guards such as ``input_ids.size()[1] == 8``
     (a Python loop over positions) or ``size()[1] <= 8`` (a chunked scan traced with one
     chunk); the graph then fails, or computes wrong values, at other sizes. The guards are
-    evaluated on meta tensors at GUARD_PROBE_SIZES, varying one dim at a time."""
+    evaluated on meta tensors at GUARD_PROBE_SIZES, varying one dim at a time; sequence
+    lengths beyond the longest the config declares (its position table) are the model's own
+    limit and not probed."""
     guarded = ep.module() if "check_guards" in inspect.signature(ep.module).parameters else None
     guards = getattr(guarded, "_guards_fn", None)
     if guards is None:  # torch before 2.9 checks guards another way; nothing to evaluate here
         return
     (call,) = guarded.graph.find_nodes(op="call_module", target="_guards_fn")
     inputs = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in call.args]
+    longest = _max_length(model)
     failed = []
     for i, dim in enumerate(("batch", "sequence")):
-        for size in GUARD_PROBE_SIZES:
+        sizes = GUARD_PROBE_SIZES
+        if i == 1 and longest is not None:
+            sizes = (*(s for s in sizes if s < longest), longest)
+        for size in sizes:
             shape = tuple(size if j == i else example[j] for j in range(2))
             guard = _guard_failure(guards, inputs, shape)
             if guard is not None:

@@ -85,54 +85,127 @@ TINY = {
     **dict.fromkeys(("mamba_d_head", "mamba_head_dim", "mamba_headdim"), 16),
     **dict.fromkeys(("chunk_size", "mamba_chunk_size"), 8),
     **dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "index_head_dim"), 8),
+    **dict.fromkeys(("n_group", "topk_group", "num_expert_group", "topk_expert_group", "n_groups", "mamba_n_groups",
+                     "mamba_ngroups"), 1),
+    **dict.fromkeys(("adapter_in_dim", "adapter_out_dim", "adapter_input_size", "adapter_output_size",
+                     "hidden_size_global", "downsample_hidden_size"), H),
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8, "hc_lowrank": 8,
+    "qk_head_dim": 16, "linear_head_dim": 8, "linear_num_heads": 4, "moe_topk": 2, "zero_expert_num": 2,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "index_n_heads": 2, "index_topk": 4, "mamba_d_ssm": 64,
 }
 LAYER_PATTERN_KEYS = ("layer_types", "mlp_layer_types", "layers_block_type")
-SUB_CONFIGS = ("text_config", "decoder", "vision_config", "audio_config")
+SUB_CONFIGS = ("text_config", "decoder", "vision_config", "audio_config", "patcher_config", "encoder_config",
+               "decoder_config", "global_config", "attn_config", "ffn_config")
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 # Per type, what the shrunk defaults get wrong ("sub.key" sets a key of a sub-config).
-OVERRIDES: dict[str, dict] = {}
+OVERRIDES: dict[str, dict] = {
+    "blt": {"encoder_hash_byte_group_vocab": VOCAB, "max_patch_length": 4},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.kv_n_heads": 2, "ffn_config.ffn_hidden_size": 2 * H,
+             "ffn_config.hidden_size": H, "ffn_config.moe_num_experts": 4, "ffn_config.moe_top_k": 2,
+             "attn_config.clip_qkv": 8.0},
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+    "dots3_note_text": {"head_dim": 16},
+    "dots3_note": {"text_config.head_dim": 16},
+    "gemma3n_text": {"num_kv_shared_layers": 0, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": VOCAB},
+    "gemma3n": {"text_config.num_kv_shared_layers": 0, "text_config.hidden_size_per_layer_input": 8,
+                "text_config.vocab_size_per_layer_input": VOCAB},
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": 2},
+    "hrm_text": {"H_cycles": 1, "L_cycles": 1, "L_bp_cycles": [1], "num_layers_per_stack": 1, "num_hidden_layers": 2},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2},
+    "mamba2": {"head_dim": 16},
+    "nemotron": {"num_key_value_heads": 2},
+    "qwen4_exp": {"text_config.ngram_vocab_size_base": VOCAB, "text_config.indexer_n_heads": 2,
+                  "text_config.indexer_kv_heads": 1, "text_config.indexer_head_dim": 8, "text_config.indexer_budget": 4,
+                  "text_config.indexer_compress_ratio": 2, "text_config.ple_embed_dim": H},
+    "qwen4_exp_text": {"ngram_vocab_size_base": VOCAB, "indexer_n_heads": 2, "indexer_kv_heads": 1,
+                       "indexer_head_dim": 8, "indexer_budget": 4, "indexer_compress_ratio": 2, "ple_embed_dim": H},
+    "reformer": {"is_decoder": True, "axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16],
+                 "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4, "attn_layers": ["local", "lsh"],
+                 "num_hidden_layers": 2, "max_position_embeddings": 64},
+    "rwkv": {"num_hidden_layers": 2, "attention_hidden_size": H},
+    "xlstm": {"num_blocks": 1, "chunk_size": 8},
+    "xmod": {"default_language": "en_XX"},
+    "zamba": {"layers_block_type": ["linear_attention", "hybrid", "hybrid"], "num_hidden_layers": 3,
+              "attention_hidden_size": 2 * H},
+    "zamba2": {"n_mamba_heads": 4, "attention_hidden_size": 2 * H, "attention_head_dim": 16, "hybrid_layer_ids": [1]},
+}
 
 
 # ---- building a tiny model ------------------------------------------------------------------
 
 
-def _shrink(config) -> None:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shrink(d: dict) -> None:
+    """Shrink a config dict in place: TINY sizes, special tokens in the vocabulary, one layer per kind."""
+    layers_before = d.get("num_hidden_layers")
     for key, value in TINY.items():
-        current = config.__dict__.get(key)
-        if isinstance(current, int) and not isinstance(current, bool):
-            setattr(config, key, value)
+        if _is_int(d.get(key)):
+            d[key] = value
     for key, value in SPECIAL_TOKENS.items():
-        if isinstance(getattr(config, key, None), int):
-            setattr(config, key, value)
-    patterns = [k for k in LAYER_PATTERN_KEYS if isinstance(config.__dict__.get(k), list)]
+        if _is_int(d.get(key)):
+            d[key] = value
+    if "head_dim" in d and d["head_dim"] is None:
+        d["head_dim"] = TINY["head_dim"]  # None means hidden / heads, which some code reads as is
+    if _is_int(d.get("kv_lora_rank")) and "num_key_value_heads" in d:
+        d["num_key_value_heads"] = d["num_attention_heads"]  # MLA: every head has its own key and value
+    patterns = [k for k in LAYER_PATTERN_KEYS if isinstance(d.get(k), list)]
+    first = [0] * (TINY["num_hidden_layers"])  # the original layers the tiny ones stand for
     if patterns:
         # One layer of each kind, in order of first appearance, in every pattern.
-        kinds = {k: list(dict.fromkeys(config.__dict__[k])) for k in patterns}
+        kinds = {k: list(dict.fromkeys(d[k])) for k in patterns}
         n = max(len(v) for v in kinds.values())
+        first = [d[patterns[0]].index(kinds[patterns[0]][i % len(kinds[patterns[0]])]) for i in range(n)]
         for k in patterns:
-            setattr(config, k, [kinds[k][i % len(kinds[k])] for i in range(n)])
-        if "num_hidden_layers" in config.__dict__:
-            config.num_hidden_layers = n
+            d[k] = [kinds[k][i % len(kinds[k])] for i in range(n)]
+        if "num_hidden_layers" in d:
+            d["num_hidden_layers"] = n
+        if isinstance(d.get("per_layer_config"), dict):  # the chosen layers keep their own settings
+            old = {int(k): v for k, v in d["per_layer_config"].items()}
+            d["per_layer_config"] = {str(i): old[j] for i, j in enumerate(first) if j in old}
+            for layer in d["per_layer_config"].values():
+                _shrink(layer)
+    for key, value in list(d.items()):  # other per-layer lists: the chosen layers' entries
+        if key not in patterns and isinstance(value, list) and _is_int(layers_before) and len(value) == layers_before > 1:
+            d[key] = [value[j] for j in first]
+    layers = d.get("num_hidden_layers")
+    for key, value in TINY.items():  # sizes given per layer
+        if isinstance(d.get(key), list) and d[key] and all(_is_int(v) for v in d[key]) and _is_int(layers):
+            d[key] = [value] * layers
     for name in SUB_CONFIGS:
-        sub = config.__dict__.get(name)
-        if sub is not None and hasattr(sub, "to_dict"):
-            _shrink(sub)
+        if isinstance(d.get(name), dict):
+            _shrink(d[name])
+
+
+def _set(d: dict, key: str, value) -> None:
+    *path, last = key.split(".")
+    for part in path:
+        d = d[part]
+    d[last] = value
 
 
 def tiny_config(model_type: str):
+    """The default config of ``model_type``, shrunk, with its OVERRIDES ("sub.key" for a sub-config's key).
+
+    The config is built from the final dict, so its own validation sees the tiny sizes."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type)
-    _shrink(config)
-    for key, value in OVERRIDES.get(model_type, {}).items():
-        target = config
-        *path, last = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    return config
+    overrides = OVERRIDES.get(model_type, {})
+    try:
+        default = AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001 - a default its own validation rejects: build it with the overrides
+        default = AutoConfig.for_model(model_type, **{k: v for k, v in overrides.items() if "." not in k})
+    d = default.to_dict()
+    _shrink(d)
+    for key, value in overrides.items():
+        _set(d, key, value)
+    return type(default).from_dict(d)
 
 
 def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
