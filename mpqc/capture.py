@@ -4,14 +4,19 @@
     graph.module(other_input_ids)          # logits, any batch size and sequence length
 
 Steps: ``torch.export.export(model, (input_ids,), kwargs={"use_cache": False},
-strict=False)`` with the batch and sequence dims dynamic; a runnable GraphModule
-that maps input_ids to the logits tensor; DecomposeAttention (fused SDPA -> two
-matmuls); the analysis passes. The example input fixes the reference batch size and
-sequence length that attention MACs are counted at.
+strict=False)`` with the batch and sequence dims dynamic (and ``config.use_cache`` off
+meanwhile); a check that export kept them dynamic, both in the input's shape and in the
+program's shape guards (a loop over positions or a one-chunk scan fixes or bounds the
+length: such a graph is refused, naming the dimension, rather than failing or computing
+wrong logits later); a runnable GraphModule that maps input_ids to the logits tensor;
+DecomposeAttention (fused SDPA -> two matmuls); the analysis passes, the last of which
+refuses any parameter that reaches a matmul other than as its weight. The example input
+fixes the reference batch size and sequence length that attention MACs are counted at.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import traceback
@@ -54,7 +59,8 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True) -> 
         auto = torch.export.Dim.AUTO
         dynamic_shapes = {input_name: {0: auto, 1: auto}, **{k: None for k in kwargs}}
     try:
-        ep = torch.export.export(model, (trace_ids,), kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        with _no_cache(model):
+            ep = torch.export.export(model, (trace_ids,), kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:
         raise CaptureError(explain_export_failure(model, e)) from e
     module = _logits_module(ep, model)
@@ -101,6 +107,22 @@ def _forward_signature(model: torch.nn.Module) -> tuple[str, dict]:
     # A KV cache is state export cannot return as a tensor; the graph computes logits only.
     kwargs = {"use_cache": False} if "use_cache" in params else {}
     return positional[0], kwargs
+
+
+@contextlib.contextmanager
+def _no_cache(model: torch.nn.Module):
+    """``config.use_cache = False`` while exporting: some models build a KV cache from the
+    config even when forward gets use_cache=False, and export cannot return one."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before is None:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = before
 
 
 def _at_least_two(ids: torch.Tensor) -> torch.Tensor:
@@ -203,9 +225,10 @@ def _check_guards(ep: torch.export.ExportedProgram, model: torch.nn.Module, exam
     torch.export keeps a dim symbolic yet records guards such as ``input_ids.size()[1] == 8``
     (a Python loop over positions) or ``size()[1] <= 8`` (a chunked scan traced with one
     chunk); the graph then fails, or computes wrong values, at other sizes. The guards are
-    evaluated on meta tensors at GUARD_PROBE_SIZES, varying one dim at a time; sequence
-    lengths beyond the longest the config declares (its position table) are the model's own
-    limit and not probed."""
+    evaluated on meta tensors at GUARD_PROBE_SIZES, varying one dim at a time. Sequence
+    lengths are probed up to half the longest the config declares: near the end of its
+    position table a model has limits of its own (a padding offset, n-gram streams), which
+    HF's forward shares."""
     guarded = ep.module() if "check_guards" in inspect.signature(ep.module).parameters else None
     guards = getattr(guarded, "_guards_fn", None)
     if guards is None:  # torch before 2.9 checks guards another way; nothing to evaluate here
@@ -217,7 +240,7 @@ def _check_guards(ep: torch.export.ExportedProgram, model: torch.nn.Module, exam
     for i, dim in enumerate(("batch", "sequence")):
         sizes = GUARD_PROBE_SIZES
         if i == 1 and longest is not None:
-            sizes = (*(s for s in sizes if s < longest), longest)
+            sizes = tuple(s for s in sizes if s <= longest // 2)
         for size in sizes:
             shape = tuple(size if j == i else example[j] for j in range(2))
             guard = _guard_failure(guards, inputs, shape)

@@ -141,3 +141,142 @@ def test_every_spelling_quantizes_like_hand_quantized_weights(spellings):
         head.head.weight.copy_(quantize(model.head.weight, "mxint4", axis=1))
         expected = head(new_ids(), weights=quantized)
     torch.testing.assert_close(weight_only(graph)(new_ids()), expected, atol=ATOL, rtol=RTOL)
+
+
+# ---- the invariant: a parameter reaching a matmul any other way is refused by name ---------------
+
+
+class OneMatmul(nn.Module):
+    """embed -> ``form(h, w)`` -> head: ``form`` decides how ``w`` reaches its matmul."""
+
+    def __init__(self, form, shape=(HIDDEN, HIDDEN)):
+        super().__init__()
+        self.form = form
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.w = nn.Parameter(torch.randn(*shape) / HIDDEN**0.5)
+        self.v = nn.Parameter(torch.randn(*shape) / HIDDEN**0.5)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        return self.head(torch.tanh(self.form(self.embed(input_ids), self.w, self.v)))
+
+
+def capture_form(form, shape=(HIDDEN, HIDDEN)):
+    torch.manual_seed(0)
+    return capture(OneMatmul(form, shape).eval(), (example_ids(),))
+
+
+def test_a_chain_the_trace_has_never_seen_is_refused_naming_parameter_node_and_ops():
+    # roll moves the weight's elements; it is no view, cast, copy or gather, so the operand
+    # is computed from w, not w itself: quantizing it as an activation would be silently wrong.
+    with pytest.raises(WeightOperandError) as info:
+        capture_form(lambda h, w, v: h @ torch.roll(w, 1, 0).t())
+    text = str(info.value)
+    assert "parameter 'w'" in text and "matmul 'activation_matmul'" in text and "operand 1" in text
+    assert "through aten.roll.default -> aten.t.default" in text
+    assert "aten.roll.default is not a view, cast, copy or gather of the weight" in text
+
+
+@pytest.mark.parametrize(
+    "form, why",
+    [
+        (lambda h, w, v: h @ (2 * w).t(), "aten.mul.Tensor is not a view, cast, copy or gather"),
+        (lambda h, w, v: h @ torch.clamp(w, -0.01, 0.01).t(), "aten.clamp.default is not a view, cast, copy or gather"),
+        (lambda h, w, v: h @ (w + v).t(), "computed from this weight together with other tensors"),
+        (lambda h, w, v: (h @ torch.cat([w, v], 0).t())[..., :HIDDEN], "together with other tensors"),
+        # The matmul reduces over halves of w's input axis: quantizing w along that axis in
+        # blocks would not match the blocks each half is reduced over.
+        (lambda h, w, v: (h.unflatten(-1, (2, HIDDEN // 2)).unsqueeze(-2) @ w.t().reshape(2, HIDDEN // 2, HIDDEN))
+         .sum(-3).squeeze(-2), "runs over 32 of the 64 elements of weight axis 1"),
+    ],
+    ids=["scaled", "clamped", "sum_of_two", "concatenated", "half_axis"],
+)
+def test_weights_reaching_a_matmul_through_computation_are_refused(form, why):
+    with pytest.raises(WeightOperandError, match="parameter '[wv]'") as info:
+        capture_form(form)
+    assert why in str(info.value)
+
+
+def test_a_matmul_of_two_parameters_is_refused_for_the_second():
+    with pytest.raises(WeightOperandError) as info:
+        capture_form(lambda h, w, v: h @ (w @ v))
+    assert "recorded weight: w" in str(info.value) and "parameter 'v'" in str(info.value)
+
+
+def test_an_op_that_keeps_values_is_followed_and_one_that_changes_them_is_not():
+    # Neither op is named anywhere: the probe of distinct values tells them apart.
+    graph = capture_form(lambda h, w, v: (h.bfloat16() @ torch.nan_to_num(w).bfloat16().t()).float())
+    (m,) = [m for m in graph.matmuls if m.weight == "w"]
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    assert [str(nodes[n].target) for n in m.weight_path[1:]] == [
+        "aten.nan_to_num.default", "aten.to.dtype", "aten.t.default"]
+    with pytest.raises(WeightOperandError, match="aten.round.default is not a view, cast, copy or gather"):
+        capture_form(lambda h, w, v: h @ torch.round(w).t())
+
+
+def test_looked_up_rows_are_activations_and_gathered_expert_matrices_are_weights():
+    # embed(ids) straight into a linear (OPT's project_in): the rows are activations.
+    graph = capture_form(lambda h, w, v: F.linear(h, w))
+    assert [(m.weight, m.weight_operand) for m in graph.matmuls] == [("w", 1), ("head.weight", 1)]
+    # w stacked as 2 experts of [HIDDEN // 2, HIDDEN], gathered by data-dependent ids.
+    def experts(h, w, v):
+        ids = (h[..., 0] > 0).long().flatten()  # one expert per token
+        picked = w.view(2, HIDDEN // 2, HIDDEN)[ids]  # [tokens, out, in]
+        return torch.bmm(picked, h.reshape(-1, HIDDEN, 1)).view(*h.shape[:-1], HIDDEN // 2).repeat(1, 1, 2)
+
+    graph = capture_form(experts)
+    (m,) = [m for m in graph.matmuls if m.weight == "w"]
+    assert (m.weight_operand, m.weight_reduction_axis, m.params) == (0, 1, HIDDEN * HIDDEN)
+
+
+def test_the_total_is_checked_against_the_distinct_tensors_multiplied():
+    gm = torch.export.export(OneMatmul(lambda h, w, v: h @ w.t()).eval(), (example_ids(),), strict=False)
+    gm = gm.module(check_guards=False)
+    for p in analysis_passes()[:-1]:
+        p(gm)
+    CheckWeightOperands()(gm)  # consistent as analysed
+    (node,) = [n for n in gm.graph.nodes if n.meta.get("mpqc", {}).get("weight") == "w"]
+    node.meta["mpqc"]["params"] = 0  # as if ComputeCosts had lost w
+    with pytest.raises(WeightOperandError, match=r"the matmuls own 8,192 weight elements, but the distinct tensors"):
+        CheckWeightOperands()(gm)
+
+
+# ---- shapes: a size the model's code fixes is refused at capture, naming the dimension -------------
+
+
+class FixedSize(nn.Module):
+    def __init__(self, fix):
+        super().__init__()
+        self.fix = fix
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, input_ids):
+        return self.head(self.fix(self.embed(input_ids)))
+
+
+def _loop_over_positions(h):  # a recurrence written as a Python loop, like Mamba's slow path
+    state, out = torch.zeros_like(h[:, 0]), []
+    for t in range(h.shape[1]):
+        state = 0.5 * state + h[:, t]
+        out.append(state)
+    return torch.stack(out, 1)
+
+
+def _one_chunk(h):  # a chunked scan that branches on the number of chunks, traced with one
+    chunks = (h.shape[1] + 7) // 8
+    return h.cumsum(1) if chunks == 1 else h
+
+
+@pytest.mark.parametrize(
+    "fix, message",
+    [
+        (_loop_over_positions, "specialized the sequence dimension of input_ids to 8"),
+        (lambda h: h.reshape(2, -1, HIDDEN), "specialized the batch dimension of input_ids to 2"),
+        (_one_chunk, r"sequence size 9 fails `input_ids.size\(\)\[1\] <= 8`"),
+    ],
+    ids=["loop", "reshape_to_batch_2", "one_chunk"],
+)
+def test_a_size_the_code_fixes_is_refused_at_capture_naming_the_dimension(fix, message):
+    with pytest.raises(CaptureError, match=message):
+        capture(FixedSize(fix).eval(), (example_ids(EXAMPLE_SHAPE),))

@@ -111,14 +111,17 @@ class Dependence:
     activation: dict[torch.fx.Node, bool]
 
     @classmethod
-    def of(cls, gm: torch.fx.GraphModule) -> Dependence:
+    def of(cls, gm: torch.fx.GraphModule, placeholders: dict[torch.fx.Node, tuple[bool, bool]] | None = None):
+        """``placeholders``: (on_input, activation) for placeholders that are not the model input
+        (those of a higher-order op's subgraph); the rest are the model input."""
         on_input, activation = {}, {}
         for n in gm.graph.nodes:
             inputs = n.all_input_nodes
-            on_input[n] = n.op == "placeholder" or any(on_input[i] for i in inputs)
             if n.op == "placeholder":
-                activation[n] = True
-            elif is_lookup(n):
+                on_input[n], activation[n] = (placeholders or {}).get(n, (True, True))
+                continue
+            on_input[n] = any(on_input[i] for i in inputs)
+            if is_lookup(n):
                 activation[n] = any(on_input[i] for i in inputs if i is not n.args[0])
             else:
                 activation[n] = any(activation[i] for i in value_inputs(n))
@@ -151,10 +154,6 @@ class Trace:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.nodes)
-
-    @property
-    def ops(self) -> tuple[str, ...]:
-        return tuple(op_name(n) for n in self.nodes[1:])
 
     def weight_axis(self, axis: int) -> tuple[int | None, str | None]:
         """The weight axis that ``axis`` of the operand runs along, whole and in order, or (None, why not)."""
@@ -223,14 +222,14 @@ def _concrete(value, what: torch.fx.Node):
     return value
 
 
-def _call(node: torch.fx.Node, source: torch.fx.Node, replacement, target=None):
-    def arg(a):
+def _call(node, source: torch.fx.Node, replacement, target=None):
+    """Run the node's op (or ``target``) with ``replacement`` for ``source`` and concrete sizes."""
+
+    def value(a):
         return replacement if a is source else _concrete(a, node)
 
-    args = torch.fx.node.map_aggregate(node.args, lambda a: arg(a) if isinstance(a, torch.fx.Node) else _concrete(a, node))
-    kwargs = torch.fx.node.map_aggregate(
-        node.kwargs, lambda a: arg(a) if isinstance(a, torch.fx.Node) else _concrete(a, node)
-    )
+    args = torch.fx.node.map_aggregate(node.args, value)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
     return (target or node.target)(*args, **kwargs)
 
 
@@ -317,8 +316,8 @@ def _as_cast(node, source, view):
     schema = node.target._schema
     if len(node.all_input_nodes) != 1 or len(schema.returns) != 1:
         return None
-    others = [a for a in schema.arguments[1:]]
-    if any(str(a.real_type).removeprefix("Optional[").removesuffix("]") not in _CAST_ARG_TYPES for a in others):
+    if any(str(a.real_type).removeprefix("Optional[").removesuffix("]") not in _CAST_ARG_TYPES
+           for a in schema.arguments[1:]):
         return None
     val = node.meta["val"]
     if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(source.meta["val"].shape):
