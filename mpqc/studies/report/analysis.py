@@ -1,6 +1,6 @@
 """From a sweep's results CSV to fitted laws (JSON), figures (PNG) and a Markdown report.
 
-    paths = mpqc.report.write_report("runs/sweep_small.csv", "runs/sweep_small")   # also: mpqc fit
+    paths = mpqc.studies.report.write_report("runs/sweep_small.csv", "runs/sweep_small")   # also: mpqc fit
 
 * Q_r,max per model and loss budget (5/10/20% delta_ppl by default), read off each model's
   ratio curve (achieved Q_r against held-out delta_ppl, made monotone), per setting
@@ -20,9 +20,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from mpqc import laws
-from mpqc.cli import write_json_atomic, write_text_atomic
-from mpqc.sweep import read_results
+from mpqc.studies import laws
+from mpqc.io import atomic_file, json_safe, write_json_atomic, write_text_atomic
+from mpqc.studies.sweep import read_results
 
 __all__ = ["BUDGETS", "PAPER", "analyze", "figures", "markdown", "write_report"]
 
@@ -308,12 +308,10 @@ def fig_bits(analysis, path):
 
 
 def _save(fig, path) -> None:
-    # Render to a temporary name, then rename: a figure is never half written.
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path, "wb") as f:  # a figure is never half written
+        fig.savefig(f, format="png", dpi=110)
     _plt().close(fig)
-    os.replace(tmp, path)
 
 
 def figures(rows, analysis, out_dir) -> dict[str, str]:
@@ -420,17 +418,6 @@ def _ratio_cell(e) -> str:
     return text
 
 
-def _finite(value):
-    """JSON has no NaN or Infinity: a diverged perplexity is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_report(csv_path: str, out_dir: str, budgets=BUDGETS) -> dict[str, str]:
     """laws.json, four PNG figures and report.md in ``out_dir``; returns their paths."""
     rows = read_results(csv_path)
@@ -438,7 +425,7 @@ def write_report(csv_path: str, out_dir: str, budgets=BUDGETS) -> dict[str, str]
     os.makedirs(out_dir, exist_ok=True)
     paths = figures(rows, analysis, out_dir)
     paths["json"] = os.path.join(out_dir, "laws.json")
-    write_json_atomic(paths["json"], _finite({"source": os.path.abspath(csv_path), **analysis}))
+    write_json_atomic(paths["json"], json_safe({"source": os.path.abspath(csv_path), **analysis}))
     paths["report"] = os.path.join(out_dir, "report.md")
     write_text_atomic(paths["report"], markdown(analysis, {k: paths[k] for k in FIGURES}, source=csv_path))
     return paths

@@ -37,13 +37,13 @@ linear least-squares fit of ln(delta NLL) on a few terms, each a feature or its 
 (``"log(fisher)"``, ``"nll_base"``): a power law in the features, explainable by its
 coefficients. It predicts delta_ppl = exp(exp(fit)) - 1.
 
-    rows = mpqc.predict.collect(graph, search_tokens, holdout, model="smollm2", n_plans=40)
-    predictor = mpqc.predict.Predictor.fit(rows, terms=mpqc.predict.DEFAULT_TERMS)
+    rows = mpqc.studies.predict.collect(graph, search_tokens, holdout, model="smollm2", n_plans=40)
+    predictor = mpqc.studies.predict.Predictor.fit(rows, terms=mpqc.studies.predict.DEFAULT_TERMS)
     predictor.predict(rows)                                   # delta_ppl per row
-    mpqc.predict.validate(rows, by="plans")                   # held-out plans: R^2, MAE, Spearman
-    mpqc.predict.validate(rows_of_several_models, by="models")  # leave one model out
-    mpqc.predict.write_data("data.csv", rows); mpqc.predict.read_data("data.csv")
-    predictor.save("predictor.json"); mpqc.predict.Predictor.load("predictor.json")
+    mpqc.studies.predict.validate(rows, by="plans")                   # held-out plans: R^2, MAE, Spearman
+    mpqc.studies.predict.validate(rows_of_several_models, by="models")  # leave one model out
+    mpqc.studies.predict.write_data("data.csv", rows); mpqc.studies.predict.read_data("data.csv")
+    predictor.save("predictor.json"); mpqc.studies.predict.Predictor.load("predictor.json")
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from mpqc.compile import QuantizedModel
+from mpqc.io import json_safe, read_csv, typed_rows, write_csv_atomic
 from mpqc.evaluate import nll, sample_windows
 from mpqc.graph import Graph
 from mpqc.plan import Plan
@@ -392,43 +393,20 @@ def _search_plans(graph, tokens, space, qmodel, existing, *, low, high, weights_
 
 def write_data(path: str, rows: Sequence[Mapping]) -> None:
     """The rows as CSV (columns ``COLUMNS``), written atomically."""
-    from mpqc.cli import write_text_atomic
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "")) for k in COLUMNS})
-    write_text_atomic(path, buf.getvalue())
+    write_csv_atomic(path, rows, COLUMNS)
 
 
 def read_data(path: str) -> list[dict]:
     """Rows written by ``write_data`` / ``mpqc predict collect``, with typed values."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"prediction data {path} does not exist; write it with `mpqc predict collect`")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("model", "delta_ppl") if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{path} lacks columns {missing}; expected the columns of `mpqc predict collect` "
-                             f"({', '.join(COLUMNS)})")
-        raw = list(reader)
-    rows = []
-    for i, r in enumerate(raw, start=2):
-        row = {}
-        for k, v in r.items():
-            if k in _STR or k is None:
-                row[k] = v
-            elif k == "weights_only":
-                row[k] = v == "True"
-            elif v == "":
-                row[k] = math.nan
-            else:
-                try:
-                    row[k] = float(v) if k not in _INT else (int(v) if v.lstrip("-").isdigit() else int(float(v)))
-                except ValueError:
-                    raise ValueError(f"{path} line {i}: column {k} is {v!r}, not a number") from None
-        rows.append(row)
+    header, raw = read_csv(path)
+    missing = [c for c in ("model", "delta_ppl") if c not in header]
+    if missing:
+        raise ValueError(f"{path} lacks columns {missing}; expected the columns of `mpqc predict collect` "
+                         f"({', '.join(COLUMNS)})")
+    kinds = {**{k: "str" for k in _STR}, **{k: "int" for k in _INT}, "weights_only": "bool"}
+    rows = typed_rows(raw, kinds, default="float", where=path)
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows
@@ -439,7 +417,7 @@ def read_data(path: str) -> list[dict]:
 _TERM = re.compile(r"^(log\()?([a-z_]+)(\))?$")
 
 
-def _parse_term(term: str) -> tuple[bool, str]:
+def parse_term(term: str) -> tuple[bool, str]:
     m = _TERM.match(term.strip())
     if not m or bool(m.group(1)) != bool(m.group(3)):
         raise ValueError(f"a term is a feature name or log(name), e.g. 'log(fisher)' or 'nll_base'; got {term!r}")
@@ -450,7 +428,7 @@ def design(rows: Sequence[Mapping], terms: Sequence[str]) -> np.ndarray:
     """The regression's columns: each term's value per row (log terms floored at LOG_FLOOR)."""
     cols = []
     for term in terms:
-        is_log, name = _parse_term(term)
+        is_log, name = parse_term(term)
         values = []
         for i, r in enumerate(rows):
             if name not in r:
@@ -502,7 +480,7 @@ class Predictor:
         if not terms:
             raise ValueError("give at least one term, e.g. 'log(fisher)'")
         for t in terms:
-            _parse_term(t)
+            parse_term(t)
         if len(set(terms)) != len(terms):
             raise ValueError(f"terms repeat: {list(terms)}")
         rows = list(rows)
@@ -554,7 +532,7 @@ class Predictor:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-        return {"mpqc_predictor": 1, **_finite(d)}
+        return {"mpqc_predictor": 1, **json_safe(d)}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Predictor":
@@ -574,11 +552,11 @@ class Predictor:
         if len(kw["terms"]) != len(kw["coef"]):
             raise ValueError(f"predictor has {len(kw['terms'])} terms but {len(kw['coef'])} coefficients")
         for t in kw["terms"]:
-            _parse_term(t)
+            parse_term(t)
         return cls(**kw)
 
     def save(self, path: str) -> None:
-        from mpqc.cli import write_json_atomic
+        from mpqc.io import write_json_atomic
 
         write_json_atomic(path, self.to_dict())
 
@@ -590,16 +568,6 @@ class Predictor:
             except json.JSONDecodeError as e:
                 raise ValueError(f"predictor file {path} is not JSON: {e}") from e
         return cls.from_dict(data)
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ---- validation ---------------------------------------------------------------------------------
