@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from mpqc import predict
+from mpqc.studies import predict
 
 FAMILY = ("llama-xs", "llama-xsm", "llama-s", "llama-sm", "llama-m", "llama-ml", "llama-l")
 # name -> (terms, needs a forward per plan)
@@ -204,9 +204,9 @@ def main(argv=None) -> int:
     if args.timing:
         out["timing"] = timing(args.timing)
     if args.json:
-        from mpqc.cli import write_json_atomic
+        from mpqc.io import json_safe, write_json_atomic
 
-        write_json_atomic(args.json, predict._finite(json.loads(json.dumps(out, default=float))))
+        write_json_atomic(args.json, json_safe(json.loads(json.dumps(out, default=float))))
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 

@@ -22,6 +22,10 @@ from tqdm.auto import tqdm
 
 __all__ = ["nll", "perplexity", "sample_windows"]
 
+# math.exp overflows (OverflowError) past ~709.78: code that exponentiates a loss or a loss
+# difference caps its argument at, or compares it with, this one constant.
+EXP_LIMIT = 709.0
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -1,0 +1,49 @@
+"""From a sweep's results CSV to fitted laws (JSON), figures (PNG) and a Markdown report.
+
+    paths = mpqc.studies.report.write_report("runs/sweep_small.csv", "runs/sweep_small")   # also: mpqc fit
+
+* Q_r,max per model and loss budget (5/10/20% delta_ppl by default), read off each model's
+  ratio curve (achieved Q_r against held-out delta_ppl, made monotone), per setting
+  (granularity, low format, weights-only, block size); with several seeds, also per seed.
+* Law 1 per setting and budget: size = exp(k * (1 - Q_r,max) + c) over the models whose
+  Q_r,max was interpolated (at least three), size = all model parameters.
+* Law 2 per model, setting and asked Q_r: delta_ppl = A * block_size^k over numeric block sizes.
+* The bits view (Dettmers & Zettlemoyer): held-out perplexity against total matmul weight bits,
+  with the Pareto front (the bit-optimal configurations).
+
+    mpqc.studies.report.analysis   the numbers (Q_r,max, the fits, the bits view): analyze()
+    mpqc.studies.report.figures    the four PNG figures: figures()
+    mpqc.studies.report.markdown   report.md: markdown()
+
+This package re-exports their names (``report.analyze``, ``report.BUDGETS``, ``report.FIGURES``,
+...); ``report.figures`` and ``report.markdown`` are the functions, which shadow their modules'
+attribute names (import the modules with ``importlib.import_module`` if ever needed).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mpqc.io import json_safe, write_json_atomic, write_text_atomic
+# Every name below stays reachable as mpqc.studies.report.<name>.
+from mpqc.studies.report.analysis import (BUDGETS, PAPER, SETTING_KEYS, analyze, bits_view,  # noqa: F401
+                                          law1_fits, law2_fits, max_ratios, setting_label)
+from mpqc.studies.report.figures import (FIGURES, fig_bits, fig_law1, fig_law2,  # noqa: F401
+                                         fig_ratio_vs_delta, figures)
+from mpqc.studies.report.markdown import markdown
+from mpqc.studies.sweep import read_results
+
+__all__ = ["BUDGETS", "PAPER", "analyze", "figures", "markdown", "write_report"]
+
+
+def write_report(csv_path: str, out_dir: str, budgets=BUDGETS) -> dict[str, str]:
+    """laws.json, four PNG figures and report.md in ``out_dir``; returns their paths."""
+    rows = read_results(csv_path)
+    analysis = analyze(rows, budgets)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = figures(rows, analysis, out_dir)
+    paths["json"] = os.path.join(out_dir, "laws.json")
+    write_json_atomic(paths["json"], json_safe({"source": os.path.abspath(csv_path), **analysis}))
+    paths["report"] = os.path.join(out_dir, "report.md")
+    write_text_atomic(paths["report"], markdown(analysis, {k: paths[k] for k in FIGURES}, source=csv_path))
+    return paths

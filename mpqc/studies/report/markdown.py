@@ -1,0 +1,126 @@
+"""report.md: the fitted laws as Markdown tables, one section after another."""
+
+from __future__ import annotations
+
+import os
+
+from mpqc.studies.report.analysis import PAPER
+
+__all__ = ["markdown"]
+
+
+def _pm(value, err, fmt=".2f") -> str:
+    return f"{value:{fmt}} ± {err:{fmt}}"
+
+
+def markdown(analysis, figure_paths, *, source: str = "") -> str:
+    a = analysis
+    out = _models_section(a, source)
+    out += _max_ratio_section(a)
+    out += _law1_section(a)
+    out += _law2_section(a)
+    out += _bits_section(a)
+    out += _figures_section(figure_paths)
+    return "\n".join(out)
+
+
+def _models_section(a, source: str) -> list[str]:
+    out = ["# Mixed-precision scaling laws: fitted report", ""]
+    out += [f"Source: `{source}`, {a['n_rows']} searched cells, {len(a['models'])} models, "
+            f"settings: {'; '.join(a['settings'])}. delta_ppl = (ppl_q - ppl_base) / ppl_base on held-out text.", ""]
+    out += ["## Models", "", "| model | parameters | held-out perplexity (all high) |", "| --- | ---: | ---: |"]
+    out += [f"| {m['model']} | {m['params']:,} | {m['ppl_base']:.3f} |" for m in a["models"]]
+    return out
+
+
+def _max_ratio_section(a) -> list[str]:
+    out = ["", "## Largest quantization ratio within each loss budget", "",
+           "Read off each model's ratio curve (achieved Q_r, made monotone: a plan found at a higher ratio "
+           "also meets a lower one), interpolated linearly. `>=` marks a budget met at every measured "
+           "ratio (a lower bound), `-` one never met.", ""]
+    for setting in sorted({e["setting"] for e in a["law1"]}):
+        out += [f"**{setting}**", "", "| model | " + " | ".join(f"{100 * b:g}%" for b in a["budgets"]) + " |",
+                "| --- |" + " ---: |" * len(a["budgets"])]
+        for m in a["models"]:
+            cells = []
+            for b in a["budgets"]:
+                e = next((x for x in a["max_ratio"] if x["setting"] == setting and x["model"] == m["model"]
+                          and x["budget"] == b), None)
+                cells.append(_ratio_cell(e))
+            out.append(f"| {m['model']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def _ratio_cell(e) -> str:
+    if e is None:
+        return ""
+    if e["status"] == "never_reached":
+        return "-"
+    text = f"{'>= ' if e['status'] == 'above_measured' else ''}{e['max_ratio']:.3f}"
+    reached = [s for s in e["per_seed"] if s is not None]
+    if reached:  # several seeds: the range of their own curves (the search noise)
+        spread = f"{min(reached):.3f}-{max(reached):.3f}" if len(reached) > 1 else f"{reached[0]:.3f}"
+        missed = len(e["per_seed"]) - len(reached)
+        never = f"; {missed} of {len(e['per_seed'])} never" if missed else ""
+        text += f" (seeds: {spread}{never})"
+    return text
+
+
+def _law1_section(a) -> list[str]:
+    out = ["## Law 1: size = exp(k (1 - Q_r,max) + c)", "",
+           "x = 1 - Q_r,max, y = model parameters; least squares on ln y; ± one standard error; "
+           f"R² of ln y. The paper (Qwen-1.5, matmul-wise): k = {PAPER['law1_k']['0.05']}, "
+           f"{PAPER['law1_k']['0.1']}, {PAPER['law1_k']['0.2']} at 5/10/20%.", "",
+           "| setting | budget | k | c | R² | models | paper k |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for e in a["law1"]:
+        paper = PAPER["law1_k"].get(f"{e['budget']:g}", "")
+        if e["fit"]:
+            f = e["fit"]
+            out.append(f"| {e['setting']} | {100 * e['budget']:g}% | {_pm(f['k'], f['k_err'])} | {_pm(f['c'], f['c_err'])} "
+                       f"| {f['r2']:.3f} | {f['n']} | {paper} |")
+        else:
+            out.append(f"| {e['setting']} | {100 * e['budget']:g}% | - | - | - | {len(e['points'])} | {paper} |")
+    notes = [f"- {e['setting']}, {100 * e['budget']:g}%: {e['note']}"
+             + (f" (left out: {', '.join(f'{k} {v}' for k, v in e['left_out'].items())})" if e["left_out"] else "")
+             for e in a["law1"] if e["note"]]
+    out += ["", *notes, ""] if notes else [""]
+    return out
+
+
+def _law2_section(a) -> list[str]:
+    out = ["## Law 2: delta_ppl = A * block_size^k", ""]
+    if not a["law2"]:
+        out += ["No block-size sweep in these results (grid.block_size needs several numeric sizes). "
+                f"The paper reports k between {PAPER['law2_k_range'][0]} and {PAPER['law2_k_range'][1]}.", ""]
+        return out
+    out += [f"Per model, format and asked Q_r over numeric block sizes. The paper: k between "
+            f"{PAPER['law2_k_range'][0]} and {PAPER['law2_k_range'][1]}.", "",
+            "| model | format | Q_r | A | k | R² | points | note |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for e in a["law2"]:
+        fmt = f"{e['granularity']}, {e['low']}{' W-only' if e['weights_only'] else ''}"
+        if e["fit"]:
+            f = e["fit"]
+            out.append(f"| {e['model']} | {fmt} | {e['ratio']:g} | {_pm(f['A'], f['A_err'], '.3g')} | "
+                       f"{_pm(f['k'], f['k_err'])} | {f['r2']:.3f} | {f['n']} | {e['note']} |")
+        else:
+            out.append(f"| {e['model']} | {fmt} | {e['ratio']:g} | - | - | - | {len(e['points'])} | {e['note']} |")
+    out.append("")
+    return out
+
+
+def _bits_section(a) -> list[str]:
+    out = ["## Bits view", "", "The Pareto front of held-out perplexity against total matmul weight bits "
+           "(each point: lower perplexity than anything with fewer bits):", "",
+           "| total bits | average bits | perplexity | model | configuration |", "| ---: | ---: | ---: | --- | --- |"]
+    for p in a["bits"]["pareto"]:
+        cfg = p["setting"] + (f", Q_r >= {p['ratio']:g}" if "ratio" in p else "")
+        out.append(f"| {p['total_bits']:,} | {p['average_bits']:.2f} | {p['ppl']:.3f} | {p['model']} | {cfg} |")
+    return out
+
+
+def _figures_section(figure_paths) -> list[str]:
+    out = ["", "## Figures", ""]
+    for name, path in figure_paths.items():
+        out += [f"![{name}]({os.path.basename(path)})", ""]
+    return out
