@@ -167,7 +167,7 @@ def _cpu_settings(device: torch.device, threads: int):
 
 
 def _train_family(args, preset: dict, sizes: list[Size], device: torch.device) -> None:
-    from mpqc.cli import write_json_atomic
+    from mpqc.io import write_json_atomic
     from mpqc.data import load_text, split_tokens, tokenize
     from mpqc.evaluate import perplexity
 

@@ -34,6 +34,8 @@ import onnxscript.version_converter
 import torch
 from tqdm.auto import tqdm
 
+from mpqc.io import atomic_files
+
 from . import functions, metadata
 from .markers import Resolved, Template, UnsupportedExport, prepare, resolve
 from .weights import FP_WEIGHT_FORMS, STANDARD, TABLE, WeightEncoder
@@ -358,11 +360,9 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 def _save_atomic(model: ir.Model, path: str, external: bool, check: bool, seconds: dict) -> tuple[str | None, int]:
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
     name = os.path.basename(path)
     data_name = f"{name}.data"
-    tmpdir = tempfile.mkdtemp(dir=directory, prefix=f".{name}.tmp-")
-    try:
+    with atomic_files(directory, [data_name, name]) as tmpdir:  # the model, which names its data, last
         t0 = time.perf_counter()
         tmp_model = os.path.join(tmpdir, name)
         ir.save(model, tmp_model, external_data=data_name if external else None)
@@ -375,13 +375,9 @@ def _save_atomic(model: ir.Model, path: str, external: bool, check: bool, second
                 raise RuntimeError(f"the exported model fails onnx.checker (nothing written to {path}): {e}") from e
             seconds["check"] = time.perf_counter() - t0
         tmp_data = os.path.join(tmpdir, data_name)
-        data_path = None
         size = os.path.getsize(tmp_model)
+        data_path = None
         if os.path.exists(tmp_data):
             size += os.path.getsize(tmp_data)
             data_path = os.path.join(directory, data_name)
-            os.replace(tmp_data, data_path)
-        os.replace(tmp_model, os.path.abspath(path))
-        return data_path, size
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return data_path, size

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from mpqc.io import atomic_file, installed_file
+
 __all__ = [
     "DEFAULT_TEXT",
     "cache_dir",
@@ -59,22 +61,11 @@ _STRIPPER_VERSION = 1
 
 def wiki_sample_path() -> Path:
     """Path of the Wikipedia sample inside the installed gensim wheel."""
-    # find_spec locates the package without executing its __init__ (which fails
-    # without smart_open); we only need the data file.
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default text 'wiki' is the Wikipedia sample inside the gensim wheel, "
-            f"and gensim is not installed; install it with `{_GENSIM_PIP}`, or pass a "
-            "path to a .txt file or directory instead"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _WIKI_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"gensim is installed but its Wikipedia sample {path} is missing; "
-            f"reinstall with `{_GENSIM_PIP}`"
-        )
-    return path
+    return installed_file(
+        "gensim", _WIKI_FILE, install=_GENSIM_PIP,
+        missing="the default text 'wiki' is the Wikipedia sample inside the gensim wheel, and gensim is not "
+                "installed; install it with `{install}`, or pass a path to a .txt file or directory instead",
+    )
 
 
 # Sections after which an article is only lists of links and citations.
@@ -299,16 +290,9 @@ def tokenize(tokenizer, text: str, *, chunk_chars: int = 65536, batch: int = 16)
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _atomic_save(tensor: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(tensor, f)
-        os.replace(tmp, path)  # readers see the old file or the whole new one
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _save_tensor_atomic(tensor: torch.Tensor, path: Path) -> None:
+    with atomic_file(path, "wb") as f:  # readers see the old file or the whole new one
+        torch.save(tensor, f)
 
 
 def load_tokens(
@@ -340,7 +324,7 @@ def load_tokens(
     if tokens is None:
         tokens = tokenize(tokenizer, text)
         if cache:
-            _atomic_save(tokens, path)
+            _save_tensor_atomic(tokens, path)
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 

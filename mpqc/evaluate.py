@@ -78,7 +78,7 @@ def sample_windows(tokens: torch.Tensor, seq_len: int = 512, n_samples: int = 64
     return windows
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     # A plain callable (no parameters) gets its windows on the CPU.
     if not isinstance(model, torch.nn.Module):
         return torch.device("cpu")
@@ -86,7 +86,7 @@ def _model_device(model) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     # A Hugging Face model wants use_cache=False (no KV cache to build for one
     # pass) and returns an output object; a compiled mpqc module takes only
     # input_ids and returns the logits tensor.
@@ -152,7 +152,7 @@ def nll(
 
 
 def _sum_nll(model, windows, batch_size, progress) -> tuple[float, int]:
-    device = _model_device(model)
+    device = model_device(model)
     # float64 accumulation, on the model's device so a GPU run never waits on .item().
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
@@ -160,7 +160,7 @@ def _sum_nll(model, windows, batch_size, progress) -> tuple[float, int]:
     with torch.no_grad():
         for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
             batch = windows[start:start + batch_size].to(device)
-            logits = _logits(model, batch)
+            logits = logits_of(model, batch)
             targets = batch[:, 1:]
             # One row at a time: a float32 copy of a whole batch's logits
             # (8 x 512 x 49k) would be another 800 MB.
@@ -186,4 +186,4 @@ def perplexity(
     """exp(mean NLL) over sampled windows; arguments as in :func:`nll`."""
     mean = nll(model, tokens, windows=windows, seq_len=seq_len, n_samples=n_samples,
                batch_size=batch_size, seed=seed, prefix=prefix, progress=progress)
-    return math.inf if mean > 709.0 else math.exp(mean)  # exp overflows a float past ~709.78; nan stays nan
+    return math.inf if mean > EXP_LIMIT else math.exp(mean)  # nan stays nan

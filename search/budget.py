@@ -118,76 +118,90 @@ def decode(priorities: Mapping[str, float], sizes: Mapping[str, float], target: 
     nothing: they go low when their priority is above one half. The list is in priority order.
     O(n^2) in the number of components at worst (about 2 ms for 300).
     """
-    eps = 1e-12
-    order = sorted(priorities, key=lambda n: (-priorities[n], n))
-    free = [i for i, n in enumerate(order) if sizes[n] == 0 and priorities[n] > 0.5]
-    costly = [i for i, n in enumerate(order) if sizes[n] != 0]  # ranks, in priority order
-    size = [float(sizes[n]) for n in order]
-    by_size = sorted((i for i in costly if size[i] > 0), key=lambda i: (size[i], i))  # finishing order
+    return _Decoder(priorities, sizes, target).decode()
 
-    monotone = all(size[i] > 0 for i in costly)
-    costly_sizes = [(i, size[i]) for i in costly]
-    cap = target + eps
 
-    def fill(forced: int | None) -> tuple[set[int], float]:
+_EPS = 1e-12
+
+
+class _Decoder:
+    """decode's state: components as ranks in priority order, their sizes, the target."""
+
+    def __init__(self, priorities: Mapping[str, float], sizes: Mapping[str, float], target: float):
+        self.order = sorted(priorities, key=lambda n: (-priorities[n], n))
+        self.free = [i for i, n in enumerate(self.order) if sizes[n] == 0 and priorities[n] > 0.5]
+        self.costly = [i for i, n in enumerate(self.order) if sizes[n] != 0]  # ranks, in priority order
+        self.size = [float(sizes[n]) for n in self.order]
+        self.by_size = sorted((i for i in self.costly if self.size[i] > 0), key=lambda i: (self.size[i], i))
+        self.monotone = all(self.size[i] > 0 for i in self.costly)
+        self.target = target
+
+    def fill(self, forced: int | None) -> tuple[set[int], float]:
+        """In priority order, every component that still fits under the target (``forced`` first)."""
         chosen, total = set(), 0.0
         if forced is not None:
             chosen.add(forced)
-            total = size[forced]
-        for i, s in costly_sizes:
+            total = self.size[forced]
+        cap = self.target + _EPS
+        for i in self.costly:
+            s = self.size[i]
             if total + s <= cap and i != forced:
                 chosen.add(i)
                 total += s
-                if monotone and total >= target - eps:  # met: only sizes under 2e-12 could still fit
+                if self.monotone and total >= self.target - _EPS:  # met: only sizes under 2e-12 could still fit
                     break
         return chosen, total
 
-    def finish(chosen: set[int], total: float) -> tuple[set[int], float] | None:
+    def finish(self, chosen: set[int], total: float) -> tuple[set[int], float] | None:
         """``chosen`` plus the smallest component outside it that reaches the target, or None."""
-        for i in by_size:  # ascending size: the first that reaches and is free to add
-            if i not in chosen and total + size[i] >= target - eps:
-                return chosen | {i}, total + size[i]
+        for i in self.by_size:  # ascending size: the first that reaches and is free to add
+            if i not in chosen and total + self.size[i] >= self.target - _EPS:
+                return chosen | {i}, total + self.size[i]
         return None
 
-    def ranked(chosen) -> list[str]:
-        return [order[i] for i in sorted(set(chosen).union(free))]
+    def ranked(self, chosen) -> list[str]:
+        return [self.order[i] for i in sorted(set(chosen).union(self.free))]
 
-    chosen, total = fill(None)
-    if total >= target - eps:
-        return ranked(chosen)
-    first = finish(chosen, total)
-    if first is None:  # even everything is not enough: take all
-        return ranked(costly)
-    best, best_total = first
+    def decode(self) -> list[str]:
+        chosen, total = self.fill(None)
+        if total >= self.target - _EPS:
+            return self.ranked(chosen)
+        best = self.finish(chosen, total)
+        if best is None:  # even everything is not enough: take all
+            return self.ranked(self.costly)
+        filled = sorted(chosen)  # the fill, in priority order, and its running totals
+        prefix = list(itertools.accumulate((self.size[i] for i in filled), initial=0.0))
+        for r in self.by_size:
+            if r in chosen:
+                continue
+            if self.monotone and self.size[r] - self.target > best[1] - self.target + _EPS:
+                break  # r alone overshoots more than the best, and so do all after it (ascending sizes)
+            for candidate in self._crossings_with(r, filled, prefix):
+                if self._better(candidate, best):
+                    best = candidate
+        return self.ranked(best[0])
 
-    def consider(cand: set[int], cand_total: float) -> None:
-        nonlocal best, best_total
-        over, best_over = cand_total - target, best_total - target
-        if over < best_over - eps or (over <= best_over + eps and _higher_priority(cand, best)):
-            best, best_total = cand, cand_total
+    def _better(self, cand: tuple[set[int], float], best: tuple[set[int], float]) -> bool:
+        over, best_over = cand[1] - self.target, best[1] - self.target
+        return over < best_over - _EPS or (over <= best_over + _EPS and _higher_priority(cand[0], best[0]))
 
-    filled = sorted(chosen)  # the fill, in priority order, and its running totals
-    prefix = list(itertools.accumulate((size[i] for i in filled), initial=0.0))
-    for r in by_size:
-        if r in chosen:
-            continue
-        if monotone and size[r] - target > best_total - target + eps:  # r alone overshoots more, so do
-            break  # all after it (ascending sizes)
+    def _crossings_with(self, r: int, filled: list[int], prefix: list[float]) -> list[tuple[set[int], float]]:
+        """The plans that cross the target with ``r``, a component the fill left out: r last, r first."""
+        out = []
         # r last: the fill's shortest priority prefix that r completes (the fill left r out, so the
         # fill without r is the same fill, and all of it plus r meets the target)
-        need = target - eps - size[r]
-        k = bisect.bisect_left(prefix, need) if monotone else next((k for k, p in enumerate(prefix) if p >= need), None)
+        need = self.target - _EPS - self.size[r]
+        k = (bisect.bisect_left(prefix, need) if self.monotone
+             else next((k for k, p in enumerate(prefix) if p >= need), None))
         if k is not None and k < len(prefix):  # always, unless negative sizes (bits a component adds)
-            consider(set(filled[:k]) | {r}, prefix[k] + size[r])
+            out.append((set(filled[:k]) | {r}, prefix[k] + self.size[r]))
         # r first: the fill redone under the target around r, then the smallest that reaches
-        cand, cand_total = fill(r)
-        if cand_total < target - eps:
-            done = finish(cand, cand_total)
-            if done is None:
-                continue
-            cand, cand_total = done
-        consider(cand, cand_total)
-    return ranked(best)
+        cand = self.fill(r)
+        if cand[1] < self.target - _EPS:
+            cand = self.finish(*cand)
+        if cand is not None:
+            out.append(cand)
+        return out
 
 
 def _higher_priority(a: set[int], b: set[int]) -> bool:

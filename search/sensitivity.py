@@ -123,3 +123,23 @@ def priorities_from_sensitivity(sens: dict[str, float], sizes: dict[str, float])
         if sizes[n] <= 0:
             pr[n] = 0.25
     return pr
+
+
+def seed_study(study, qmodel: QuantizedModel, space: SearchSpace, tokens: torch.Tensor, *, seq_len: int,
+               n_windows: int, n_seeded: int, seed: int, prefix=(), progress: bool = True) -> None:
+    """Enqueue the sensitivity ranking and ``n_seeded - 1`` perturbations of it as first trials
+    (once per study: a resumed or shared study is not seeded again)."""
+    from mpqc.evaluate import sample_windows
+
+    if study.user_attrs.get("seeded"):
+        return
+    windows = sample_windows(tokens, seq_len, n_windows, seed + 1, prefix)
+    sens = sensitivity(qmodel, space, windows, progress=progress)
+    base = priorities_from_sensitivity(sens, space.sizes())
+    rng = torch.Generator().manual_seed(seed)
+    for k in range(n_seeded):
+        noise = 0.0 if k == 0 else 0.05 * k
+        pr = {n: min(1.0, max(0.0, p + noise * (2 * torch.rand((), generator=rng).item() - 1))) for n, p in base.items()}
+        study.enqueue_trial({f"p:{n}": v for n, v in pr.items()}, user_attrs={"seeded": True})
+    study.set_user_attr("seeded", True)
+    study.set_user_attr("sensitivity", sens)

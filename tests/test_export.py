@@ -420,7 +420,7 @@ def test_cli_export(llama, tmp_path, monkeypatch):
     graph, _ = llama
     # The command's model loading is the CLI's own (tested with the real model elsewhere); here
     # it hands over the tiny captured graph.
-    monkeypatch.setattr(cli, "_load_and_capture", lambda spec, seq_len: (None, None, graph))
+    monkeypatch.setattr(cli.common, "load_and_capture", lambda spec, seq_len, device, dtype: (None, None, graph))
     plan = mixed_plan(graph)
     (tmp_path / "plan.json").write_text(plan.to_json())
     out, report = tmp_path / "m.onnx", tmp_path / "r.json"

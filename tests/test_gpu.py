@@ -75,7 +75,7 @@ def test_search_with_the_sensitivity_sampler_on_the_gpu(cuda_graph):
 
 def test_predict_features_on_the_gpu(cuda_graph):
     from mpqc.evaluate import sample_windows
-    from mpqc.predict import Features
+    from mpqc.studies.predict import Features
     from mpqc.search.budget import Budget, SearchSpace, low_precision
 
     low_p, high_p = low_precision("mxint4", "bf16", weights_only=False)

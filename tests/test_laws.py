@@ -1,4 +1,4 @@
-"""mpqc.laws: fits recover known laws from seeded noisy data; Q_r,max read off ratio curves."""
+"""mpqc.studies.laws: fits recover known laws from seeded noisy data; Q_r,max read off ratio curves."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mpqc.laws import fit_exponential, fit_power, max_ratio_at_budget, monotone_envelope
+from mpqc.studies.laws import fit_exponential, fit_power, max_ratio_at_budget, monotone_envelope
 
 SIGMA = 0.05  # multiplicative noise: ln y gets N(0, SIGMA^2)
 

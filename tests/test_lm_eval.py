@@ -275,7 +275,7 @@ def test_cli_search_with_an_lm_eval_task(tmp_path, monkeypatch, capsys):
     from mpqc import cli
 
     _, graph = captured("llama")
-    monkeypatch.setattr(cli, "_load_and_capture", lambda spec, seq_len, device, dtype: (None, TOK, graph))
+    monkeypatch.setattr(cli.common, "load_and_capture", lambda spec, seq_len, device, dtype: (None, TOK, graph))
     text = tmp_path / "text.txt"
     text.write_text(" ".join(json.loads(line)["text"] for line in open(os.path.join(DATA, "short_texts.jsonl"))) * 6)
     out = tmp_path / "out"

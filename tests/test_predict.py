@@ -1,4 +1,4 @@
-"""mpqc.predict: the regression, the features on tiny models, a small real collection, the CLI."""
+"""mpqc.studies.predict: the regression, the features on tiny models, a small real collection, the CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mpqc
-from mpqc import predict
+from mpqc.studies import predict
 from mpqc.cli import main
 from mpqc.search import Budget, SearchSpace, sensitivity
 from mpqc.search.budget import low_precision

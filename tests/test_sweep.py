@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mpqc
-from mpqc import sweep
+from mpqc.studies import sweep
 from mpqc.cli import main
 
 WORDS = ("the a of and to in is was for on with as by at from that it his her they which this be not or "
@@ -229,7 +229,7 @@ def synthetic_rows():
 def test_fit_recovers_laws_written_into_a_results_table(tmp_path):
     import json
 
-    from mpqc import report
+    from mpqc.studies import report
 
     path = tmp_path / "results.csv"
     with open(path, "w", newline="") as f:

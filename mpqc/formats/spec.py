@@ -215,6 +215,21 @@ def validate_block_size(block_size, what: str = "block_size") -> None:
         raise ValueError(f"{what}: block size must be a positive int, 'vector' or 'tensor', got {block_size!r}")
 
 
+def parse_block_size(text: str | None):
+    """A block size as a command line or a table writes it: an int, 'vector' or 'tensor';
+    'default', '' or None give None (the format's own block size)."""
+    if text is None or text in ("", "default"):
+        return None
+    if text in BLOCK_KINDS:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"block size must be a positive int, 'vector', 'tensor' or 'default', got {text!r}") from None
+    validate_block_size(value)
+    return value
+
+
 # ---- element types -----------------------------------------------------------------------
 E2M1 = ElementType("e2m1", "float", 4, exp_bits=2, man_bits=1, bias=1)
 E2M3 = ElementType("e2m3", "float", 6, exp_bits=2, man_bits=3, bias=1)

@@ -4,7 +4,7 @@
     mpqc predict fit data.csv [more.csv] --out predictor.json      # fit + held-out validation
     mpqc predict plan [MODEL] --predictor predictor.json --plan a.json --plan b.json [--measure]
 
-The library is ``mpqc.predict``; the model of the prediction and its features are described there
+The library is ``mpqc.studies.predict``; the model of the prediction and its features are described there
 and in docs/scaling.md ("Prediction").
 """
 
@@ -15,27 +15,19 @@ import os
 import time
 
 
-def _block(text: str):
-    return text if text in ("vector", "tensor", "default") else int(text)
+from mpqc.formats.spec import parse_block_size
+from mpqc.io import json_safe, write_json_atomic
 
-
-def _setup_block(value):
-    if value in (None, "", "default"):
-        return None
-    return value if value in ("vector", "tensor") else int(value)
+from . import common
 
 
 def add_parser(sub) -> None:
-    from mpqc.cli import add_device_args
-
     p = sub.add_parser("predict", help="predict a plan's delta_ppl from cheap measurements (collect, fit, plan)",
                        description=__doc__.split("\n\n")[0])
     ps = p.add_subparsers(dest="predict_command", required=True)
 
     c = ps.add_parser("collect", help="measure features and delta_ppl of sampled plans of one model into a CSV")
-    c.add_argument("model", nargs="?", default=None,
-                   help="local HF directory, .gguf file, or nothing for the embedded SmolLM2-135M")
-    add_device_args(c)
+    common.add_model_args(c, json_help="")
     c.add_argument("--out", required=True, help="the data CSV; rows of other models are kept, finished plans skipped")
     c.add_argument("--name", default=None, help="the model's label in the data (default: folder name)")
     c.add_argument("--n-plans", type=int, default=40, help="sampled plans (default 40)")
@@ -43,7 +35,7 @@ def add_parser(sub) -> None:
     c.add_argument("--high", default="bf16")
     c.add_argument("--weights-only", action="store_true", help="activations stay at --high")
     c.add_argument("--granularity", default="matmul", choices=["matmul", "layer"])
-    c.add_argument("--block-size", type=_block, default=None)
+    common.add_block_size_arg(c)
     c.add_argument("--text", default=None, help="text: 'wiki' (embedded default), a .txt file or dir, hf:NAME")
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--calib-samples", type=int, default=4, help="calibration windows for the features (search text)")
@@ -78,8 +70,7 @@ def add_parser(sub) -> None:
     f.set_defaults(func=cmd_fit)
 
     pl = ps.add_parser("plan", help="predict the delta_ppl of plans (and rank them)")
-    pl.add_argument("model", nargs="?", default=None,
-                    help="local HF directory, .gguf file, or nothing for the embedded SmolLM2-135M")
+    common.add_model_args(pl, json_help="")
     pl.add_argument("--predictor", required=True, help="predictor JSON from `mpqc predict fit`")
     pl.add_argument("--plan", action="append", required=True, help="plan JSON (repeat to rank several)")
     pl.add_argument("--text", default=None, help="text for the calibration windows (default: wiki)")
@@ -94,8 +85,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_collect(args) -> int:
-    from mpqc import predict
-    from mpqc.cli import _load_and_capture
+    from mpqc.studies import predict
     from mpqc.data import load_tokens, split_tokens, text_prefix
 
     for name in ("n_plans", "seq_len", "calib_samples", "eval_samples", "batch_size"):
@@ -108,13 +98,13 @@ def cmd_collect(args) -> int:
     existing = predict.read_data(args.out) if os.path.exists(args.out) else []
     name = args.name or (os.path.basename(os.path.normpath(args.model)) if args.model else "smollm2-135m")
     t0 = time.perf_counter()
-    _, tokenizer, graph = _load_and_capture(args.model, args.seq_len, args.device, args.dtype)
+    _, tokenizer, graph = common.load_and_capture(args.model, args.seq_len, args.device, args.dtype)
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     n_before = len(existing)
     rows = predict.collect(
         graph, search_tokens, holdout, model=name, n_plans=args.n_plans, low=args.low, high=args.high,
         weights_only=args.weights_only, granularity=args.granularity,
-        block_size=None if args.block_size == "default" else args.block_size, seq_len=args.seq_len,
+        block_size=args.block_size, seq_len=args.seq_len,
         calib_samples=args.calib_samples, probe_samples=args.probe_samples, eval_samples=args.eval_samples,
         batch_size=args.batch_size, seed=args.seed, ratio_range=(args.min_ratio, args.max_ratio),
         guided_fraction=args.guided_fraction, search_trials=args.search_trials, search_ratios=ratios,
@@ -155,7 +145,7 @@ def validation_table(result: dict) -> str:
 
 
 def cmd_fit(args) -> int:
-    from mpqc import predict
+    from mpqc.studies import predict
 
     rows = [r for path in args.data for r in predict.read_data(path)]
     if args.models:
@@ -189,9 +179,7 @@ def cmd_fit(args) -> int:
         print(validation_table(result))
     predictor.save(args.out)
     if args.json:
-        from mpqc.cli import write_json_atomic
-
-        write_json_atomic(args.json, predict._finite(report))
+        write_json_atomic(args.json, json_safe(report))
     print(f"\nwrote {args.out}" + (f", {args.json}" if args.json else ""))
     return 0
 
@@ -201,8 +189,7 @@ def cmd_fit(args) -> int:
 
 def cmd_plan(args) -> int:
     import mpqc
-    from mpqc import predict
-    from mpqc.cli import _load_and_capture
+    from mpqc.studies import predict
     from mpqc.data import load_tokens, split_tokens, text_prefix
     from mpqc.evaluate import nll, sample_windows
     from mpqc.search.budget import Budget, SearchSpace, low_precision
@@ -217,14 +204,14 @@ def cmd_plan(args) -> int:
     for path in args.plan:
         with open(path) as f:
             texts[path] = f.read()
-    _, tokenizer, graph = _load_and_capture(args.model, s["seq_len"])
+    _, tokenizer, graph = common.load_and_capture(args.model, s["seq_len"], args.device, args.dtype)
     plans = {path: mpqc.Plan.from_json(graph, text) for path, text in texts.items()}
     low_p, high_p = low_precision(s["low"], s["high"], weights_only=bool(s["weights_only"]))
-    space = SearchSpace(graph, s["granularity"], low_p, high_p, Budget("params", 0.0), _setup_block(s["block_size"]))
+    space = SearchSpace(graph, s["granularity"], low_p, high_p, Budget("params", 0.0), parse_block_size(s["block_size"]))
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     prefix = text_prefix(tokenizer)
     calib = sample_windows(search_tokens, s["seq_len"], s["calib_samples"], s["seed"] + 1, prefix)
-    needs_probe = any(predict._parse_term(t)[1] in ("noise_rise", "noise_rise_all") for t in predictor.terms)
+    needs_probe = any(predict.parse_term(t)[1] in ("noise_rise", "noise_rise_all") for t in predictor.terms)
     qmodel = mpqc.compile(graph, space.plan([]))
     t0 = time.perf_counter()
     feats = predict.Features(qmodel, space, calib, probe_samples=s["probe_samples"] if needs_probe else 0,
@@ -247,9 +234,7 @@ def cmd_plan(args) -> int:
         extra = f", measured {100 * measured[path]:+.2f}%" if path in measured else ""
         print(f"{i:>3}. {path}: {100 * pred[path]:+.2f}% (Q_r {r['ratio']:.3f}{extra})")
     if args.json:
-        from mpqc.cli import write_json_atomic
-
-        write_json_atomic(args.json, predict._finite({
+        write_json_atomic(args.json, json_safe({
             "predictor": args.predictor, "model": args.model or "smollm2-135m",
             "plans": [{"plan": p, "predicted_delta_ppl": float(pred[p]), "measured_delta_ppl": measured.get(p),
                        "features": rows[p]} for p in ranked]}))

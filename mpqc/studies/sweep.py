@@ -1,8 +1,8 @@
 """Scaling-law sweeps: one search per cell of models x granularities x Q_r x formats x block sizes x seeds.
 
-    config = mpqc.sweep.load_config("examples/sweep_small.toml")
-    summary = mpqc.sweep.run(config)          # also: mpqc sweep CONFIG.toml
-    rows = mpqc.sweep.read_results(config.out)
+    config = mpqc.studies.sweep.load_config("examples/sweep_small.toml")
+    summary = mpqc.studies.sweep.run(config)          # also: mpqc sweep CONFIG.toml
+    rows = mpqc.studies.sweep.read_results(config.out)
 
 Every cell is keyed by a hash of everything that decides its numbers (model, cell, search and
 evaluation settings). Finished cells are rows of one tidy CSV, rewritten atomically after each
@@ -28,7 +28,7 @@ import tomllib
 
 import torch
 
-from mpqc.cli import write_text_atomic
+from mpqc.io import read_csv, typed_rows, write_csv_atomic
 
 __all__ = ["COLUMNS", "Cell", "ModelEntry", "SweepConfig", "config_from_dict", "finished_keys", "load_config", "read_results", "run"]
 
@@ -230,20 +230,15 @@ def _model_entry(entry, base_dir: str, where: str) -> ModelEntry:
 def _read_raw(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise ValueError(f"results file {path} has columns {reader.fieldnames}, not this sweep's {list(COLUMNS)}; "
-                             "point out = at a new file")
-        return list(reader)
+    header, rows = read_csv(path)
+    if tuple(header) != COLUMNS:
+        raise ValueError(f"results file {path} has columns {header}, not this sweep's {list(COLUMNS)}; "
+                         "point out = at a new file")
+    return rows
 
 
 def _write_raw(path: str, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())  # the old table or the whole new one, never half
+    write_csv_atomic(path, rows, COLUMNS)  # the old table or the whole new one, never half
 
 
 def finished_keys(path: str) -> set[str]:
@@ -253,16 +248,8 @@ def finished_keys(path: str) -> set[str]:
 
 def read_results(path: str) -> list[dict]:
     """The results CSV with typed values (floats, ints, bools; block_size an int or a word)."""
-    rows = []
-    for raw in _read_raw(path):
-        row = dict(raw)
-        for k in _FLOAT:
-            row[k] = float(row[k]) if row[k] != "" else math.nan
-        for k in _INT:
-            row[k] = int(row[k])
-        row["weights_only"] = row["weights_only"] == "True"
-        row["block_size"] = int(row["block_size"]) if row["block_size"].isdigit() else row["block_size"]
-        rows.append(row)
+    kinds = {**{k: "float" for k in _FLOAT}, **{k: "int" for k in _INT}, "weights_only": "bool", "block_size": "block"}
+    rows = typed_rows(_read_raw(path), kinds, where=f"results file {path}")
     if not rows:
         raise ValueError(f"results file {path} is missing or has no rows; run `mpqc sweep CONFIG.toml` first")
     return rows
@@ -333,19 +320,26 @@ def _run_model(config: SweepConfig, model: ModelEntry, todo: list[Cell], rows: l
         _write_raw(config.out, rows)
 
 
+def _search_config(config: SweepConfig, cell: Cell, key: str, prefix):
+    """The search of one cell: the sweep's [search] settings with the cell's own values."""
+    from mpqc.search import SearchConfig
+
+    s = config.search
+    return SearchConfig(
+        budget=("params", cell.ratio), granularity=cell.granularity, low=cell.low, high=s["high"],
+        weights_only=cell.weights_only, sampler=s["sampler"], n_trials=s["n_trials"], seq_len=s["seq_len"],
+        n_samples=s["n_samples"], batch_size=s["batch_size"], seed=cell.seed, block_size=cell.block_size,
+        storage=s["storage"] or None, study_name=f"sweep-{key}", prefix=prefix)
+
+
 def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
     import mpqc
     from mpqc.evaluate import perplexity
 
     s, key = config.search, config.key(cell)
     t0 = time.perf_counter()
-    result = mpqc.search.run(
-        bench.graph, bench.search_tokens, ratio=cell.ratio, granularity=cell.granularity, low=cell.low,
-        high=s["high"], weights_only=cell.weights_only, sampler=s["sampler"], n_trials=s["n_trials"],
-        seq_len=s["seq_len"], n_samples=s["n_samples"], batch_size=s["batch_size"], seed=cell.seed,
-        block_size=cell.block_size, storage=s["storage"] or None, study_name=f"sweep-{key}",
-        qmodel=bench.qmodel, progress=False, prefix=bench.prefix,
-    )
+    result = mpqc.search.run(bench.graph, bench.search_tokens, _search_config(config, cell, key, bench.prefix),
+                             qmodel=bench.qmodel, progress=False)
     bench.qmodel.set_plan(result.plan)
     ppl_q = perplexity(bench.qmodel, windows=bench.windows, batch_size=s["batch_size"], progress=False)
     trials = sum(t.state.name == "COMPLETE" for t in result.study.trials)

@@ -1,0 +1,154 @@
+"""mpqc search: the best plan under a quantization-ratio or bits budget; writes plan and trials."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from . import common
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("search", help="search the best plan under a quantization-ratio or bits budget")
+    common.add_model_args(s)
+    s.add_argument("--ratio", type=float, default=0.9, help="Q_r budget: share of matmul parameters in low precision")
+    s.add_argument("--by-macs", action="store_true", help="the ratio counts MACs instead of parameters")
+    s.add_argument("--bits", type=float, default=None, help="instead of a ratio: average bits per weight at most this")
+    s.add_argument("--granularity", default="matmul", choices=["matmul", "layer"])
+    s.add_argument("--low", default="mxint4")
+    s.add_argument("--high", default="bf16")
+    s.add_argument("--weights-only", action="store_true", help="activations stay at --high")
+    common.add_block_size_arg(s)
+    s.add_argument("--sampler", default="sensitivity",
+                   help="sensitivity (default), random, tpe, cmaes, gp, qmc, nsga2, or package.module:Class")
+    s.add_argument("--sampler-kwargs", default=None, help="JSON keyword arguments for the sampler")
+    s.add_argument("--n-trials", type=int, default=12)
+    s.add_argument("--torch-compile", action="store_true",
+                   help="evaluate trials through torch.compile: one compile for the whole search, then faster trials")
+    s.add_argument("--paper", action="store_true", help="the paper's setting: random, 50 trials, 1024 sequences")
+    s.add_argument("--text", default=None)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--n-samples", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--storage", default=None, help="SQLite file or database URL: resumable, shareable by workers")
+    s.add_argument("--study-name", default=None)
+    s.add_argument("--out", default="mpqc-search", help="directory for best_plan.json, trials.csv, result.json")
+    _add_lm_eval_args(s)
+    s.set_defaults(func=run)
+
+
+def _add_lm_eval_args(s) -> None:
+    s.add_argument("--lm-eval-task", default=None, metavar="NAME_OR_YAML",
+                   help="objective: an lm-eval-harness task's metric instead of perplexity (a task name such as "
+                        "mmlu, or a task YAML); needs `pip install lm_eval`")
+    s.add_argument("--lm-eval-include", action="append", default=None, metavar="DIR",
+                   help="a directory of custom lm-eval task YAMLs (repeatable)")
+    s.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",
+                   help="score the first N documents of each task (a fraction if below 1); default all")
+    s.add_argument("--lm-eval-metric", default=None, help="the task's metric to optimize, e.g. acc (default: its first)")
+    s.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+
+
+def _budget(args) -> tuple[str, float]:
+    if args.bits is not None:
+        return ("bits", args.bits)
+    return ("macs" if args.by_macs else "params", args.ratio)
+
+
+def _check_lm_eval(args) -> None:
+    """Fail on lm-eval settings before the model loads, not after."""
+    if args.lm_eval_task is not None:
+        from mpqc.search import lm_eval_adapter
+
+        try:
+            lm_eval_adapter.require_lm_eval()
+        except ImportError as e:
+            raise ValueError(f"--lm-eval-task: {e}") from None
+        lm_eval_adapter.resolve_task(args.lm_eval_task, args.lm_eval_include)
+    elif (args.lm_eval_include or args.lm_eval_limit is not None or args.lm_eval_metric
+          or args.lm_eval_fewshot is not None):
+        raise ValueError("--lm-eval-include/--lm-eval-limit/--lm-eval-metric/--lm-eval-fewshot need --lm-eval-task")
+
+
+def _objective(args, tokenizer):
+    if args.lm_eval_task is None:
+        return None
+    from mpqc.search import lm_eval_adapter
+
+    limit = args.lm_eval_limit
+    limit = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+    return lm_eval_adapter.LMEvalObjective(
+        task=args.lm_eval_task, tokenizer=tokenizer, metric=args.lm_eval_metric, limit=limit,
+        include_path=args.lm_eval_include, num_fewshot=args.lm_eval_fewshot, seed=args.seed,
+        batch_size=args.batch_size)
+
+
+def _config(args, sampler_kwargs, prefix):
+    from mpqc.search import SearchConfig
+
+    return SearchConfig(
+        budget=_budget(args), granularity=args.granularity, low=args.low, high=args.high,
+        weights_only=args.weights_only, sampler=args.sampler, sampler_kwargs=sampler_kwargs, n_trials=args.n_trials,
+        seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
+        storage=args.storage, study_name=args.study_name, block_size=args.block_size,
+        torch_compile=args.torch_compile, prefix=prefix)
+
+
+def run(args) -> int:
+    import mpqc
+    from mpqc.data import load_tokens, split_tokens, text_prefix
+    from mpqc.search import PAPER_SETTING, write_outputs
+
+    if args.paper:
+        args.sampler, args.n_trials, args.n_samples = (PAPER_SETTING["sampler"], PAPER_SETTING["n_trials"],
+                                                       PAPER_SETTING["n_samples"])
+    sampler_kwargs = json.loads(args.sampler_kwargs) if args.sampler_kwargs else None
+    _check_lm_eval(args)
+    _, tokenizer, graph = common.load_and_capture(args.model, args.seq_len, args.device, args.dtype)
+    search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
+    objective = _objective(args, tokenizer)
+    t0 = time.perf_counter()
+    result = mpqc.search.run(graph, search_tokens, _config(args, sampler_kwargs, text_prefix(tokenizer)),
+                             objective=objective)
+    seconds = time.perf_counter() - t0
+    _report_holdout(result, graph, holdout, objective, args, text_prefix(tokenizer))
+    paths = write_outputs(result, args.out)
+    _print_summary(result, objective, args, seconds)
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def _report_holdout(result, graph, holdout, objective, args, prefix) -> None:
+    """The found plan against the all-high baseline, on held-out text the search never saw."""
+    import mpqc
+
+    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
+              prefix=prefix)
+    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, args.high))
+    result.holdout = {"perplexity_high": mpqc.evaluate.perplexity(qmodel, holdout, **kw, progress=False)}
+    if objective is not None:
+        # The task's documents are the ones the search scored: this baseline is not held out.
+        result.objective["value_high"] = objective.evaluate(qmodel).value
+    result.holdout["perplexity_plan"] = mpqc.evaluate.perplexity(qmodel.set_plan(result.plan), holdout, **kw,
+                                                                 progress=False)
+
+
+def _print_summary(result, objective, args, seconds: float) -> None:
+    best = (f"best {result.objective['metric']} {result.metric:.4f} ({result.objective['label']}), perplexity "
+            if objective is not None else "best perplexity ")
+    eager = "" if result.eager_perplexity is None else f", {result.eager_perplexity:.3f} eagerly"
+    print(f"{result.budget}: {best}{result.perplexity:.3f} (search windows{eager}) at {result.achieved:.4f}, "
+          f"average bits {result.plan.average_bits():.3f}, after {len(result.study.trials)} trials "
+          f"in {seconds:.0f} s")
+    if objective is not None:
+        print(f"{result.objective['label']}: all {args.high} {result.objective['value_high']:.4f} -> plan "
+              f"{result.metric:.4f} {result.objective['metric']} (the documents the search scored)")
+    h = result.holdout
+    print(f"held-out perplexity: all {args.high} {h['perplexity_high']:.3f} -> plan {h['perplexity_plan']:.3f} "
+          f"({100 * (h['perplexity_plan'] / h['perplexity_high'] - 1):+.1f}%)")
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.pareto:
+        print("Pareto front (perplexity, Q_r):", ", ".join(
+            f"({p['perplexity']:.2f}, {p['quantization_ratio_params']:.3f})" for p in result.pareto))

@@ -1,0 +1,48 @@
+"""mpqc sweep and mpqc fit: the scaling-law studies (mpqc.studies)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def add_parsers(sub) -> None:
+    sw = sub.add_parser("sweep", help="run a scaling-law sweep from a TOML config (resumable)")
+    sw.add_argument("config", help="sweep config TOML (schema: docs/scaling.md)")
+    sw.add_argument("--out", default=None, help="results CSV (default: the config's out)")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.set_defaults(func=run_sweep)
+
+    ft = sub.add_parser("fit", help="fit the scaling laws to a sweep's results; figures and a Markdown report")
+    ft.add_argument("results", help="results CSV written by mpqc sweep")
+    ft.add_argument("--out", default="mpqc-fit", help="directory for laws.json, the PNG figures and report.md")
+    ft.add_argument("--budgets", default="0.05,0.1,0.2", help="loss budgets (relative delta_ppl), comma-separated")
+    ft.set_defaults(func=run_fit)
+
+
+def run_sweep(args) -> int:
+    from mpqc.studies import sweep
+
+    config = sweep.load_config(args.config)
+    if args.out:
+        config = dataclasses.replace(config, out=args.out)
+    if args.dry_run:  # list the cells and which are done, run nothing
+        done = sweep.finished_keys(config.out)
+        for cell in config.cells():
+            state = "done" if config.key(cell) in done else "todo"
+            print(f"{state}  {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
+                  f"{' weights-only' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}")
+        return 0
+    summary = sweep.run(config, progress=not args.quiet)
+    print(f"sweep: ran {summary.ran} cells, skipped {summary.skipped} finished ones, "
+          f"in {summary.seconds:.0f} s; results in {summary.out}")
+    return 0
+
+
+def run_fit(args) -> int:
+    from mpqc.studies import report
+
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    paths = report.write_report(args.results, args.out, budgets=budgets)
+    print("wrote " + ", ".join(paths.values()))
+    return 0

@@ -1,0 +1,91 @@
+"""Opening a search's study: the storage, the study itself, and the check of its stored settings.
+
+With ``storage`` (a SQLite path or any SQLAlchemy URL, e.g. PostgreSQL) the study persists: a
+killed search started again with the same storage and study name continues, and several
+processes can share one study. A stored study remembers the settings it was made with, and a
+search with other settings is refused rather than mixed into it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import warnings
+
+import optuna
+
+SETTINGS_ATTR = "mpqc_config"  # the study user attribute holding its settings
+
+
+def open_storage(storage, *, heartbeat: int):
+    """None (in memory), an Optuna storage as it is, or an RDB storage for a path or URL."""
+    if storage is None:
+        return None
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    url = storage if "://" in str(storage) else f"sqlite:///{os.path.abspath(storage)}"
+    last_error = None
+    for attempt in range(5):  # workers starting together race to create the tables: retry
+        try:
+            return _rdb_storage(url, heartbeat)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
+            last_error = e
+            if "IntegrityError" not in type(e).__name__ and "UniqueViolation" not in str(e):
+                break
+            time.sleep(0.5 * (attempt + 1))
+    e = last_error
+    raise ValueError(f"cannot open search storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _rdb_storage(url: str, heartbeat: int):
+    # Heartbeats let a restarted or sibling worker see a killed worker's trial as failed;
+    # the retry callback runs that trial again, so completed trials stay once each.
+    params = inspect.signature(optuna.storages.RDBStorage).parameters
+    new_api = "heartbeat_stale_trial_callback" in params  # optuna >= 4.9 renamed both
+    key = "heartbeat_stale_trial_callback" if new_api else "failed_trial_callback"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_cls = (optuna.storages.RetryHeartbeatStaleTrialCallback if new_api
+                     else optuna.storages.RetryFailedTrialCallback)
+        retry = retry_cls(max_retry=2)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                          **{key: retry})
+
+
+def open_study(storage, name: str, sampler, *, multi: bool, heartbeat: int) -> optuna.Study:
+    """Create the study, or load it when it exists (a resumed or shared search)."""
+    rdb = open_storage(storage, heartbeat=heartbeat)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = ["minimize", "maximize"] if multi else ["minimize"]
+    try:
+        return optuna.create_study(storage=rdb, study_name=name, sampler=sampler, directions=directions,
+                                   load_if_exists=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot create or load study {name!r} in {storage!r}: {e}") from e
+
+
+def check_settings(study: optuna.Study, settings: dict) -> None:
+    """Store ``settings`` in a new study; refuse a stored study that was made with others."""
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+        return
+    if stored == settings:
+        return
+    diff = {k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings) if stored.get(k) != settings.get(k)}
+    what = ""
+    if "objective" in diff:
+        what = (f" It was made with objective {objective_label(stored.get('objective'))}, "
+                f"asked {objective_label(settings.get('objective'))}.")
+    raise ValueError(f"study {study.study_name!r} was created for another search;{what} differing settings "
+                     f"(stored, asked): {diff}. Use another study_name or the same settings.")
+
+
+def objective_label(config: dict | None) -> str:
+    if config is None:
+        return "perplexity on windows"
+    if config.get("kind") == "lm_eval":
+        return (f"lm-eval {config.get('task')}" + (f" {config['metric']}" if config.get("metric") else "")
+                + (f" (limit {config['limit']})" if config.get("limit") is not None else ""))
+    return str(config.get("kind", config))
