@@ -21,6 +21,7 @@ from mpqc.evaluate import EXP_LIMIT, nll, sample_windows
 from mpqc.graph import Graph
 from mpqc.io import read_csv, typed_rows, write_csv_atomic
 from mpqc.search.budget import Budget, SearchSpace, decode, low_precision
+from mpqc.search.config import SearchConfig
 from mpqc.search.sensitivity import priorities_from_sensitivity
 from mpqc.studies.predict.features import FEATURES, Features
 
@@ -120,10 +121,11 @@ def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Ten
     plans = sample_plans(space, n_plans, seed=seed, ratio_range=ratio_range, guided_fraction=guided_fraction,
                          sensitivity=feats.sensitivity)
     if search_trials:
-        plans += _search_plans(graph, search_tokens, space, qmodel, plans, low=low, high=high,
-                               weights_only=weights_only, granularity=granularity, block_size=block_size,
-                               trials=search_trials, ratios=search_ratios, seq_len=seq_len,
-                               n_samples=calib_samples, batch_size=batch_size, seed=seed, prefix=prefix)
+        search = SearchConfig(budget=("params", 1.0), granularity=granularity, low=low, high=high,
+                              weights_only=weights_only, sampler="sensitivity", n_trials=search_trials,
+                              seq_len=seq_len, n_samples=calib_samples, batch_size=batch_size, seed=seed,
+                              block_size=block_size, prefix=prefix)
+        plans += _search_plans(graph, search_tokens, space, qmodel, plans, search, ratios=search_ratios)
     todo = [p for p in plans if p["plan_id"] not in done]
     for p in tqdm(todo, desc=f"collect {model}", unit="plan", disable=not progress):
         t1 = time.perf_counter()
@@ -149,18 +151,15 @@ def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Ten
     return rows
 
 
-def _search_plans(graph, tokens, space, qmodel, existing, *, low, high, weights_only, granularity, block_size,
-                  trials, ratios, seq_len, n_samples, batch_size, seed, prefix=()) -> list[dict]:
+def _search_plans(graph, tokens, space, qmodel, existing, search: SearchConfig, *, ratios) -> list[dict]:
+    """The distinct completed plans of one search per ratio in ``ratios`` (``search`` at that ratio)."""
     import mpqc
 
     seen = {frozenset(p["low"]) for p in existing}
     names = [c.name for c in space.components]
     out = []
     for k, r in enumerate(ratios):
-        result = mpqc.search.run(graph, tokens, ratio=r, granularity=granularity, low=low, high=high,
-                                 weights_only=weights_only, sampler="sensitivity", n_trials=trials, seq_len=seq_len,
-                                 n_samples=n_samples, batch_size=batch_size, seed=seed, block_size=block_size,
-                                 qmodel=qmodel, progress=False, prefix=tuple(prefix))
+        result = mpqc.search.run(graph, tokens, search.replace(budget=("params", r)), qmodel=qmodel, progress=False)
         for t in result.study.trials:
             chosen = t.user_attrs.get("low")
             if t.state.name != "COMPLETE" or chosen is None or frozenset(chosen) in seen:
