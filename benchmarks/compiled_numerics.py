@@ -37,7 +37,8 @@ def main():
     rng = random.Random(0)
     plans = [mpqc.Plan.uniform(graph, "mxint4")] + [
         mpqc.Plan(graph, {c: "mxint4" for c in rng.sample(names, round(0.9 * len(names)))}, default="bf16")
-        for _ in range(args.plans - 1)]
+        for _ in range(args.plans - 1)
+    ]
     qmodel = mpqc.compile(graph, plans[0])
     qmodel.add_activation_formats({p.activation_format(m) for p in plans for m in graph.matmuls})
     with torch.no_grad():
@@ -54,8 +55,10 @@ def main():
                 qmodel.set_plan(plan)
                 got = nll(fast, windows=windows, progress=False)
                 label = "uniform MXINT4 W+A" if i == 0 else f"random Q_r 0.9 #{i}"
-                print(f"{label:<26} {str(emulate):>14} {eager[i]:>10.5f} {got:>13.5f} {abs(got / eager[i] - 1):>14.2e}",
-                      flush=True)
+                print(
+                    f"{label:<26} {str(emulate):>14} {eager[i]:>10.5f} {got:>13.5f} {abs(got / eager[i] - 1):>14.2e}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ def load(tiny: bool):
         from transformers import AutoModelForCausalLM, LlamaConfig
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=4096)
+        cfg = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=4096,
+        )
         model = AutoModelForCausalLM.from_config(cfg).eval()
         tokens = torch.randint(0, 4096, (20_000,), generator=torch.Generator().manual_seed(0))
         return "tiny Llama (4 x 256, random)", model, tokens
@@ -87,28 +93,36 @@ def main():
         with torch.no_grad():
             a, b = lm(windows), qmodel(windows)
         kw = dict(windows=windows, batch_size=args.n_samples, progress=False)
-        rows.append({
-            "plan": label,
-            "quantization_ratio": plan.quantization_ratio(),
-            "average_bits": plan.average_bits(),
-            "file_bytes": result.file_bytes,
-            "weight_bytes": result.weight_bytes,
-            "rel_err_logits": ((a - b).norm() / b.norm()).item(),
-            "ppl_onnxruntime": mpqc.evaluate.perplexity(lm, **kw),
-            "ppl_torch": mpqc.evaluate.perplexity(qmodel, **kw),
-            "seconds": {**result.seconds, "ort_session": session_s},
-        })
+        rows.append(
+            {
+                "plan": label,
+                "quantization_ratio": plan.quantization_ratio(),
+                "average_bits": plan.average_bits(),
+                "file_bytes": result.file_bytes,
+                "weight_bytes": result.weight_bytes,
+                "rel_err_logits": ((a - b).norm() / b.norm()).item(),
+                "ppl_onnxruntime": mpqc.evaluate.perplexity(lm, **kw),
+                "ppl_torch": mpqc.evaluate.perplexity(qmodel, **kw),
+                "seconds": {**result.seconds, "ort_session": session_s},
+            }
+        )
     base = rows[0]["file_bytes"]
-    print(f"{name}: capture {capture_s:.1f} s, torch.onnx translation {rows[0]['seconds']['torch_export']:.1f} s "
-          f"(once per compiled model); {args.n_samples} x {args.seq_len} tokens")
-    print(f"{'plan':<12} {'Q_r':>6} {'bits':>6} {'MiB':>8} {'x fp32':>7} {'weights MiB':>12} {'rel err':>9} "
-          f"{'ppl ORT':>9} {'ppl torch':>9} {'encode s':>9} {'write s':>8}")
+    print(
+        f"{name}: capture {capture_s:.1f} s, torch.onnx translation {rows[0]['seconds']['torch_export']:.1f} s "
+        f"(once per compiled model); {args.n_samples} x {args.seq_len} tokens"
+    )
+    print(
+        f"{'plan':<12} {'Q_r':>6} {'bits':>6} {'MiB':>8} {'x fp32':>7} {'weights MiB':>12} {'rel err':>9} "
+        f"{'ppl ORT':>9} {'ppl torch':>9} {'encode s':>9} {'write s':>8}"
+    )
     for r in rows:
         s = r["seconds"]
-        print(f"{r['plan']:<12} {r['quantization_ratio']:>6.3f} {r['average_bits']:>6.2f} {r['file_bytes'] / 2**20:>8.2f} "
-              f"{r['file_bytes'] / base:>7.3f} {r['weight_bytes'] / 2**20:>12.2f} {r['rel_err_logits']:>9.2g} "
-              f"{r['ppl_onnxruntime']:>9.3f} {r['ppl_torch']:>9.3f} {s['encode']:>9.1f} "
-              f"{s['save'] + s.get('check', 0):>8.1f}")
+        print(
+            f"{r['plan']:<12} {r['quantization_ratio']:>6.3f} {r['average_bits']:>6.2f} {r['file_bytes'] / 2**20:>8.2f} "
+            f"{r['file_bytes'] / base:>7.3f} {r['weight_bytes'] / 2**20:>12.2f} {r['rel_err_logits']:>9.2g} "
+            f"{r['ppl_onnxruntime']:>9.3f} {r['ppl_torch']:>9.3f} {s['encode']:>9.1f} "
+            f"{s['save'] + s.get('check', 0):>8.1f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": name, "capture_seconds": capture_s, "rows": rows}, f, indent=1)

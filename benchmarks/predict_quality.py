@@ -45,8 +45,10 @@ TERM_SETS = {
 def collect(args) -> None:
     have = {r["model"] for r in predict.read_data(args.smollm2)} if os.path.exists(args.smollm2) else set()
     if "smollm2-135m" not in have or args.resume:
-        subprocess.run(["mpqc", "predict", "collect", "--out", args.smollm2, "--n-plans", "50", "--search-trials", "6",
-                        "--quiet"], check=True)
+        subprocess.run(
+            ["mpqc", "predict", "collect", "--out", args.smollm2, "--n-plans", "50", "--search-trials", "6", "--quiet"],
+            check=True,
+        )
     have = {r["model"] for r in predict.read_data(args.family)} if os.path.exists(args.family) else set()
     for name in FAMILY:
         path = os.path.join(args.family_dir, name)
@@ -54,9 +56,25 @@ def collect(args) -> None:
             print(f"skipping {name}: {path} is not there (train it, see the docstring)", file=sys.stderr)
             continue
         if name not in have or args.resume:
-            subprocess.run(["mpqc", "predict", "collect", path, "--out", args.family, "--n-plans", "60",
-                            "--eval-samples", "32", "--search-trials", "6", "--quiet"], check=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            subprocess.run(
+                [
+                    "mpqc",
+                    "predict",
+                    "collect",
+                    path,
+                    "--out",
+                    args.family,
+                    "--n-plans",
+                    "60",
+                    "--eval-samples",
+                    "32",
+                    "--search-trials",
+                    "6",
+                    "--quiet",
+                ],
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
 
 
 def _f(v, pct=False):
@@ -65,13 +83,17 @@ def _f(v, pct=False):
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
-HEADER = ("| predictor | forward per plan | R² (ln ΔNLL) | MAE (pp of ppl) | median rel. err | Spearman | "
-          "same-Q_r pairs ordered |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+HEADER = (
+    "| predictor | forward per plan | R² (ln ΔNLL) | MAE (pp of ppl) | median rel. err | Spearman | "
+    "same-Q_r pairs ordered |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+)
 
 
 def row(name, probe, m):
-    return (f"| {name} | {'yes' if probe else 'no'} | {_f(m['r2_log'])} | {_f(m['mae'], True)} | {_f(m['median_rel'])} | "
-            f"{_f(m['spearman'])} | {_f(m.get('pairs_same_ratio'))} ({m.get('n_pairs', 0)}) |")
+    return (
+        f"| {name} | {'yes' if probe else 'no'} | {_f(m['r2_log'])} | {_f(m['mae'], True)} | {_f(m['median_rel'])} | "
+        f"{_f(m['spearman'])} | {_f(m.get('pairs_same_ratio'))} ({m.get('n_pairs', 0)}) |"
+    )
 
 
 def cross(train, test, terms):
@@ -117,11 +139,19 @@ def timing(n: int) -> dict:
     for low_names in plans:
         nll(qmodel.set_plan(space.plan(low_names)), windows=evals, progress=False)
     t_eval = (time.perf_counter() - t0) / n
-    result = {"per_model_seconds": t_model, "features_seconds": t_dot, "features_with_probe_seconds": t_probe,
-              "evaluation_seconds": t_eval, "plans": n, "threads": torch.get_num_threads()}
+    result = {
+        "per_model_seconds": t_model,
+        "features_seconds": t_dot,
+        "features_with_probe_seconds": t_probe,
+        "evaluation_seconds": t_eval,
+        "plans": n,
+        "threads": torch.get_num_threads(),
+    }
     print(f"\n## Cost on SmolLM2-135M ({n} plans, {torch.get_num_threads()} threads)\n")
-    print("| per model, once (NLL, Fisher gradients on 4 x 128, weight noise) | per plan: features | "
-          "per plan: features + noise probe (2 x 128) | per plan: evaluation (8 x 128) |")
+    print(
+        "| per model, once (NLL, Fisher gradients on 4 x 128, weight noise) | per plan: features | "
+        "per plan: features + noise probe (2 x 128) | per plan: evaluation (8 x 128) |"
+    )
     print("| ---: | ---: | ---: | ---: |")
     print(f"| {t_model:.1f} s | {1000 * t_dot:.1f} ms | {t_probe:.2f} s | {t_eval:.2f} s |")
     return result
@@ -133,10 +163,17 @@ def main(argv=None) -> int:
     ap.add_argument("--family", default="runs/predict/family.csv")
     ap.add_argument("--family-dir", default="runs/family")
     ap.add_argument("--collect", action="store_true", help="collect the data the CSVs lack first")
-    ap.add_argument("--resume", action="store_true", help="with --collect: run every collection (finishes partial ones)")
+    ap.add_argument(
+        "--resume", action="store_true", help="with --collect: run every collection (finishes partial ones)"
+    )
     ap.add_argument("-k", type=int, default=5)
-    ap.add_argument("--timing", type=int, default=0, metavar="N",
-                    help="also time the features and the evaluation of N plans on SmolLM2 (alone on the machine)")
+    ap.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the features and the evaluation of N plans on SmolLM2 (alone on the machine)",
+    )
     ap.add_argument("--json", default="runs/predict/quality.json")
     args = ap.parse_args(argv)
     if args.collect:
@@ -175,7 +212,9 @@ def main(argv=None) -> int:
         print(row(name, probe, m))
 
     print(f"\n## SmolLM2-135M, held-out plans ({args.k}-fold), by where the plans came from\n")
-    print("| predictor | plans | R² (ln ΔNLL) | Spearman | same-Q_r pairs ordered |\n| --- | --- | ---: | ---: | ---: |")
+    print(
+        "| predictor | plans | R² (ln ΔNLL) | Spearman | same-Q_r pairs ordered |\n| --- | --- | ---: | ---: | ---: |"
+    )
     true = np.array([r["delta_ppl"] for r in smol])
     for name in ("Q_r only (baseline)", "Fisher sum (the default)", "Fisher sum + Q_r", "noise probe"):
         pred = np.array(predict.validate(smol, TERM_SETS[name][0], by="plans", k=args.k)["predictions"])
@@ -183,12 +222,16 @@ def main(argv=None) -> int:
             idx = [i for i, r in enumerate(smol) if r["source"] == source]
             m = predict.metrics(true[idx], pred[idx], ratios=[smol[i]["ratio"] for i in idx])
             out.setdefault("smollm2_by_source", {}).setdefault(name, {})[source] = m
-            print(f"| {name} | {source} ({len(idx)}) | {_f(m['r2_log'])} | {_f(m['spearman'])} | "
-                  f"{_f(m.get('pairs_same_ratio'))} ({m.get('n_pairs', 0)}) |")
+            print(
+                f"| {name} | {source} ({len(idx)}) | {_f(m['r2_log'])} | {_f(m['spearman'])} | "
+                f"{_f(m.get('pairs_same_ratio'))} ({m.get('n_pairs', 0)}) |"
+            )
 
     focus = "Fisher sum (the default)"
     print(f"\n## Per held-out model, leave one model out, predictor '{focus}'\n")
-    print("| held-out model | params | plans | delta_ppl measured | R² (ln ΔNLL) | MAE (pp) | Spearman | same-Q_r pairs |")
+    print(
+        "| held-out model | params | plans | delta_ppl measured | R² (ln ΔNLL) | MAE (pp) | Spearman | same-Q_r pairs |"
+    )
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     by_model = {r["model"]: [] for r in fam}
     for r in fam:
@@ -197,9 +240,11 @@ def main(argv=None) -> int:
         m = per_model[focus][model]
         d = [r["delta_ppl"] for r in rows]
         out["per_model"][model] = m
-        print(f"| {model} | {rows[0]['params']:,} | {len(rows)} | {100 * min(d):+.1f}% to {100 * max(d):+.1f}% | "
-              f"{_f(m['r2_log'])} | {_f(m['mae'], True)} | {_f(m['spearman'])} | {_f(m.get('pairs_same_ratio'))} "
-              f"({m.get('n_pairs', 0)}) |")
+        print(
+            f"| {model} | {rows[0]['params']:,} | {len(rows)} | {100 * min(d):+.1f}% to {100 * max(d):+.1f}% | "
+            f"{_f(m['r2_log'])} | {_f(m['mae'], True)} | {_f(m['spearman'])} | {_f(m.get('pairs_same_ratio'))} "
+            f"({m.get('n_pairs', 0)}) |"
+        )
 
     if args.timing:
         out["timing"] = timing(args.timing)

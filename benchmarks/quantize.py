@@ -38,8 +38,10 @@ def main() -> None:
 
     x = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
     paths = {"default": kernels.quantize, "reference": quantize_reference}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, x: {tuple(x.shape)} float32, "
-          f"default path: {kernels.describe()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, x: {tuple(x.shape)} float32, "
+        f"default path: {kernels.describe()}"
+    )
     rows = []
     for name in args.formats.split(","):
         fmt = FORMATS[name]

@@ -96,8 +96,10 @@ def main() -> int:
 
     from mpqc.formats import triton_quantize
 
-    say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"x: {args.size} x {args.size}, median of {args.repeats}")
+    say(
+        f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"x: {args.size} x {args.size}, median of {args.repeats}"
+    )
     rows: list[dict] = []
     names = args.formats.split(",")
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -108,12 +110,21 @@ def main() -> int:
     def row(dtype, name, path, seconds, copy_s, **extra):
         x_bytes = base.numel() * torch.empty((), dtype=dtype).element_size()
         tbps = 2 * x_bytes / seconds / 1e12
-        r = {"dtype": str(dtype).replace("torch.", ""), "format": name, "path": path, "ms": seconds * 1e3,
-             "TB/s": tbps, "x copy bandwidth": copy_s / seconds, **extra}
+        r = {
+            "dtype": str(dtype).replace("torch.", ""),
+            "format": name,
+            "path": path,
+            "ms": seconds * 1e3,
+            "TB/s": tbps,
+            "x copy bandwidth": copy_s / seconds,
+            **extra,
+        }
         rows.append(r)
         tail = " ".join(f"{k}={v}" for k, v in extra.items())
-        say(f"{r['dtype']:<9} {name:<11} {path:<9} {r['ms']:>9.3f} ms {tbps:>7.3f} TB/s "
-            f"{r['x copy bandwidth']:>7.3f} x copy  {tail}")
+        say(
+            f"{r['dtype']:<9} {name:<11} {path:<9} {r['ms']:>9.3f} ms {tbps:>7.3f} TB/s "
+            f"{r['x copy bandwidth']:>7.3f} x copy  {tail}"
+        )
 
     def per_dtype(dtype):
         x = base.to(dtype)
@@ -143,7 +154,9 @@ def main() -> int:
             x = base.to(dtype)
             for name in names:
                 fmt = formats.FORMATS[name]
-                t = cuda_time(lambda: quantize_reference(x, fmt, fmt.block_size, 1, "nearest"), max(3, args.repeats // 3), 1)
+                t = cuda_time(
+                    lambda: quantize_reference(x, fmt, fmt.block_size, 1, "nearest"), max(3, args.repeats // 3), 1
+                )
                 row(dtype, name, "reference", t, copies[dtype])
             del x
 
@@ -154,8 +167,13 @@ def main() -> int:
             x = base.to(dtype)
             for g_blocks in (32, 64, 128, 256, 512):
                 for warps in (4, 8, 16):
-                    t = cuda_time(lambda: triton_quantize.quantize_triton(
-                        x, fmt, 32, 1, "nearest", blocks_per_program=g_blocks, num_warps=warps), args.repeats, 10)
+                    t = cuda_time(
+                        lambda: triton_quantize.quantize_triton(
+                            x, fmt, 32, 1, "nearest", blocks_per_program=g_blocks, num_warps=warps
+                        ),
+                        args.repeats,
+                        10,
+                    )
                     row(dtype, "mxint4", "sweep", t, copies[dtype], blocks_per_program=g_blocks, num_warps=warps)
             del x
 

@@ -43,25 +43,43 @@ def main():
         curves = {}
         for strategy in args.strategies.split(","):
             t0 = time.perf_counter()
-            result = mpqc.search.run(graph, search_tokens, ratio=ratio, sampler=strategy, n_trials=args.trials,
-                                     seq_len=args.seq_len, n_samples=args.n_samples, seed=args.seed, qmodel=qmodel,
-                                     progress=False)
+            result = mpqc.search.run(
+                graph,
+                search_tokens,
+                ratio=ratio,
+                sampler=strategy,
+                n_trials=args.trials,
+                seq_len=args.seq_len,
+                n_samples=args.n_samples,
+                seed=args.seed,
+                qmodel=qmodel,
+                progress=False,
+            )
             seconds = time.perf_counter() - t0
             best, curve = math.inf, []
             for t in sorted(result.study.trials, key=lambda t: t.number):
                 best = min(best, t.value)
                 curve.append(best)
             curves[strategy] = curve
-            rows.append({"ratio": ratio, "strategy": strategy, "seconds": seconds, "curve": curve,
-                         **{f"best@{c}": curve[c - 1] for c in checkpoints}})
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "strategy": strategy,
+                    "seconds": seconds,
+                    "curve": curve,
+                    **{f"best@{c}": curve[c - 1] for c in checkpoints},
+                }
+            )
             print(f"Q_r {ratio}: {strategy} done in {seconds:.0f} s, best {curve[-1]:.3f}", flush=True)
         target = curves.get("random", [math.inf])[-1]
         for r in rows:
             if r["ratio"] == ratio:
                 hit = next((i + 1 for i, v in enumerate(r["curve"]) if v <= target), None)
                 r["trials_to_random_final"] = hit
-    print(f"\nSmolLM2-135M, MXINT4 W+A vs BF16, matmul granularity, {args.n_samples} x {args.seq_len} tokens "
-          f"per trial, seed {args.seed}")
+    print(
+        f"\nSmolLM2-135M, MXINT4 W+A vs BF16, matmul granularity, {args.n_samples} x {args.seq_len} tokens "
+        f"per trial, seed {args.seed}"
+    )
     head = " ".join(f"{'best@' + str(c):>9}" for c in checkpoints)
     print(f"{'Q_r':>5} {'strategy':<12} {head} {'trials to random@' + str(args.trials):>20} {'seconds':>8}")
     for r in rows:

@@ -32,8 +32,9 @@ import mpqc
 
 PRESETS = {
     # hidden, layers, heads, kv heads, intermediate, vocab, batch, seq
-    "llama-0.95b": dict(hidden=2048, layers=16, heads=32, kv_heads=32, intermediate=5632, vocab=32000,
-                        batch=32, seq=512),
+    "llama-0.95b": dict(
+        hidden=2048, layers=16, heads=32, kv_heads=32, intermediate=5632, vocab=32000, batch=32, seq=512
+    ),
 }
 UNQUANTIZED = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -74,10 +75,15 @@ def main():
         return time.perf_counter() - t0
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate or args.hidden * 3,
-                      num_hidden_layers=args.layers, num_attention_heads=heads,
-                      num_key_value_heads=args.kv_heads or args.hidden // 128, vocab_size=args.vocab,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=args.kv_heads or args.hidden // 128,
+        vocab_size=args.vocab,
+        tie_word_embeddings=False,
+    )
     with device:  # initialized where it runs: a 0.95B model's random init is slow on the CPU
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -122,37 +128,58 @@ def main():
                 rows.setdefault("torch.compile: captured graph", []).append(timed(lambda: compiled_graph(ids)))
                 if not args.no_fresh_compile:
                     rows.setdefault("torch.compile: unquantized plan (only plan)", []).append(
-                        timed(lambda: compiled_fresh(ids)))
+                        timed(lambda: compiled_fresh(ids))
+                    )
                 switched.set_plan(base)
                 rows.setdefault("torch.compile: unquantized plan (switched)", []).append(
-                    timed(lambda: compiled_switched(ids)))
+                    timed(lambda: compiled_switched(ids))
+                )
                 switched.set_plan(w4a4)
                 rows.setdefault("torch.compile: W+A MXINT4 (switched)", []).append(
-                    timed(lambda: compiled_switched(ids)))
+                    timed(lambda: compiled_switched(ids))
+                )
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames, "a plan switch recompiled"
     med = {k: statistics.median(v) for k, v in rows.items()}
     ref = med["compiled forward, unquantized plan"]
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Llama hidden {args.hidden}, {args.layers} layers, {n_params / 1e9:.3f}B parameters, {args.dtype}, "
-          f"{args.batch} x {args.seq} tokens, {where}, torch {torch.__version__}, median of {args.repeats}")
+    print(
+        f"Llama hidden {args.hidden}, {args.layers} layers, {n_params / 1e9:.3f}B parameters, {args.dtype}, "
+        f"{args.batch} x {args.seq} tokens, {where}, torch {torch.__version__}, median of {args.repeats}"
+    )
     print(f"{'what':<44} {'ms':>9} {'x unquantized plan':>19}")
     for k, v in med.items():
         print(f"{k:<44} {v * 1e3:>9.2f} {v / ref:>19.4f}")
     hf = med["model forward (HF, SDPA)"]
-    print(f"eager W+A MXINT4 / HF forward: {med['compiled forward, W+A MXINT4 plan'] / hf:.3f}; "
-          f"/ captured graph: {med['compiled forward, W+A MXINT4 plan'] / med['captured graph forward']:.3f}")
+    print(
+        f"eager W+A MXINT4 / HF forward: {med['compiled forward, W+A MXINT4 plan'] / hf:.3f}; "
+        f"/ captured graph: {med['compiled forward, W+A MXINT4 plan'] / med['captured graph forward']:.3f}"
+    )
     if args.torch_compile:
         mx = med["torch.compile: W+A MXINT4 (switched)"]
-        print(f"torch.compile W+A MXINT4 / HF forward: {mx / hf:.3f}; / compiled captured graph: "
-              f"{mx / med['torch.compile: captured graph']:.3f}"
-              + (f"; / compiled unquantized plan (only plan): {mx / med['torch.compile: unquantized plan (only plan)']:.3f}"
-                 if not args.no_fresh_compile else "")
-              + f"; eager W+A MXINT4 / torch.compile W+A MXINT4: {med['compiled forward, W+A MXINT4 plan'] / mx:.2f}")
+        print(
+            f"torch.compile W+A MXINT4 / HF forward: {mx / hf:.3f}; / compiled captured graph: "
+            f"{mx / med['torch.compile: captured graph']:.3f}"
+            + (
+                f"; / compiled unquantized plan (only plan): {mx / med['torch.compile: unquantized plan (only plan)']:.3f}"
+                if not args.no_fresh_compile
+                else ""
+            )
+            + f"; eager W+A MXINT4 / torch.compile W+A MXINT4: {med['compiled forward, W+A MXINT4 plan'] / mx:.2f}"
+        )
         print("compile seconds (first call): " + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "params": n_params, "device": where, "medians_s": med,
-                       "compile_s": compile_s if args.torch_compile else None}, f, indent=1)
+            json.dump(
+                {
+                    "config": vars(args),
+                    "params": n_params,
+                    "device": where,
+                    "medians_s": med,
+                    "compile_s": compile_s if args.torch_compile else None,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

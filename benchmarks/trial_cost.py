@@ -30,11 +30,19 @@ import mpqc
 from mpqc.data import load_tokens, split_tokens
 from mpqc.evaluate import nll, sample_windows
 
-
 # SmolLM2-135M-Instruct as its GGUF loads (transformers' LlamaConfig of the real model).
-SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                           rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SMOLLM2_135M = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -77,8 +85,17 @@ def main():
     graph = mpqc.capture(model, (torch.zeros(2, 64, dtype=torch.long),))
     windows = sample_windows(tokens, args.seq_len, args.n_samples, 0)
     high = {"float32": "bf16", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
-    search = dict(ratio=args.ratio, sampler="random", high=high, n_trials=args.trials, seq_len=args.seq_len,
-                  n_samples=args.n_samples, batch_size=args.n_samples, seed=0, progress=False)
+    search = dict(
+        ratio=args.ratio,
+        sampler="random",
+        high=high,
+        n_trials=args.trials,
+        seq_len=args.seq_len,
+        n_samples=args.n_samples,
+        batch_size=args.n_samples,
+        seed=0,
+        progress=False,
+    )
     rows = {}
     with torch.no_grad():
         nll(graph.module, windows=windows, progress=False)  # warm up
@@ -97,8 +114,9 @@ def main():
         nll(compiled_graph, windows=windows, progress=False)
     lower_compile = time.perf_counter() - t0
     with torch.no_grad():
-        rows["lower bound, torch.compile"] = timed(lambda: nll(compiled_graph, windows=windows, progress=False),
-                                                   args.repeats)
+        rows["lower bound, torch.compile"] = timed(
+            lambda: nll(compiled_graph, windows=windows, progress=False), args.repeats
+        )
     compiled = mpqc.search.run(graph, tokens, torch_compile=True, **search)
     rows["trial, torch.compile"] = trial_seconds(compiled)[1:]
     first_compiled = trial_seconds(compiled)[0]
@@ -109,12 +127,13 @@ def main():
 
 def report(args, rows, first_eager, first_compiled, lower_compile, agreement, device, model):
     med = {k: statistics.median(v) for k, v in rows.items()}
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{torch.get_num_threads()} CPU threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     what = "SmolLM2-135M's shape, random weights" if args.random_weights else "SmolLM2-135M"
-    print(f"\n{what} ({sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}) on {where}, "
-          f"torch {torch.__version__}; a trial = {args.n_samples} x {args.seq_len} tokens, random plans at Q_r "
-          f"{args.ratio} (MXINT4 W+A / BF16, matmul granularity); medians")
+    print(
+        f"\n{what} ({sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}) on {where}, "
+        f"torch {torch.__version__}; a trial = {args.n_samples} x {args.seq_len} tokens, random plans at Q_r "
+        f"{args.ratio} (MXINT4 W+A / BF16, matmul granularity); medians"
+    )
     print(f"{'':<28} {'s/trial':>8} {'trials/hour':>12} {'x lower bound':>14}")
     modes = [("eager", "lower bound, eager")]
     if first_compiled is not None:
@@ -127,14 +146,25 @@ def report(args, rows, first_eager, first_compiled, lower_compile, agreement, de
     else:
         same, largest = agreement
         print(f"torch.compile trial vs eager trial: {med['trial, torch.compile'] / med['trial, eager']:.2f}x")
-        print(f"first trial (weights quantized; compile): eager {first_eager:.1f} s, torch.compile "
-              f"{first_compiled:.1f} s (the unquantized model's compile: {lower_compile:.1f} s)")
+        print(
+            f"first trial (weights quantized; compile): eager {first_eager:.1f} s, torch.compile "
+            f"{first_compiled:.1f} s (the unquantized model's compile: {lower_compile:.1f} s)"
+        )
         print(f"same perplexities eager vs compiled: {same} (largest relative difference {largest:.1e})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "device": where, "medians": med, "rows": rows,
-                       "first_trial": {"eager": first_eager, "compiled": first_compiled},
-                       "max_relative_difference": None if agreement is None else agreement[1]}, f, indent=1)
+            json.dump(
+                {
+                    "config": vars(args),
+                    "device": where,
+                    "medians": med,
+                    "rows": rows,
+                    "first_trial": {"eager": first_eager, "compiled": first_compiled},
+                    "max_relative_difference": None if agreement is None else agreement[1],
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

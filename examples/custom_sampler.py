@@ -27,8 +27,11 @@ class SwapSampler(optuna.samplers.BaseSampler):
 
     def infer_relative_search_space(self, study, trial):
         # Sample all priorities together (relative sampling) once the space is known.
-        return {k: d for k, d in optuna.search_space.intersection_search_space(study.get_trials(deepcopy=False)).items()
-                if isinstance(d, FloatDistribution)}
+        return {
+            k: d
+            for k, d in optuna.search_space.intersection_search_space(study.get_trials(deepcopy=False)).items()
+            if isinstance(d, FloatDistribution)
+        }
 
     def sample_relative(self, study, trial, search_space):
         done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -55,8 +58,9 @@ def main():
     model, tokenizer = mpqc.load_model()
     graph = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
     tokens, _ = split_tokens(load_tokens(tokenizer))
-    result = mpqc.search.run(graph, tokens, ratio=0.9, sampler=SwapSampler(seed=0), n_trials=10,
-                             seq_len=128, n_samples=8)
+    result = mpqc.search.run(
+        graph, tokens, ratio=0.9, sampler=SwapSampler(seed=0), n_trials=10, seq_len=128, n_samples=8
+    )
     print(f"best perplexity {result.perplexity:.3f} at Q_r {result.achieved:.4f}")
     print(result.plan.to_json()[:400], "...")
 

@@ -34,25 +34,34 @@ def main():
     else:
         layers = graph.components("layer")
         keep = {layers[0].name, layers[-2].name, layers[-1].name}  # first and last decoder layers, lm_head
-        plan = mpqc.Plan(graph, {c.name: "bf16" for c in layers if c.name in keep},
-                         default=("mxint4", "mxint8"), granularity="layer")
+        plan = mpqc.Plan(
+            graph, {c.name: "bf16" for c in layers if c.name in keep}, default=("mxint4", "mxint8"), granularity="layer"
+        )
     qmodel = mpqc.compile(graph, plan)
     result = mpqc.export.to_onnx(qmodel, args.out)
-    print(f"wrote {result.path}: {result.file_bytes / 2**20:.1f} MiB, {result.weights} low-bit weights, "
-          f"{result.activations} activation quantizers, in {sum(result.seconds.values()):.0f} s")
+    print(
+        f"wrote {result.path}: {result.file_bytes / 2**20:.1f} MiB, {result.weights} low-bit weights, "
+        f"{result.activations} activation quantizers, in {sum(result.seconds.values()):.0f} s"
+    )
 
     meta = mpqc.export.read_metadata(args.out)
-    print(f"Q_r {meta['quantization_ratio']:.3f}, average bits {meta['average_bits']:.2f}, "
-          f"{len(meta['components'])} components, {len(meta['nodes'])} quantizing nodes")
+    print(
+        f"Q_r {meta['quantization_ratio']:.3f}, average bits {meta['average_bits']:.2f}, "
+        f"{len(meta['components'])} components, {len(meta['nodes'])} quantizing nodes"
+    )
     first = meta["nodes"][0]
-    print(f"e.g. node {first['name']}: {first['kind']} {first['format']} block {first['block_size']} "
-          f"for {', '.join(first['matmuls'])}")
+    print(
+        f"e.g. node {first['name']}: {first['kind']} {first['format']} block {first['block_size']} "
+        f"for {', '.join(first['matmuls'])}"
+    )
 
     _, holdout = split_tokens(load_tokens(tokenizer))
     windows = mpqc.evaluate.sample_windows(holdout, 128, 4, seed=0)
     lm = mpqc.export.OnnxRuntimeLM(args.out)
-    print(f"perplexity: ONNX Runtime {mpqc.evaluate.perplexity(lm, windows=windows, progress=False):.3f}, "
-          f"PyTorch {mpqc.evaluate.perplexity(qmodel, windows=windows, progress=False):.3f}")
+    print(
+        f"perplexity: ONNX Runtime {mpqc.evaluate.perplexity(lm, windows=windows, progress=False):.3f}, "
+        f"PyTorch {mpqc.evaluate.perplexity(qmodel, windows=windows, progress=False):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,32 @@ import torch
 # name -> (hidden, layers, heads); intermediate = 8/3 hidden (Llama's ratio), rounded to 16.
 PRESETS = {
     # About 12k to 845k parameters (73x) with a 512-token vocabulary: about three minutes on one CPU core.
-    "toy": {"sizes": {"llama-xs": (16, 1, 2), "llama-s": (32, 2, 2), "llama-m": (64, 3, 4), "llama-l": (128, 4, 4)},
-            "vocab": 512, "steps": 600, "batch": 8, "seq_len": 128, "lr": 3e-3, "lr_width": 64},
+    "toy": {
+        "sizes": {"llama-xs": (16, 1, 2), "llama-s": (32, 2, 2), "llama-m": (64, 3, 4), "llama-l": (128, 4, 4)},
+        "vocab": 512,
+        "steps": 600,
+        "batch": 8,
+        "seq_len": 128,
+        "lr": 3e-3,
+        "lr_width": 64,
+    },
     # About 0.6M to 63M parameters (100x) with an 8192-token vocabulary, for one GPU. The embedded
     # text is about a million tokens: pass a larger --text before reading much into the big sizes.
-    "gpu": {"sizes": {"llama-xs": (64, 2, 2), "llama-s": (128, 4, 4), "llama-m": (256, 6, 4), "llama-l": (512, 8, 8),
-                      "llama-xl": (768, 8, 12)},
-            "vocab": 8192, "steps": 2000, "batch": 32, "seq_len": 256, "lr": 1e-3, "lr_width": 256},
+    "gpu": {
+        "sizes": {
+            "llama-xs": (64, 2, 2),
+            "llama-s": (128, 4, 4),
+            "llama-m": (256, 6, 4),
+            "llama-l": (512, 8, 8),
+            "llama-xl": (768, 8, 12),
+        },
+        "vocab": 8192,
+        "steps": 2000,
+        "batch": 32,
+        "seq_len": 256,
+        "lr": 1e-3,
+        "lr_width": 256,
+    },
 }
 
 
@@ -60,10 +79,12 @@ def train_tokenizer(text: str, vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([text], vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                            special_tokens=["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        [text], vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=["<|endoftext|>"]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
 
 
 def build_model(size: Size, vocab_size: int, seq_len: int, seed: int):
@@ -71,23 +92,41 @@ def build_model(size: Size, vocab_size: int, seq_len: int, seed: int):
 
     intermediate = 16 * max(1, round(8 * size.hidden / 3 / 16))
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=size.hidden, intermediate_size=intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-        max_position_embeddings=max(seq_len, 512), tie_word_embeddings=True,  # tied: size grows with depth and width
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=size.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=max(seq_len, 512),
+        tie_word_embeddings=True,  # tied: size grows with depth and width
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
-def train(model, tokens: torch.Tensor, *, steps: int, batch: int, seq_len: int, lr: float, seed: int,
-          device: torch.device, log_every: int = 50) -> list[float]:
+def train(
+    model,
+    tokens: torch.Tensor,
+    *,
+    steps: int,
+    batch: int,
+    seq_len: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    log_every: int = 50,
+) -> list[float]:
     """AdamW with linear warmup and cosine decay on random windows of ``tokens``; returns the losses."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     gen = torch.Generator().manual_seed(seed)  # the data order, apart from the initialization
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []
@@ -126,8 +165,12 @@ def parse_sizes(text: str | None, preset: dict) -> list[Size]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/family", help="folder for one Hugging Face directory per size")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="toy (CPU) or gpu; default: gpu when CUDA is available, else toy")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="toy (CPU) or gpu; default: gpu when CUDA is available, else toy",
+    )
     p.add_argument("--sizes", default=None, help="override the preset: name:hidden:layers:heads,...")
     p.add_argument("--text", default="wiki", help="mpqc.data text spec: wiki, a .txt file or folder, hf:NAME")
     p.add_argument("--steps", type=int, default=None)
@@ -136,9 +179,13 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: small models gain little from more, a shared machine loses "
-                        "much, and a fixed count keeps the sums in the same order run to run)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: small models gain little from more, a shared machine loses "
+        "much, and a fixed count keeps the sums in the same order run to run)",
+    )
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,37 +214,60 @@ def _cpu_settings(device: torch.device, threads: int):
 
 
 def _train_family(args, preset: dict, sizes: list[Size], device: torch.device) -> None:
-    from mpqc.io import write_json_atomic
     from mpqc.data import load_text, split_tokens, tokenize
     from mpqc.evaluate import perplexity
+    from mpqc.io import write_json_atomic
 
     t0 = time.perf_counter()
     text = load_text(args.text)
     tokenizer = train_tokenizer(text, preset["vocab"])
     train_tokens, holdout = split_tokens(tokenize(tokenizer, text))  # the sweep's split: holdout never trained on
-    print(f"text {args.text}: {train_tokens.numel():,} training tokens, {holdout.numel():,} held out; "
-          f"tokenizer ({len(tokenizer)} tokens) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"text {args.text}: {train_tokens.numel():,} training tokens, {holdout.numel():,} held out; "
+        f"tokenizer ({len(tokenizer)} tokens) in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
 
     for i, size in enumerate(sizes):
         t0 = time.perf_counter()
         model = build_model(size, len(tokenizer), preset["seq_len"], seed=args.seed + i)
         params = sum(q.numel() for q in model.parameters())
         print(f"{size.name}: hidden {size.hidden}, {size.layers} layers, {params:,} parameters", file=sys.stderr)
-        losses = train(model, train_tokens, steps=preset["steps"], batch=preset["batch"], seq_len=preset["seq_len"],
-                       lr=learning_rate(preset, size.hidden), seed=args.seed + 1000 + i, device=device)
+        losses = train(
+            model,
+            train_tokens,
+            steps=preset["steps"],
+            batch=preset["batch"],
+            seq_len=preset["seq_len"],
+            lr=learning_rate(preset, size.hidden),
+            seed=args.seed + 1000 + i,
+            device=device,
+        )
         model.eval()
         n_eval = min(16, holdout.numel() // preset["seq_len"])
         ppl = perplexity(model, holdout, seq_len=preset["seq_len"], n_samples=n_eval, seed=0, progress=False)
         path = os.path.join(args.out, size.name)
         model.to("cpu").save_pretrained(path)
         tokenizer.save_pretrained(path)
-        log = {"size": dataclasses.asdict(size), "params": params, "preset": preset,
-               "lr": learning_rate(preset, size.hidden), "text": args.text,
-               "seed": args.seed, "device": str(device), "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
-               "holdout_perplexity": ppl, "holdout_windows": n_eval, "seconds": time.perf_counter() - t0}
+        log = {
+            "size": dataclasses.asdict(size),
+            "params": params,
+            "preset": preset,
+            "lr": learning_rate(preset, size.hidden),
+            "text": args.text,
+            "seed": args.seed,
+            "device": str(device),
+            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "holdout_perplexity": ppl,
+            "holdout_windows": n_eval,
+            "seconds": time.perf_counter() - t0,
+        }
         write_json_atomic(os.path.join(path, "train_log.json"), log)
-        print(f"{size.name}: held-out perplexity {ppl:.2f} after {preset['steps']} steps in {log['seconds']:.0f} s "
-              f"-> {path}", file=sys.stderr)
+        print(
+            f"{size.name}: held-out perplexity {ppl:.2f} after {preset['steps']} steps in {log['seconds']:.0f} s "
+            f"-> {path}",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,13 @@ CAST_TYPES = {"bfloat16": TensorProto.BFLOAT16, "float16": TensorProto.FLOAT16, 
 
 # Attributes of each function: (name, type). The first four are the interface; the rest are
 # derived from the format so that one body serves every format of a family.
-_COMMON = [("format", AttributeProto.STRING), ("block_size", AttributeProto.INT), ("axis", AttributeProto.INT),
-           ("rounding", AttributeProto.STRING), ("ties_even", AttributeProto.INT)]
+_COMMON = [
+    ("format", AttributeProto.STRING),
+    ("block_size", AttributeProto.INT),
+    ("axis", AttributeProto.INT),
+    ("rounding", AttributeProto.STRING),
+    ("ties_even", AttributeProto.INT),
+]
 _ELEMENT = [("elem_emin", AttributeProto.INT), ("elem_mbits", AttributeProto.INT), ("elem_max", AttributeProto.FLOAT)]
 ATTRIBUTES = {
     MX_OP: _COMMON + [("elem_emax", AttributeProto.INT)] + _ELEMENT,
@@ -80,8 +85,11 @@ def block_from_code(code: int):
 def element_params(element) -> dict:
     """The minifloat view of an element type: smallest exponent, mantissa bits, largest value."""
     if element.kind == "int":
-        return {"elem_emin": element.bits - 1 - element.frac_bits, "elem_mbits": element.bits - 1,
-                "elem_max": float(element.max_normal)}
+        return {
+            "elem_emin": element.bits - 1 - element.frac_bits,
+            "elem_mbits": element.bits - 1,
+            "elem_max": float(element.max_normal),
+        }
     return {"elem_emin": element.emin, "elem_mbits": element.man_bits, "elem_max": float(element.max_normal)}
 
 
@@ -95,8 +103,13 @@ def call_attributes(fmt: Format, axis: int, rounding: str) -> tuple[str, dict]:
         return CAST_OP, {"format": fmt.name, "to": CAST_TYPES[fmt.cast_dtype]}
     if axis < 0:
         raise ValueError(f"axis must be non-negative here, got {axis}")
-    attrs = {"format": fmt.name, "block_size": block_code(fmt.block_size), "axis": int(axis),
-             "rounding": rounding, "ties_even": int(rounding == "even")}
+    attrs = {
+        "format": fmt.name,
+        "block_size": block_code(fmt.block_size),
+        "axis": int(axis),
+        "rounding": rounding,
+        "ties_even": int(rounding == "even"),
+    }
     if fmt.family == "mx":
         attrs["elem_emax"] = fmt.element.emax
     if fmt.family in ("mx", "absmax"):
@@ -125,8 +138,9 @@ class _Body:
     def op(self, op_type: str, *inputs: str, **attrs) -> str:
         self._n += 1
         out = f"{self.prefix}{self._n}_{op_type}"
-        node = helper.make_node(op_type, list(inputs), [out],
-                                **{k: v for k, v in attrs.items() if not isinstance(v, _Ref)})
+        node = helper.make_node(
+            op_type, list(inputs), [out], **{k: v for k, v in attrs.items() if not isinstance(v, _Ref)}
+        )
         for k, v in attrs.items():
             if isinstance(v, _Ref):
                 a = AttributeProto(name=k, ref_attr_name=v.name, type=v.type)
@@ -147,7 +161,7 @@ class _Body:
         return self.op("Constant", value_float=_Ref(name, AttributeProto.FLOAT))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pow2_table() -> np.ndarray:
     """float32 2**e for e = POW2_MIN .. POW2_MAX (index e - POW2_MIN); exact, 0 and inf at the ends."""
     with np.errstate(over="ignore"):  # 2**128 -> inf on purpose
@@ -179,8 +193,9 @@ class _Quantizer:
         # The estimate is within one of the truth; two exact comparisons settle it.
         too_high = b.op("Cast", b.op("Greater", self.pow2(e), a), to=TensorProto.INT64)
         e = b.op("Max", b.op("Sub", e, too_high), lo)
-        too_low = b.op("Cast", b.op("LessOrEqual", self.pow2(b.op("Add", e, b.const(1, np.int64))), a),
-                       to=TensorProto.INT64)
+        too_low = b.op(
+            "Cast", b.op("LessOrEqual", self.pow2(b.op("Add", e, b.const(1, np.int64))), a), to=TensorProto.INT64
+        )
         return b.op("Add", e, too_low)
 
     def round_half(self, r: str, even: str) -> str:
@@ -209,7 +224,9 @@ class _Quantizer:
         block = b.attr_int("block_size")
         big = b.const([np.iinfo(np.int64).max], np.int64)
         after = b.op("Add", axis, self.one_i)
-        pre = b.op("ReduceProd", b.op("Concat", self.one_i, b.op("Slice", shape, self.zero_i, axis), axis=0), keepdims=1)
+        pre = b.op(
+            "ReduceProd", b.op("Concat", self.one_i, b.op("Slice", shape, self.zero_i, axis), axis=0), keepdims=1
+        )
         post = b.op("ReduceProd", b.op("Concat", self.one_i, b.op("Slice", shape, after, big), axis=0), keepdims=1)
         length = b.op("Slice", shape, axis, after)
         numel = b.op("ReduceProd", b.op("Concat", self.one_i, shape, axis=0), keepdims=1)
@@ -222,8 +239,16 @@ class _Quantizer:
         n_blocks = b.op("Div", b.op("Sub", b.op("Add", length, size), self.one_i), size)
         padded = b.op("Mul", n_blocks, size)
         x3 = b.op("Reshape", xf, b.op("Concat", pre, length, post, axis=0), allowzero=1)
-        pads = b.op("Concat", self.zero_i, self.zero_i, self.zero_i, self.zero_i,
-                    b.op("Sub", padded, length), self.zero_i, axis=0)
+        pads = b.op(
+            "Concat",
+            self.zero_i,
+            self.zero_i,
+            self.zero_i,
+            self.zero_i,
+            b.op("Sub", padded, length),
+            self.zero_i,
+            axis=0,
+        )
         x3 = b.op("Pad", x3, pads)
         x4 = b.op("Reshape", x3, b.op("Concat", pre, n_blocks, size, post, axis=0), allowzero=1)
         return x4, (shape, pre, padded, post, length)
@@ -250,8 +275,14 @@ class _Quantizer:
 
 def _function(op_type: str, nodes, opset: int, doc: str) -> onnx.FunctionProto:
     return helper.make_function(
-        DOMAIN, op_type, ["X"], ["Y"], nodes, [helper.make_opsetid("", opset)],
-        attributes=[name for name, _ in ATTRIBUTES[op_type]], doc_string=doc,
+        DOMAIN,
+        op_type,
+        ["X"],
+        ["Y"],
+        nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=[name for name, _ in ATTRIBUTES[op_type]],
+        doc_string=doc,
     )
 
 
@@ -283,9 +314,11 @@ def _mx(q: _Quantizer, xf, x4, even):
 
 
 def _element_attrs(b: _Body):
-    return (b.op("Constant", value_int=_Ref("elem_emin", AttributeProto.INT)),
-            b.op("Constant", value_int=_Ref("elem_mbits", AttributeProto.INT)),
-            b.attr_float("elem_max"))
+    return (
+        b.op("Constant", value_int=_Ref("elem_emin", AttributeProto.INT)),
+        b.op("Constant", value_int=_Ref("elem_mbits", AttributeProto.INT)),
+        b.attr_float("elem_max"),
+    )
 
 
 def _absmax(q: _Quantizer, xf, x4, even):
@@ -303,8 +336,9 @@ def _nvfp4(q: _Quantizer, xf, x4, even):
     b = q.b
     # Tensor scale from the whole tensor's amax; NaN/Inf anywhere makes every output NaN, as in
     # the reference, so one probe over the tensor suffices.
-    tensor_amax = b.op("Add", b.op("ReduceMax", b.op("Abs", xf), keepdims=0),
-                       b.op("ReduceSum", b.op("Mul", xf, q.zero_f), keepdims=0))
+    tensor_amax = b.op(
+        "Add", b.op("ReduceMax", b.op("Abs", xf), keepdims=0), b.op("ReduceSum", b.op("Mul", xf, q.zero_f), keepdims=0)
+    )
     ts = b.op("Div", tensor_amax, b.const(NVFP4_ELEMENT_MAX * NVFP4_SCALE_MAX))
     ts = b.op("Where", b.op("Equal", ts, q.zero_f), q.one_f, ts)
     axes = b.const([2], np.int64)
@@ -312,18 +346,28 @@ def _nvfp4(q: _Quantizer, xf, x4, even):
     wanted = b.op("Div", amax, b.op("Mul", b.const(NVFP4_ELEMENT_MAX), ts))
     wanted = b.op("Min", wanted, b.const(NVFP4_SCALE_MAX))
     p8 = element_params(E4M3)
-    fp8 = q.element(wanted, b.const(p8["elem_emin"], np.int64), b.const(p8["elem_mbits"], np.int64),
-                    b.const(p8["elem_max"]), b.const(True, np.bool_))
+    fp8 = q.element(
+        wanted,
+        b.const(p8["elem_emin"], np.int64),
+        b.const(p8["elem_mbits"], np.int64),
+        b.const(p8["elem_max"]),
+        b.const(True, np.bool_),
+    )
     fp8 = b.op("Where", b.op("IsNaN", wanted), wanted, fp8)
     scale = b.op("Mul", fp8, ts)
     safe = b.op("Where", b.op("Equal", scale, q.zero_f), q.one_f, scale)
     p4 = element_params(E2M1)
-    elements = q.element(b.op("Div", x4, safe), b.const(p4["elem_emin"], np.int64),
-                         b.const(p4["elem_mbits"], np.int64), b.const(p4["elem_max"]), even)
+    elements = q.element(
+        b.op("Div", x4, safe),
+        b.const(p4["elem_emin"], np.int64),
+        b.const(p4["elem_mbits"], np.int64),
+        b.const(p4["elem_max"]),
+        even,
+    )
     return b.op("Mul", elements, scale)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
     """The FunctionProto of ``mpqc.<op_type>`` with a body at ``opset`` of the default domain."""
     if op_type == CAST_OP:
@@ -333,10 +377,10 @@ def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
     family = {MX_OP: _mx, ABSMAX_OP: _absmax, NVFP4_OP: _nvfp4}[op_type]
     docs = {
         MX_OP: "OCP MX v1.0 fake quantization: shared E8M0 exponent floor(log2 amax) - elem_emax per block, "
-               "saturating element rounding; equals mpqc.formats.quantize.",
+        "saturating element rounding; equals mpqc.formats.quantize.",
         ABSMAX_OP: "Absmax fake quantization: float32 scale amax / elem_max per block; equals mpqc.formats.quantize.",
         NVFP4_OP: "NVFP4 fake quantization: fp32 tensor scale, E4M3 block scales, E2M1 elements; "
-                  "equals mpqc.formats.quantize.",
+        "equals mpqc.formats.quantize.",
     }
     return _function(op_type, _scaled_body(op_type, _Body("t"), family), opset, docs[op_type])
 
@@ -344,8 +388,9 @@ def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
 # ---- a standalone model for checking a function against mpqc.formats.quantize ------------------------
 
 
-def quantize_model(fmt, *, rank: int, axis: int = -1, block_size=None, rounding: str = "nearest",
-                   opset: int = 21) -> onnx.ModelProto:
+def quantize_model(
+    fmt, *, rank: int, axis: int = -1, block_size=None, rounding: str = "nearest", opset: int = 21
+) -> onnx.ModelProto:
     """A one-node ONNX model computing ``quantize(x, fmt, block_size=..., axis=..., rounding=...)``
     for float32 inputs of rank ``rank`` (every dim dynamic)."""
     fmt = get_format(fmt)
@@ -354,13 +399,30 @@ def quantize_model(fmt, *, rank: int, axis: int = -1, block_size=None, rounding:
     op_type, attrs = call_attributes(fmt, axis % rank, rounding)
     node = helper.make_node(op_type, ["x"], ["y"], domain=DOMAIN, **attrs)
     dims = [f"d{i}" for i in range(rank)]
-    graph = helper.make_graph([node], f"mpqc_{fmt.name}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-                             functions=[function_proto(op_type, opset)])
+    graph = helper.make_graph(
+        [node],
+        f"mpqc_{fmt.name}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+        functions=[function_proto(op_type, opset)],
+    )
 
 
 __all__ = [
-    "ABSMAX_OP", "ATTRIBUTES", "CAST_OP", "DOMAIN", "DOMAIN_VERSION", "MX_OP", "NVFP4_OP",
-    "block_code", "block_from_code", "call_attributes", "function_proto", "quantize_model",
+    "ABSMAX_OP",
+    "ATTRIBUTES",
+    "CAST_OP",
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "MX_OP",
+    "NVFP4_OP",
+    "block_code",
+    "block_from_code",
+    "call_attributes",
+    "function_proto",
+    "quantize_model",
 ]

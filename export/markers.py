@@ -30,7 +30,16 @@ import torch
 from mpqc.formats import Format, get_format
 from mpqc.graph import QUANTIZER_META
 
-__all__ = ["ActivationRecord", "Resolved", "Site", "Template", "UnsupportedExport", "WeightRecord", "prepare", "resolve"]
+__all__ = [
+    "ActivationRecord",
+    "Resolved",
+    "Site",
+    "Template",
+    "UnsupportedExport",
+    "WeightRecord",
+    "prepare",
+    "resolve",
+]
 
 
 class UnsupportedExport(ValueError):
@@ -97,10 +106,12 @@ def prepare(qmodel) -> Template:
             for user in list(node.users):
                 if user.op != "call_function" or user.target is not operator.getitem:
                     raise UnsupportedExport(
-                        f"activation quantizer {node.name}: expected getitem users, found {user.format_node()}")
+                        f"activation quantizer {node.name}: expected getitem users, found {user.format_node()}"
+                    )
                 slot = user.args[1]
-                site = Site(len(sites), "activation", node.target, quantizer.consumers[slot], slot, source.name,
-                            axis, dtype)
+                site = Site(
+                    len(sites), "activation", node.target, quantizer.consumers[slot], slot, source.name, axis, dtype
+                )
                 sites[site.key] = site
                 with g.inserting_before(user):
                     marker = g.call_function(torch.ops.mpqc_export.site.default, (source, site.key))
@@ -165,8 +176,10 @@ def _check_preset(fmt: Format, where: str) -> None:
         preset = None
     same = preset is not None and (preset == fmt if fmt.family == "cast" else preset.with_block(fmt.block_size) == fmt)
     if not same:
-        raise UnsupportedExport(f"{where}: format {fmt!r} is neither a preset nor a preset with another block size; "
-                                "only those have an ONNX form here")
+        raise UnsupportedExport(
+            f"{where}: format {fmt!r} is neither a preset nor a preset with another block size; "
+            "only those have an ONNX form here"
+        )
 
 
 def resolve(qmodel, template: Template) -> Resolved:
@@ -188,8 +201,10 @@ def resolve(qmodel, template: Template) -> Resolved:
             continue
         _check_preset(fmt, where)
         if site.dtype != torch.float32:
-            raise UnsupportedExport(f"{where}: the exporter writes float32 models; this tensor is {site.dtype} "
-                                    "(compile the model in float32: model.float() before mpqc.capture)")
+            raise UnsupportedExport(
+                f"{where}: the exporter writes float32 models; this tensor is {site.dtype} "
+                "(compile the model in float32: model.float() before mpqc.capture)"
+            )
         rounding = quantizer.rounding
         if site.kind == "weight":
             key = (site.source, fmt, site.axis, rounding)
@@ -200,8 +215,9 @@ def resolve(qmodel, template: Template) -> Resolved:
             key = (site.quantizer, fmt)
             record = activations.get(key)
             if record is None:
-                record = activations[key] = ActivationRecord(len(activations), site.source, fmt, site.axis, rounding,
-                                                             [], [], [])
+                record = activations[key] = ActivationRecord(
+                    len(activations), site.source, fmt, site.axis, rounding, [], [], []
+                )
         record.sites.append(site.key)
         record.matmuls.append(site.matmul)
         if comp[site.matmul] not in record.components:

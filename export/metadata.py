@@ -41,12 +41,26 @@ import onnx
 SCHEMA_VERSION = 1
 PREFIX = "mpqc."
 MODEL_KEYS = (
-    "mpqc.schema_version", "mpqc.version", "mpqc.model_class", "mpqc.plan", "mpqc.granularity",
-    "mpqc.quantization_ratio", "mpqc.quantization_ratio_macs", "mpqc.average_bits", "mpqc.components",
+    "mpqc.schema_version",
+    "mpqc.version",
+    "mpqc.model_class",
+    "mpqc.plan",
+    "mpqc.granularity",
+    "mpqc.quantization_ratio",
+    "mpqc.quantization_ratio_macs",
+    "mpqc.average_bits",
+    "mpqc.components",
     "mpqc.weight_storage",
 )
-NODE_KEYS = ("mpqc.kind", "mpqc.format", "mpqc.block_size", "mpqc.axis", "mpqc.rounding", "mpqc.components",
-             "mpqc.matmuls")
+NODE_KEYS = (
+    "mpqc.kind",
+    "mpqc.format",
+    "mpqc.block_size",
+    "mpqc.axis",
+    "mpqc.rounding",
+    "mpqc.components",
+    "mpqc.matmuls",
+)
 
 
 def _block(fmt) -> str | int | None:
@@ -119,8 +133,13 @@ def decode_node_metadata(record) -> dict[str, str]:
 
 def weight_node_metadata(record, encoded) -> dict[str, str]:
     meta = _common("weight", record.format, record.axis, record.rounding, record.matmuls, record.components)
-    meta.update({"mpqc.weight": record.weight, "mpqc.storage": encoded.storage,
-                 "mpqc.storage_detail": json.dumps(encoded.details)})
+    meta.update(
+        {
+            "mpqc.weight": record.weight,
+            "mpqc.storage": encoded.storage,
+            "mpqc.storage_detail": json.dumps(encoded.details),
+        }
+    )
     return meta
 
 
@@ -154,7 +173,7 @@ def read_metadata(model) -> dict:
     for key in MODEL_KEYS:
         if key not in props:
             raise ValueError(f"mpqc metadata lacks {key!r}")
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         value = props[key]
         if name in ("plan", "components", "weight_storage"):
             value = json.loads(value)
@@ -170,7 +189,7 @@ def read_metadata(model) -> dict:
             continue
         entry = {"name": node.name, "op_type": node.op_type, "domain": node.domain}
         for key, value in meta.items():
-            name = key[len(PREFIX):]
+            name = key[len(PREFIX) :]
             entry[name] = json.loads(value) if name in ("components", "matmuls", "storage_detail") else value
         nodes.append(entry)
     out["nodes"] = nodes

@@ -21,8 +21,6 @@ import functools
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 import weakref
@@ -72,15 +70,20 @@ class ExportResult:
 # ---- translation: once per compiled model and opset ---------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _placeholder_op():
     from onnxscript.values import Op, Opset
 
     S = onnx.defs.OpSchema
-    schema = S(PLACEHOLDER_OP, PLACEHOLDER_DOMAIN, 1,
-               inputs=[S.FormalParameter("X", "T")], outputs=[S.FormalParameter("Y", "T")],
-               type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
-               attributes=[S.Attribute(KEY_ATTR, S.AttrType.INT, "")])
+    schema = S(
+        PLACEHOLDER_OP,
+        PLACEHOLDER_DOMAIN,
+        1,
+        inputs=[S.FormalParameter("X", "T")],
+        outputs=[S.FormalParameter("Y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+        attributes=[S.Attribute(KEY_ATTR, S.AttrType.INT, "")],
+    )
     return Op(Opset(PLACEHOLDER_DOMAIN, 1), PLACEHOLDER_OP, schema)
 
 
@@ -90,7 +93,7 @@ def _translate_site(x, key: int):
 
 # Translated graphs with every quantizer site marked, per compiled model and opset. A model's
 # plan (set_plan) changes formats, never the graph, so one translation serves every plan.
-_TRANSLATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TRANSLATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _template(qmodel) -> Template:
@@ -136,10 +139,17 @@ def _torch_export(template: Template, opset: int) -> ir.Model:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation and pytree notices
             program = torch.onnx.export(
-                gm, (example,), dynamo=True, dynamic_shapes=({0: "batch", 1: "sequence"},),
-                input_names=["input_ids"], output_names=["logits"], opset_version=opset,
+                gm,
+                (example,),
+                dynamo=True,
+                dynamic_shapes=({0: "batch", 1: "sequence"},),
+                input_names=["input_ids"],
+                output_names=["logits"],
+                opset_version=opset,
                 custom_translation_table={torch.ops.mpqc_export.site.default: _translate_site},
-                verbose=False, report=False, optimize=False,
+                verbose=False,
+                report=False,
+                optimize=False,
             )
             # One pass of onnxscript's optimizer (constant folding, dead code) without ONNX
             # shape inference: on SmolLM2-135M half the time of torch.onnx's default
@@ -163,8 +173,10 @@ def _explain_export_failure(exc: BaseException) -> str:
     if missing:
         lines.append(f"  torch.onnx has no ONNX translation for the op {missing.group(1)}")
         if "grouped_mm" in missing.group(1):
-            lines.append("  mixture-of-experts: load the model with experts_implementation='batched_mm', which exports, "
-                         "and capture again")
+            lines.append(
+                "  mixture-of-experts: load the model with experts_implementation='batched_mm', which exports, "
+                "and capture again"
+            )
     if not node and not missing:
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         lines.append(f"  {type(exc).__name__}: {first}")
@@ -195,11 +207,15 @@ def _check_args(qmodel, fp_weights, opset):
     if isinstance(opset, bool) or not isinstance(opset, int):
         raise TypeError(f"opset must be an int, got {type(opset).__name__}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset {opset} is out of range: blocked DequantizeLinear needs at least {MIN_OPSET}, and the "
-                         f"installed onnx knows up to {MAX_OPSET}")
+        raise ValueError(
+            f"opset {opset} is out of range: blocked DequantizeLinear needs at least {MIN_OPSET}, and the "
+            f"installed onnx knows up to {MAX_OPSET}"
+        )
     if fp_weights == STANDARD and opset < STANDARD_OPSET:
-        raise ValueError(f"fp_weights='standard' stores FLOAT8E8M0 scales, which DequantizeLinear takes from opset "
-                         f"{STANDARD_OPSET}; got opset={opset}")
+        raise ValueError(
+            f"fp_weights='standard' stores FLOAT8E8M0 scales, which DequantizeLinear takes from opset "
+            f"{STANDARD_OPSET}; got opset={opset}"
+        )
     return opset
 
 
@@ -261,17 +277,26 @@ def to_onnx(
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_path, size = _save_atomic(model, path, bool(external_data), check, seconds)
-    return ExportResult(path=path, data_path=data_path, file_bytes=size, weight_bytes=weight_bytes, opset=opset,
-                        fp_weights=fp_weights, weights=len(resolved.weights), activations=len(resolved.activations),
-                        seconds=seconds)
+    return ExportResult(
+        path=path,
+        data_path=data_path,
+        file_bytes=size,
+        weight_bytes=weight_bytes,
+        opset=opset,
+        fp_weights=fp_weights,
+        weights=len(resolved.weights),
+        activations=len(resolved.activations),
+        seconds=seconds,
+    )
 
 
 def _all_nodes(graph: ir.Graph):
     return list(ir.traversal.RecursiveGraphIterator(graph))
 
 
-def _rewrite(model: ir.Model, template: Template, resolved: Resolved, encoder: WeightEncoder, qmodel,
-             progress: bool) -> int:
+def _rewrite(
+    model: ir.Model, template: Template, resolved: Resolved, encoder: WeightEncoder, qmodel, progress: bool
+) -> int:
     """Sites -> bypasses, mpqc function calls and low-bit weights. Returns the stored weight bytes."""
     graph = model.graph
     order = {}
@@ -303,9 +328,14 @@ def _rewrite(model: ir.Model, template: Template, resolved: Resolved, encoder: W
     for record in resolved.activations:
         first = min((sites[k] for k in record.sites), key=order.__getitem__)
         op_type, attrs = functions.call_attributes(record.format, record.axis, record.rounding)
-        call = ir.Node(functions.DOMAIN, op_type, [first.inputs[0]], ir.convenience.convert_attributes(attrs),
-                       name=f"mpqc/{record.source}/{record.format.name}",
-                       metadata_props=metadata.activation_node_metadata(record))
+        call = ir.Node(
+            functions.DOMAIN,
+            op_type,
+            [first.inputs[0]],
+            ir.convenience.convert_attributes(attrs),
+            name=f"mpqc/{record.source}/{record.format.name}",
+            metadata_props=metadata.activation_node_metadata(record),
+        )
         first.graph.insert_before(first, call)
         call.outputs[0].name = f"{record.source}.{record.format.name}"
         replace(record.sites, call.outputs[0])
@@ -321,8 +351,11 @@ def _rewrite(model: ir.Model, template: Template, resolved: Resolved, encoder: W
             expected = qmodel.module.get_submodule(template.sites[record.sites[0]].quantizer)(weight)
         encoded = encoder.encode(record, weight, expected=expected)
         for n in encoded.nodes:
-            n.metadata_props.update(metadata.weight_node_metadata(record, encoded) if n is encoded.output.producer()
-                                    else metadata.decode_node_metadata(record))
+            n.metadata_props.update(
+                metadata.weight_node_metadata(record, encoded)
+                if n is encoded.output.producer()
+                else metadata.decode_node_metadata(record)
+            )
         first.graph.insert_before(first, encoded.nodes)
         for init in encoded.initializers:
             graph.register_initializer(init)

@@ -1,8 +1,8 @@
 """Running an exported file in ONNX Runtime with the compiled model's calling convention.
 
-    lm = mpqc.export.OnnxRuntimeLM("model.onnx")
-    logits = lm(input_ids)                       # torch int64 [batch, seq] -> torch float32 logits
-    mpqc.evaluate.perplexity(lm, tokens, ...)    # any callable returning logits works there
+lm = mpqc.export.OnnxRuntimeLM("model.onnx")
+logits = lm(input_ids)                       # torch int64 [batch, seq] -> torch float32 logits
+mpqc.evaluate.perplexity(lm, tokens, ...)    # any callable returning logits works there
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ __all__ = ["OnnxRuntimeLM"]
 class OnnxRuntimeLM:
     """An ONNX Runtime session over an exported model: ``lm(input_ids) -> logits`` (torch tensors)."""
 
-    def __init__(self, path: str | os.PathLike, *, providers=None, threads: int | None = None,
-                 optimization: str = "all", matmul_nbits_accuracy: int | None = 1):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        providers=None,
+        threads: int | None = None,
+        optimization: str = "all",
+        matmul_nbits_accuracy: int | None = 1,
+    ):
         """``optimization``: ONNX Runtime's graph optimization level (disable, basic, extended, all).
         ``matmul_nbits_accuracy``: the compute type ONNX Runtime uses where it fuses an INT4
         DequantizeLinear into a MatMulNBits kernel (1 fp32, 2 fp16, 3 bf16, 4 int8; None: ONNX
@@ -28,10 +35,12 @@ class OnnxRuntimeLM:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
         if optimization not in levels:
             raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
         options.graph_optimization_level = levels[optimization]

@@ -111,8 +111,9 @@ class WeightEncoder:
                     f"export with opset={first}, or with fp_weights='table'"
                 )
 
-    def encode(self, record: WeightRecord, weight: torch.Tensor, *, expected: torch.Tensor | None = None,
-               verify: bool = True) -> EncodedWeight:
+    def encode(
+        self, record: WeightRecord, weight: torch.Tensor, *, expected: torch.Tensor | None = None, verify: bool = True
+    ) -> EncodedWeight:
         """The ONNX form of ``weight`` in ``record``'s format, along its reduction axis.
 
         With ``verify``, the stored codes and scales are decoded here and compared with
@@ -131,8 +132,10 @@ class WeightEncoder:
             got = packed.unpack()
             same = (got == expected) | (got.isnan() & expected.isnan())
             if not bool(same.all()):
-                raise RuntimeError(f"weight {record.weight}: packed {fmt.name} codes do not decode to the quantized "
-                                   f"weight ({int((~same).sum())} elements differ); a bug in mpqc.formats.pack")
+                raise RuntimeError(
+                    f"weight {record.weight}: packed {fmt.name} codes do not decode to the quantized "
+                    f"weight ({int((~same).sum())} elements differ); a bug in mpqc.formats.pack"
+                )
         if fmt.element.kind == "int":
             return self._int_dq(record, packed, prefix)
         if self.fp_weights == STANDARD:
@@ -148,8 +151,9 @@ class WeightEncoder:
         init = _init(f"{prefix}.data", ir.Tensor(raw, dtype=onnx_type, shape=ir.Shape(tuple(weight.shape))))
         tape = ir.tape.Tape()
         out = tape.op("Cast", [init], {"to": ir.DataType.FLOAT}, name=f"{prefix}/Cast")
-        return EncodedWeight(out, list(tape.nodes), [init], STORAGE_CAST, data.numel() * 2,
-                             {"data_type": onnx_type.name})
+        return EncodedWeight(
+            out, list(tape.nodes), [init], STORAGE_CAST, data.numel() * 2, {"data_type": onnx_type.name}
+        )
 
     def _int_dq(self, record, packed: PackedTensor, prefix) -> EncodedWeight:
         fmt = packed.format
@@ -170,15 +174,22 @@ class WeightEncoder:
             data = ir.Tensor(k.to(torch.int8).numpy())
             onnx_type = ir.DataType.INT8
         else:
-            raise UnsupportedExport(f"weight {record.weight}: {element.bits}-bit integer elements of {fmt.name} "
-                                    "have no ONNX integer type")
+            raise UnsupportedExport(
+                f"weight {record.weight}: {element.bits}-bit integer elements of {fmt.name} have no ONNX integer type"
+            )
         data_v = _init(f"{prefix}.data", data)
         scale_v = _init(f"{prefix}.scales", ir.Tensor(scales.contiguous().numpy()))
         tape = ir.tape.Tape()
         out = tape.op("DequantizeLinear", [data_v, scale_v], _dq_attrs(packed), name=f"{prefix}/DequantizeLinear")
         nbytes = data.nbytes + scales.numel() * 4
-        return EncodedWeight(out, list(tape.nodes), [data_v, scale_v], STORAGE_INT_DQ, nbytes,
-                             {"data_type": onnx_type.name, "scale_type": "FLOAT"})
+        return EncodedWeight(
+            out,
+            list(tape.nodes),
+            [data_v, scale_v],
+            STORAGE_INT_DQ,
+            nbytes,
+            {"data_type": onnx_type.name, "scale_type": "FLOAT"},
+        )
 
     def _table(self, record, packed: PackedTensor, prefix) -> EncodedWeight:
         fmt = packed.format
@@ -211,9 +222,12 @@ class WeightEncoder:
             table = self._shared_table(f"mpqc.table.{element.name}", lambda: code_table(element).numpy())
             groups = op("Reshape", [idx, self._const_i64("mpqc.const.groups_of_3", [-1, 3])])
             weights = self._shared_table("mpqc.const.byte_weights", lambda: np.array([1, 256, 65536], np.int32))
-            word = op("ReduceSum", [op("Mul", [groups, weights]), self._const_i64("mpqc.const.one", [1])],
-                      {"keepdims": 1})
-            divisors = self._shared_table("mpqc.const.six_bit_shifts", lambda: np.array([1, 64, 4096, 262144], np.int32))
+            word = op(
+                "ReduceSum", [op("Mul", [groups, weights]), self._const_i64("mpqc.const.one", [1])], {"keepdims": 1}
+            )
+            divisors = self._shared_table(
+                "mpqc.const.six_bit_shifts", lambda: np.array([1, 64, 4096, 262144], np.int32)
+            )
             sixty_four = self._shared_table("mpqc.const.sixty_four", lambda: np.array(64, np.int32))
             code6 = op("Mod", [op("Div", [word, divisors]), sixty_four])
             values = op("Gather", [table, op("Reshape", [code6, self._const_i64("mpqc.const.minus_one", [-1])])])
@@ -221,7 +235,9 @@ class WeightEncoder:
         else:
             raise UnsupportedExport(f"weight {record.weight}: no table decoding for {bits}-bit elements of {fmt.name}")
         if decoded != count:
-            values = op("Slice", [values, self._const_i64("mpqc.const.zero", [0]), _init_i64(f"{prefix}.count", [count], inits)])
+            values = op(
+                "Slice", [values, self._const_i64("mpqc.const.zero", [0]), _init_i64(f"{prefix}.count", [count], inits)]
+            )
         blocked = tuple(packed.scales.shape) + (info.block,)
         values = op("Reshape", [values, _init_i64(f"{prefix}.blocked_shape", blocked, inits)])
         scale_codes = packed.scales.reshape(*packed.scales.shape, 1)
@@ -236,9 +252,13 @@ class WeightEncoder:
             ts_v = _init(f"{prefix}.tensor_scale", ir.Tensor(packed.tensor_scale.reshape(()).to(torch.float32).numpy()))
             inits += [s_v, ts_v]
             from mpqc.formats.spec import E4M3
+
             table = self._shared_table("mpqc.table.e4m3", lambda: code_table(E4M3).numpy())
             scale = op("Mul", [op("Gather", [table, op("Cast", [s_v], {"to": ir.DataType.INT32})]), ts_v])
-            details = {"codes": f"uint8, {bits}-bit {element.name} packed", "scales": "uint8 FP8-E4M3 x float32 tensor scale"}
+            details = {
+                "codes": f"uint8, {bits}-bit {element.name} packed",
+                "scales": "uint8 FP8-E4M3 x float32 tensor scale",
+            }
         else:
             s_v = _init(f"{prefix}.scales", ir.Tensor(scale_codes.to(torch.float32).contiguous().numpy()))
             inits.append(s_v)
@@ -258,8 +278,15 @@ class WeightEncoder:
         moved = tuple(info.moved_shape)
         out = op("Reshape", [out, _init_i64(f"{prefix}.padded_shape", moved[:-1] + (info.padded,), inits)])
         if info.padded != info.length:
-            out = op("Slice", [out, self._const_i64("mpqc.const.zero", [0]), _init_i64(f"{prefix}.length", [info.length], inits),
-                               self._const_i64("mpqc.const.minus_one", [-1])])
+            out = op(
+                "Slice",
+                [
+                    out,
+                    self._const_i64("mpqc.const.zero", [0]),
+                    _init_i64(f"{prefix}.length", [info.length], inits),
+                    self._const_i64("mpqc.const.minus_one", [-1]),
+                ],
+            )
         rank = len(shape)
         if info.axis != rank - 1:
             perm = [rank - 1 if j == info.axis else (j if j < info.axis else j - 1) for j in range(rank)]
@@ -283,20 +310,27 @@ class WeightEncoder:
         attrs = _dq_attrs(packed)
         if fmt.family == "mx":
             codes_s = _scales_to_layout(packed.scales, packed).to(torch.uint8).contiguous()
-            s_v = _init(f"{prefix}.scales", ir.Tensor(codes_s.numpy(), dtype=ir.DataType.FLOAT8E8M0,
-                                                         shape=ir.Shape(tuple(codes_s.shape))))
+            s_v = _init(
+                f"{prefix}.scales",
+                ir.Tensor(codes_s.numpy(), dtype=ir.DataType.FLOAT8E8M0, shape=ir.Shape(tuple(codes_s.shape))),
+            )
             inits.append(s_v)
             scale = s_v
             attrs["output_dtype"] = ir.DataType.FLOAT
             details = {"data_type": onnx_type.name, "scale_type": "FLOAT8E8M0"}
         elif fmt.family == "nvfp4":
             codes_s = _scales_to_layout(packed.scales, packed).to(torch.uint8).contiguous()
-            s_v = _init(f"{prefix}.scales", ir.Tensor(codes_s.numpy(), dtype=ir.DataType.FLOAT8E4M3FN,
-                                                         shape=ir.Shape(tuple(codes_s.shape))))
+            s_v = _init(
+                f"{prefix}.scales",
+                ir.Tensor(codes_s.numpy(), dtype=ir.DataType.FLOAT8E4M3FN, shape=ir.Shape(tuple(codes_s.shape))),
+            )
             ts_v = _init(f"{prefix}.tensor_scale", ir.Tensor(packed.tensor_scale.reshape(()).to(torch.float32).numpy()))
             inits += [s_v, ts_v]
-            scale = tape.op("Mul", [tape.op("Cast", [s_v], {"to": ir.DataType.FLOAT}, name=f"{prefix}/Cast"), ts_v],
-                            name=f"{prefix}/Mul")
+            scale = tape.op(
+                "Mul",
+                [tape.op("Cast", [s_v], {"to": ir.DataType.FLOAT}, name=f"{prefix}/Cast"), ts_v],
+                name=f"{prefix}/Mul",
+            )
             details = {"data_type": onnx_type.name, "scale_type": "FLOAT8E4M3FN x float32 tensor scale"}
         else:
             s = _scales_to_layout(packed.scales.to(torch.float32), packed).contiguous()
@@ -352,7 +386,7 @@ def _dq_attrs(packed: PackedTensor) -> dict:
     return {"axis": info.axis, "block_size": info.block}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_pair_table_cached(element) -> np.ndarray:
     t = code_table(element).numpy()
     b = np.arange(256)

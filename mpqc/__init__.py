@@ -20,8 +20,23 @@ from .plan import Plan, Precision
 
 __version__ = "0.1.0"
 __all__ = [
-    "CaptureError", "Component", "Graph", "Matmul", "Plan", "Precision", "QuantizedModel",
-    "capture", "compile", "data", "evaluate", "export", "formats", "load_model", "models", "search", "studies",
+    "CaptureError",
+    "Component",
+    "Graph",
+    "Matmul",
+    "Plan",
+    "Precision",
+    "QuantizedModel",
+    "capture",
+    "compile",
+    "data",
+    "evaluate",
+    "export",
+    "formats",
+    "load_model",
+    "models",
+    "search",
+    "studies",
 ]
 
 _LAZY_SUBPACKAGES = ("search", "export", "studies")

@@ -35,8 +35,10 @@ class QuantizedModel(nn.Module):
         self._inserted = InsertQuantizers(graph, self.weight_cache)
         self._inserted(self.module)
         # Each quantized matmul's weight, looked up once: set_plan runs per search trial.
-        self._weights = {name: weight_tensor(self.module, self.graph.matmul(name).weight)
-                         for name in self._inserted.weight_quantizers}
+        self._weights = {
+            name: weight_tensor(self.module, self.graph.matmul(name).weight)
+            for name in self._inserted.weight_quantizers
+        }
         self.plan: Plan | None = None
         # Activation formats any plan has asked for (None: unquantized), shared by every
         # activation quantizer: a torch.compile'd forward recompiles only when this grows.
@@ -59,7 +61,7 @@ class QuantizedModel(nn.Module):
         self._activation_candidates += tuple(new)
         return bool(new)
 
-    def set_plan(self, plan: Plan) -> "QuantizedModel":
+    def set_plan(self, plan: Plan) -> QuantizedModel:
         """Switch every quantizer to ``plan``'s formats; weights come from the cache when seen before."""
         if not isinstance(plan, Plan):
             raise TypeError(f"set_plan takes a mpqc.Plan, got {type(plan).__name__}")
@@ -70,8 +72,10 @@ class QuantizedModel(nn.Module):
             )
         for name, wq in self._inserted.weight_quantizers.items():
             wq.configure(plan.weight_format(self.graph.matmul(name)), plan.rounding, self._weights[name])
-        per_quantizer = [[plan.activation_format(self.graph.matmul(n)) for n in aq.consumers]
-                          for aq in self._inserted.activation_quantizers]
+        per_quantizer = [
+            [plan.activation_format(self.graph.matmul(n)) for n in aq.consumers]
+            for aq in self._inserted.activation_quantizers
+        ]
         self._grow_candidates(f for formats in per_quantizer for f in formats)  # configured just below
         for aq, formats in zip(self._inserted.activation_quantizers, per_quantizer):
             aq.configure(formats, plan.rounding, self._activation_candidates)
@@ -93,8 +97,10 @@ class QuantizedModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.device != self.graph.device:
-            raise ValueError(f"input_ids are on {input_ids.device}, the model on {self.graph.device}: "
-                             f"move them with input_ids.to({str(self.graph.device)!r})")
+            raise ValueError(
+                f"input_ids are on {input_ids.device}, the model on {self.graph.device}: "
+                f"move them with input_ids.to({str(self.graph.device)!r})"
+            )
         return self.module(input_ids)
 
     def _apply(self, fn, recurse=True):
@@ -107,7 +113,8 @@ class QuantizedModel(nn.Module):
                 f"a compiled model runs where its graph was captured ({self.graph.device}, {self.graph.dtype}), "
                 f"not on ({probe.device}, {probe.dtype}): load the model there, e.g. "
                 f"mpqc.load_model(..., device={str(probe.device)!r}, dtype={probe.dtype}), capture it and "
-                "compile again")
+                "compile again"
+            )
         return super()._apply(fn, recurse)
 
     def weight(self, matmul: str) -> torch.Tensor:

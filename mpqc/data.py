@@ -26,11 +26,9 @@ import bz2
 import contextlib
 import hashlib
 import html
-import importlib.util
 import os
 import re
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -62,9 +60,11 @@ _STRIPPER_VERSION = 1
 def wiki_sample_path() -> Path:
     """Path of the Wikipedia sample inside the installed gensim wheel."""
     return installed_file(
-        "gensim", _WIKI_FILE, install=_GENSIM_PIP,
+        "gensim",
+        _WIKI_FILE,
+        install=_GENSIM_PIP,
         missing="the default text 'wiki' is the Wikipedia sample inside the gensim wheel, and gensim is not "
-                "installed; install it with `{install}`, or pass a path to a .txt file or directory instead",
+        "installed; install it with `{install}`, or pass a path to a .txt file or directory instead",
     )
 
 
@@ -113,7 +113,9 @@ def strip_wiki_markup(wikitext: str) -> str:
     text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL)
     text = re.sub(
         r"<(math|gallery|timeline|score|syntaxhighlight|source|pre|imagemap)\b.*?</\1>",
-        "", text, flags=re.DOTALL | re.IGNORECASE,
+        "",
+        text,
+        flags=re.DOTALL | re.IGNORECASE,
     )
     text = _replace_innermost(re.compile(r"\{\{[^{}]*\}\}"), "", text)
     text = _replace_innermost(re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.DOTALL), "", text)
@@ -168,8 +170,10 @@ def _hf_offline():
     env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     os.environ.update({k: "1" for k in env})
     patched = []
-    for module_name, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                               ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+    for module_name, attrs in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
         module = sys.modules.get(module_name)
         for attr in attrs:
             if module is not None and hasattr(module, attr):
@@ -188,7 +192,7 @@ def _hf_offline():
 
 
 def _load_hf(spec: str) -> str:
-    parts = spec[len("hf:"):].split(":")
+    parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:
         raise ValueError(f"bad dataset spec {spec!r}; expected 'hf:NAME[:CONFIG][:SPLIT]'")
     name, config, split = (parts + [None, None])[:3]
@@ -284,7 +288,7 @@ def tokenize(tokenizer, text: str, *, chunk_chars: int = 65536, batch: int = 16)
     for i in range(0, len(chunks), batch):
         # Chunks are far longer than model_max_length on purpose (few boundaries);
         # the stream is windowed later, so verbose=False silences that warning.
-        enc = tokenizer(chunks[i:i + batch], add_special_tokens=False, verbose=False)
+        enc = tokenizer(chunks[i : i + batch], add_special_tokens=False, verbose=False)
         for row in enc["input_ids"]:
             ids.extend(row)
     return torch.tensor(ids, dtype=torch.long)

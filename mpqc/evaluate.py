@@ -46,8 +46,9 @@ def _check_stream(tokens) -> torch.Tensor:
     return tokens
 
 
-def sample_windows(tokens: torch.Tensor, seq_len: int = 512, n_samples: int = 64, seed: int = 0,
-                   prefix: Sequence[int] = ()) -> torch.Tensor:
+def sample_windows(
+    tokens: torch.Tensor, seq_len: int = 512, n_samples: int = 64, seed: int = 0, prefix: Sequence[int] = ()
+) -> torch.Tensor:
     """``n_samples`` non-overlapping windows of ``seq_len`` tokens, as [n, seq_len].
 
     ``prefix``: token ids every window starts with, before ``seq_len - len(prefix)`` tokens of
@@ -58,8 +59,10 @@ def sample_windows(tokens: torch.Tensor, seq_len: int = 512, n_samples: int = 64
     _positive_int("n_samples", n_samples)
     prefix = [int(t) for t in prefix]
     if seq_len - len(prefix) < 2:
-        raise ValueError(f"seq_len must be at least 2 + the {len(prefix)} prefix tokens: a window needs a "
-                         f"token to predict, got seq_len={seq_len}")
+        raise ValueError(
+            f"seq_len must be at least 2 + the {len(prefix)} prefix tokens: a window needs a "
+            f"token to predict, got seq_len={seq_len}"
+        )
     body = seq_len - len(prefix)
     available = tokens.numel() // body
     if n_samples > available:
@@ -98,8 +101,7 @@ def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
         logits = out[0]
     if not isinstance(logits, torch.Tensor):
         raise TypeError(
-            f"model returned {type(out).__name__}; expected a logits tensor or an object "
-            "with a .logits tensor"
+            f"model returned {type(out).__name__}; expected a logits tensor or an object with a .logits tensor"
         )
     if logits.shape[:2] != input_ids.shape or logits.dim() != 3:
         raise ValueError(
@@ -159,7 +161,7 @@ def _sum_nll(model, windows, batch_size, progress) -> tuple[float, int]:
     batches = range(0, windows.shape[0], batch_size)
     with torch.no_grad():
         for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-            batch = windows[start:start + batch_size].to(device)
+            batch = windows[start : start + batch_size].to(device)
             logits = logits_of(model, batch)
             targets = batch[:, 1:]
             # One row at a time: a float32 copy of a whole batch's logits
@@ -184,6 +186,15 @@ def perplexity(
     progress: bool = True,
 ) -> float:
     """exp(mean NLL) over sampled windows; arguments as in :func:`nll`."""
-    mean = nll(model, tokens, windows=windows, seq_len=seq_len, n_samples=n_samples,
-               batch_size=batch_size, seed=seed, prefix=prefix, progress=progress)
+    mean = nll(
+        model,
+        tokens,
+        windows=windows,
+        seq_len=seq_len,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        seed=seed,
+        prefix=prefix,
+        progress=progress,
+    )
     return math.inf if mean > EXP_LIMIT else math.exp(mean)  # nan stays nan

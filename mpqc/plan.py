@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from mpqc.formats import Format, get_format
 from mpqc.formats.spec import validate_block_size
-from mpqc.graph import Component, Graph, Granularity, Matmul
+from mpqc.graph import Component, Granularity, Graph, Matmul
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -32,7 +32,7 @@ class Precision:
     activation: Format | None
 
     @classmethod
-    def parse(cls, spec, *, activations: bool = True, high: str = "bf16") -> "Precision":
+    def parse(cls, spec, *, activations: bool = True, high: str = "bf16") -> Precision:
         if isinstance(spec, Precision):
             return spec
         if isinstance(spec, (str, Format)):
@@ -92,9 +92,15 @@ class Plan:
         for name, spec in (assignments or {}).items():
             if name not in known:
                 close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-                hint = f"; closest: {', '.join(close)}" if close else f"; there are {len(names)} components, e.g. {', '.join(names[:3])}"
-                raise KeyError(f"plan names component {name!r}, which the {self.granularity_label} granularity of "
-                               f"{graph.model_class} does not have{hint}")
+                hint = (
+                    f"; closest: {', '.join(close)}"
+                    if close
+                    else f"; there are {len(names)} components, e.g. {', '.join(names[:3])}"
+                )
+                raise KeyError(
+                    f"plan names component {name!r}, which the {self.granularity_label} granularity of "
+                    f"{graph.model_class} does not have{hint}"
+                )
             self.assignments[name] = Precision.parse(spec, activations=activations, high=high)
         if block_size is not None:
             validate_block_size(block_size, what="plan block_size")
@@ -109,15 +115,21 @@ class Plan:
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def uniform(cls, graph: Graph, fmt, *, granularity: Granularity = "matmul", activations: bool = True, **kw) -> "Plan":
+    def uniform(cls, graph: Graph, fmt, *, granularity: Granularity = "matmul", activations: bool = True, **kw) -> Plan:
         """Every component at ``fmt`` (activations too, unless ``activations=False``)."""
         return cls(graph, {}, default=fmt, granularity=granularity, activations=activations, **kw)
 
-    def replace(self, assignments: Mapping) -> "Plan":
+    def replace(self, assignments: Mapping) -> Plan:
         """A plan like this one with these components reassigned."""
         merged = {**self.assignments, **assignments}
-        return Plan(self.graph, merged, default=self.default, granularity=self.granularity,
-                    block_size=self.block_size, rounding=self.rounding)
+        return Plan(
+            self.graph,
+            merged,
+            default=self.default,
+            granularity=self.granularity,
+            block_size=self.block_size,
+            rounding=self.rounding,
+        )
 
     @property
     def granularity_label(self) -> str:
@@ -194,7 +206,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, graph: Graph, data: Mapping, *, granularity: Granularity | None = None) -> "Plan":
+    def from_dict(cls, graph: Graph, data: Mapping, *, granularity: Granularity | None = None) -> Plan:
         version = data.get("mpqc_plan")
         if version != PLAN_SCHEMA_VERSION:
             raise ValueError(f"not an mpqc plan of schema version {PLAN_SCHEMA_VERSION} (mpqc_plan = {version!r})")
@@ -203,20 +215,32 @@ class Plan:
             if stored.startswith("custom:"):
                 raise ValueError(f"the plan was made at granularity {stored!r}; pass granularity= the same callable")
             granularity = stored
-        return cls(graph, data.get("components", {}), default=data["default"], granularity=granularity,
-                   block_size=data.get("block_size"), rounding=data.get("rounding", "nearest"))
+        return cls(
+            graph,
+            data.get("components", {}),
+            default=data["default"],
+            granularity=granularity,
+            block_size=data.get("block_size"),
+            rounding=data.get("rounding", "nearest"),
+        )
 
     @classmethod
-    def from_json(cls, graph: Graph, text: str, *, granularity: Granularity | None = None) -> "Plan":
+    def from_json(cls, graph: Graph, text: str, *, granularity: Granularity | None = None) -> Plan:
         return cls.from_dict(graph, json.loads(text), granularity=granularity)
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, Plan) and self.graph is other.graph
-                and self.granularity_label == other.granularity_label and self.block_size == other.block_size
-                and self.rounding == other.rounding
-                and all(self.precision(c.name) == other.precision(c.name) for c in self.components))
+        return (
+            isinstance(other, Plan)
+            and self.graph is other.graph
+            and self.granularity_label == other.granularity_label
+            and self.block_size == other.block_size
+            and self.rounding == other.rounding
+            and all(self.precision(c.name) == other.precision(c.name) for c in self.components)
+        )
 
     def __repr__(self) -> str:
-        return (f"Plan({self.graph.model_class}, {self.granularity_label}, default={self.default}, "
-                f"assigned={len(self.assignments)}, Q_r={self.quantization_ratio():.3f}, "
-                f"avg_bits={self.average_bits():.2f})")
+        return (
+            f"Plan({self.graph.model_class}, {self.granularity_label}, default={self.default}, "
+            f"assigned={len(self.assignments)}, Q_r={self.quantization_ratio():.3f}, "
+            f"avg_bits={self.average_bits():.2f})"
+        )

@@ -99,12 +99,12 @@ class ActivationQuantizer(nn.Module):
         # The compiled forward's view of ``formats``: slot i uses candidates[choice[i]].
         self.candidates: tuple[Format | None, ...] = (None,)
         # On the graph's device: a compiled forward selects with it, never copying it over.
-        self.register_buffer("choice", torch.zeros(len(consumers), dtype=torch.long, device=device),
-                             persistent=False)
+        self.register_buffer("choice", torch.zeros(len(consumers), dtype=torch.long, device=device), persistent=False)
         self._choice = [0] * len(consumers)  # what ``choice`` holds, as a list
 
-    def configure(self, formats: list[Format | None], rounding: str,
-                  candidates: tuple[Format | None, ...] | None = None) -> None:
+    def configure(
+        self, formats: list[Format | None], rounding: str, candidates: tuple[Format | None, ...] | None = None
+    ) -> None:
         """Set each slot's format; ``candidates`` (a superset, shared model-wide) for compiled forwards."""
         if len(formats) != len(self.consumers):
             raise ValueError(f"expected {len(self.consumers)} formats, got {len(formats)}")

@@ -26,7 +26,22 @@ from .sensitivity import priorities_from_sensitivity, sensitivity
 from .study import run
 
 __all__ = [
-    "BUDGET_KINDS", "Budget", "LMEvalObjective", "Objective", "PAPER_SETTING", "SAMPLER_NAMES", "Score",
-    "SearchConfig", "SearchResult", "SearchSpace", "WindowPerplexity", "decode", "evaluate_task", "make_sampler",
-    "priorities_from_sensitivity", "run", "sensitivity", "write_outputs",
+    "BUDGET_KINDS",
+    "Budget",
+    "LMEvalObjective",
+    "Objective",
+    "PAPER_SETTING",
+    "SAMPLER_NAMES",
+    "Score",
+    "SearchConfig",
+    "SearchResult",
+    "SearchSpace",
+    "WindowPerplexity",
+    "decode",
+    "evaluate_task",
+    "make_sampler",
+    "priorities_from_sensitivity",
+    "run",
+    "sensitivity",
+    "write_outputs",
 ]

@@ -62,8 +62,14 @@ class SearchSpace:
         return self.graph.components(self.granularity)
 
     def plan(self, low_components: Sequence[str]) -> Plan:
-        return Plan(self.graph, {name: self.low for name in low_components}, default=self.high,
-                    granularity=self.granularity, block_size=self.block_size, rounding=self.rounding)
+        return Plan(
+            self.graph,
+            {name: self.low for name in low_components},
+            default=self.high,
+            granularity=self.granularity,
+            block_size=self.block_size,
+            rounding=self.rounding,
+        )
 
     def sizes(self) -> dict[str, float]:
         """Each component's contribution to the budget when it goes low (same unit as target)."""
@@ -191,8 +197,11 @@ class _Decoder:
         # r last: the fill's shortest priority prefix that r completes (the fill left r out, so the
         # fill without r is the same fill, and all of it plus r meets the target)
         need = self.target - _EPS - self.size[r]
-        k = (bisect.bisect_left(prefix, need) if self.monotone
-             else next((k for k, p in enumerate(prefix) if p >= need), None))
+        k = (
+            bisect.bisect_left(prefix, need)
+            if self.monotone
+            else next((k for k, p in enumerate(prefix) if p >= need), None)
+        )
         if k is not None and k < len(prefix):  # always, unless negative sizes (bits a component adds)
             out.append((set(filled[:k]) | {r}, prefix[k] + self.size[r]))
         # r first: the fill redone under the target around r, then the smallest that reaches

@@ -70,7 +70,9 @@ class SearchConfig:
             raise ValueError("give exactly one of ratio= (Q_r by parameters) or budget= (a Budget or (kind, value))")
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise TypeError(f"unknown search settings {unknown}; valid: {', '.join(f.name for f in dataclasses.fields(cls))}")
+            raise TypeError(
+                f"unknown search settings {unknown}; valid: {', '.join(f.name for f in dataclasses.fields(cls))}"
+            )
         return cls(budget=Budget("params", ratio) if ratio is not None else budget, **settings)
 
     def replace(self, **changes) -> SearchConfig:
@@ -86,9 +88,16 @@ class SearchConfig:
         Keys appear only off their old defaults, so studies stored before a key existed resume.
         """
         settings = {
-            "graph": graph_fingerprint(graph), "budget": dataclasses.asdict(self.budget),
-            "granularity": granularity_label, "low": low, "high": high, "block_size": self.block_size,
-            "rounding": self.rounding, "seq_len": self.seq_len, "n_samples": self.n_samples, "seed": self.seed,
+            "graph": graph_fingerprint(graph),
+            "budget": dataclasses.asdict(self.budget),
+            "granularity": granularity_label,
+            "low": low,
+            "high": high,
+            "block_size": self.block_size,
+            "rounding": self.rounding,
+            "seq_len": self.seq_len,
+            "n_samples": self.n_samples,
+            "seed": self.seed,
             "multi_objective": multi,
         }
         if self.prefix:
@@ -96,8 +105,7 @@ class SearchConfig:
         return settings
 
     def default_study_name(self, settings: dict) -> str:
-        name = (f"mpqc-{settings['graph']}-{self.budget.kind}{self.budget.value:g}-{settings['granularity']}"
-                f"-{self.low}")
+        name = f"mpqc-{settings['graph']}-{self.budget.kind}{self.budget.value:g}-{settings['granularity']}-{self.low}"
         objective = settings.get("objective")
         if objective is not None:
             name += f"-{objective.get('kind', 'objective')}-{objective.get('task', '')}"

@@ -46,16 +46,20 @@ def require_lm_eval():
     try:
         import lm_eval
     except ImportError as e:
-        raise ModuleNotFoundError(f"the lm-eval-harness objective needs the lm_eval package ({e}): {INSTALL_HINT}") from e
+        raise ModuleNotFoundError(
+            f"the lm-eval-harness objective needs the lm_eval package ({e}): {INSTALL_HINT}"
+        ) from e
     try:
         import lm_eval.api.model  # noqa: F401
         import lm_eval.evaluator  # noqa: F401
         from lm_eval.api.model import TemplateLM  # noqa: F401
     except Exception as e:  # noqa: BLE001 - an old lm_eval fails with AttributeError on transformers 5
         version = getattr(lm_eval, "__version__", "unknown")
-        raise ImportError(f"lm_eval {version} does not import here ({type(e).__name__}: {e}); mpqc needs "
-                          f"lm_eval>={MIN_LM_EVAL} (earlier releases use classes transformers 5 removed): "
-                          f"pip install -U 'lm_eval>={MIN_LM_EVAL}'") from e
+        raise ImportError(
+            f"lm_eval {version} does not import here ({type(e).__name__}: {e}); mpqc needs "
+            f"lm_eval>={MIN_LM_EVAL} (earlier releases use classes transformers 5 removed): "
+            f"pip install -U 'lm_eval>={MIN_LM_EVAL}'"
+        ) from e
     return lm_eval
 
 
@@ -142,8 +146,10 @@ def resolve_task(task: str, include_path=None) -> tuple[str, list[str]]:
                 if cfg.get("task") or cfg.get("group"):
                     found[name] = cfg.get("task") or cfg.get("group")
         if len(found) != 1:
-            raise ValueError(f"{task!r} holds {len(found)} task YAMLs ({', '.join(map(str, found.values())) or 'none'}); "
-                             "pass one YAML file, or a task name with include_path set to the directory")
+            raise ValueError(
+                f"{task!r} holds {len(found)} task YAMLs ({', '.join(map(str, found.values())) or 'none'}); "
+                "pass one YAML file, or a task name with include_path set to the directory"
+            )
         task = os.path.join(task, next(iter(found)))
     if _is_yaml(task) or os.path.isfile(task):
         if not os.path.isfile(task):
@@ -175,8 +181,11 @@ def _manager_for(name: str, includes: list[str]):
     manager = _task_manager(tuple(includes), True)
     if name not in manager.all_tasks:
         close = [t for t in manager.all_tasks if name.lower() in t.lower()][:8]
-        raise ValueError(f"lm-eval has no task {name!r}" + (f"; similar: {', '.join(close)}" if close else "")
-                         + ("" if includes else "; for a custom task pass its YAML or include_path"))
+        raise ValueError(
+            f"lm-eval has no task {name!r}"
+            + (f"; similar: {', '.join(close)}" if close else "")
+            + ("" if includes else "; for a custom task pass its YAML or include_path")
+        )
     return manager
 
 
@@ -186,8 +195,15 @@ def _pick_metric(results: dict, task: str, metric: str | None) -> tuple[str, flo
             raise ValueError(f"lm-eval returned no results for {task!r} (it has {sorted(results)})")
         task = next(iter(results))
     entry = results[task]
-    keys = [k for k, v in entry.items() if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))
-            and not isinstance(v, bool) and k not in ("samples", "sample_len")]
+    keys = [
+        k
+        for k, v in entry.items()
+        if k != "alias"
+        and "_stderr" not in k
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k not in ("samples", "sample_len")
+    ]
     if metric is None:
         if not keys:
             raise ValueError(f"lm-eval reported no metric for {task!r}: {entry}")
@@ -212,9 +228,22 @@ def _higher_is_better(raw: dict, task: str, key: str) -> bool:
     return (base not in _LOWER_IS_BETTER) if direction is None else bool(direction)
 
 
-def evaluate_task(model, tokenizer, task: str, *, metric: str | None = None, limit: int | float | None = None,
-                  include_path=None, num_fewshot: int | None = None, seed: int = 0, batch_size: int = 8,
-                  max_length: int | None = None, bootstrap_iters: int = 0, lm=None, quiet: bool = True) -> LMEvalScore:
+def evaluate_task(
+    model,
+    tokenizer,
+    task: str,
+    *,
+    metric: str | None = None,
+    limit: int | float | None = None,
+    include_path=None,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    bootstrap_iters: int = 0,
+    lm=None,
+    quiet: bool = True,
+) -> LMEvalScore:
     """Evaluate ``model`` on one lm-eval task (or group) and return one metric.
 
     ``task``: a registered name ("mmlu", "hellaswag", ...), the path of a task YAML (its
@@ -246,9 +275,17 @@ def evaluate_task(model, tokenizer, task: str, *, metric: str | None = None, lim
         evaluator.add_env_info = lambda results: None
     try:
         raw = evaluator.simple_evaluate(
-            model=lm, tasks=[name], num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=[name],
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     finally:
         if env_info is not None:
@@ -257,8 +294,9 @@ def evaluate_task(model, tokenizer, task: str, *, metric: str | None = None, lim
             lg.setLevel(level)
     results = raw["results"]
     key, value = _pick_metric(results, name, metric)
-    return LMEvalScore(task=name, metric=key, value=value, higher_is_better=_higher_is_better(raw, name, key),
-                       results=results)
+    return LMEvalScore(
+        task=name, metric=key, value=value, higher_is_better=_higher_is_better(raw, name, key), results=results
+    )
 
 
 # ---- the search objective ---------------------------------------------------------------------
@@ -288,15 +326,22 @@ class LMEvalObjective:
         require_lm_eval()
         if self.tokenizer is None:
             raise ValueError("LMEvalObjective needs the model's tokenizer")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, (int, float))
-                                       or self.limit <= 0):
-            raise ValueError(f"limit must be a positive number of documents (or a fraction below 1), got {self.limit!r}")
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, (int, float)) or self.limit <= 0
+        ):
+            raise ValueError(
+                f"limit must be a positive number of documents (or a fraction below 1), got {self.limit!r}"
+            )
         resolve_task(self.task, self.include_path)  # fail now, not after the first trial
 
     @property
     def label(self) -> str:
         name, _ = resolve_task(self.task, self.include_path)
-        return f"lm-eval {name}" + (f" {self.metric}" if self.metric else "") + (f" (limit {self.limit})" if self.limit else "")
+        return (
+            f"lm-eval {name}"
+            + (f" {self.metric}" if self.metric else "")
+            + (f" (limit {self.limit})" if self.limit else "")
+        )
 
     def config(self) -> dict:
         """What decides the numbers, JSON-ready: part of a stored study's fingerprint."""
@@ -309,22 +354,44 @@ class LMEvalObjective:
                         files[f] = hashlib.sha256(fh.read()).hexdigest()[:16]
         tok = self.tokenizer
         return {
-            "kind": "lm_eval", "task": name, "task_files": files, "metric": self.metric, "limit": self.limit,
-            "num_fewshot": self.num_fewshot, "seed": self.seed, "max_length": self.max_length,
+            "kind": "lm_eval",
+            "task": name,
+            "task_files": files,
+            "metric": self.metric,
+            "limit": self.limit,
+            "num_fewshot": self.num_fewshot,
+            "seed": self.seed,
+            "max_length": self.max_length,
             "max_gen_toks": self.max_gen_toks,
-            "tokenizer": {"name": str(getattr(tok, "name_or_path", "")), "size": len(tok) if hasattr(tok, "__len__") else None},
+            "tokenizer": {
+                "name": str(getattr(tok, "name_or_path", "")),
+                "size": len(tok) if hasattr(tok, "__len__") else None,
+            },
         }
 
     def lm(self, model):
         """The MpqcLM over ``model``, made once per model and reused across trials."""
         cached = getattr(self, "_lm", None)
         if cached is None or cached.model is not model:
-            cached = _lm_class()(model, self.tokenizer, batch_size=self.batch_size, max_length=self.max_length,
-                                 max_gen_toks=self.max_gen_toks)
+            cached = _lm_class()(
+                model,
+                self.tokenizer,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                max_gen_toks=self.max_gen_toks,
+            )
             object.__setattr__(self, "_lm", cached)
         return cached
 
     def evaluate(self, model) -> LMEvalScore:
-        return evaluate_task(model, self.tokenizer, self.task, metric=self.metric, limit=self.limit,
-                             include_path=self.include_path, num_fewshot=self.num_fewshot, seed=self.seed,
-                             lm=self.lm(model))
+        return evaluate_task(
+            model,
+            self.tokenizer,
+            self.task,
+            metric=self.metric,
+            limit=self.limit,
+            include_path=self.include_path,
+            num_fewshot=self.num_fewshot,
+            seed=self.seed,
+            lm=self.lm(model),
+        )

@@ -32,8 +32,17 @@ class MpqcLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token: bool | None = None, progress: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool | None = None,
+        progress: bool = False,
+    ):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be a module mapping input_ids to logits, got {type(model).__name__}")
@@ -41,8 +50,10 @@ class MpqcLM(TemplateLM):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if getattr(tokenizer, "eos_token_id", None) is None and getattr(tokenizer, "bos_token_id", None) is None:
-            raise ValueError("the tokenizer has neither an EOS nor a BOS token; lm-eval needs one to condition "
-                             "empty contexts and to stop generation")
+            raise ValueError(
+                "the tokenizer has neither an EOS nor a BOS token; lm-eval needs one to condition "
+                "empty contexts and to stop generation"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self._batch_size = batch_size
@@ -83,8 +94,9 @@ class MpqcLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)).replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
         kw = {}
         if add_special_tokens is not None:
             kw["add_special_tokens"] = add_special_tokens
@@ -125,7 +137,7 @@ class MpqcLM(TemplateLM):
         for key in sorted(keyed, key=lambda k: (-k[0], k)):
             items = keyed[key]
             for start in range(0, len(items), self._batch_size):
-                chunk = items[start:start + self._batch_size]
+                chunk = items[start : start + self._batch_size]
                 yield chunk
                 bar.update(len(chunk))
         bar.close()
@@ -136,13 +148,17 @@ class MpqcLM(TemplateLM):
         for i, (key, context_enc, continuation_enc) in enumerate(requests):
             context_enc, continuation_enc = list(context_enc), list(continuation_enc)
             if not context_enc or not continuation_enc:
-                raise ValueError(f"request {key!r}: context and continuation must each be at least one token "
-                                 f"(got {len(context_enc)} and {len(continuation_enc)})")
+                raise ValueError(
+                    f"request {key!r}: context and continuation must each be at least one token "
+                    f"(got {len(context_enc)} and {len(continuation_enc)})"
+                )
             if len(continuation_enc) > self.max_length:
-                raise ValueError(f"request {key!r}: a continuation of {len(continuation_enc)} tokens does not "
-                                 f"fit in max_length {self.max_length}")
+                raise ValueError(
+                    f"request {key!r}: a continuation of {len(continuation_enc)} tokens does not "
+                    f"fit in max_length {self.max_length}"
+                )
             # Left-truncate to max_length + 1 tokens, then drop the last: it is only predicted.
-            inp = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
+            inp = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
             groups.setdefault((len(inp),), []).append((i, key, inp, continuation_enc))
         results: list = [None] * len(requests)
         desc = None if (not self.progress if disable_tqdm is None else disable_tqdm) else "lm-eval loglikelihood"
@@ -152,7 +168,7 @@ class MpqcLM(TemplateLM):
             for row, (i, key, _, cont) in enumerate(chunk):
                 # float32 log-softmax of the continuation's positions only (a whole row's
                 # float copy would be seq x vocab).
-                logprobs = F.log_softmax(logits[row, length - len(cont):length].float(), dim=-1)
+                logprobs = F.log_softmax(logits[row, length - len(cont) : length].float(), dim=-1)
                 target = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
                 greedy = bool((logprobs.argmax(dim=-1) == target).all())
                 value = float(logprobs.gather(-1, target[:, None]).double().sum())
@@ -167,9 +183,12 @@ class MpqcLM(TemplateLM):
         windows, owner = [], []
         for index, (string,) in enumerate(req.args for req in requests):
             tokens = self.tok_encode(string)
-            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                    context_len=1)):
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owner.append(index)
         disable_tqdm = not self.progress if disable_tqdm is None else disable_tqdm
@@ -199,14 +218,18 @@ class MpqcLM(TemplateLM):
         do_sample = kw.pop("do_sample", False)
         temperature = kw.pop("temperature", 0.0)
         if do_sample or (temperature or 0.0) > 0.0:
-            raise ValueError(f"MpqcLM generates greedily; the task asks for sampling ({gen_kwargs}); "
-                             "set do_sample: false (temperature 0) in its generation_kwargs")
+            raise ValueError(
+                f"MpqcLM generates greedily; the task asks for sampling ({gen_kwargs}); "
+                "set do_sample: false (temperature 0) in its generation_kwargs"
+            )
         if kw.pop("num_beams", 1) != 1:
             raise ValueError("MpqcLM generates greedily: num_beams must be 1")
         unknown = set(kw) - _SAMPLING_ONLY
         if unknown:
-            raise ValueError(f"generation settings MpqcLM does not implement: {sorted(unknown)}; it supports "
-                             "until, max_gen_toks (or max_new_tokens), do_sample=false, temperature=0")
+            raise ValueError(
+                f"generation settings MpqcLM does not implement: {sorted(unknown)}; it supports "
+                "until, max_gen_toks (or max_new_tokens), do_sample=false, temperature=0"
+            )
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         if eos and eos not in until:
             until.append(eos)  # as HFLM: the EOS text is a stop sequence too
@@ -221,11 +244,11 @@ class MpqcLM(TemplateLM):
             until, max_gen = self._generation_settings(gen_kwargs)
             room = self.max_length - max_gen
             if room < 1:
-                raise ValueError(f"max_gen_toks {max_gen} leaves no room for a context in max_length "
-                                 f"{self.max_length}")
+                raise ValueError(f"max_gen_toks {max_gen} leaves no room for a context in max_length {self.max_length}")
             context_enc = self.tok_encode(context, left_truncate_len=room) or [self.prefix_token_id]
             groups.setdefault((len(context_enc), tuple(until), max_gen), []).append(
-                (i, (context, gen_kwargs), context_enc, until, max_gen))
+                (i, (context, gen_kwargs), context_enc, until, max_gen)
+            )
         results: list = [None] * len(requests)
         desc = None if (not self.progress if disable_tqdm is None else disable_tqdm) else "lm-eval generate_until"
         for chunk in self._batches(groups, desc, total=len(requests)):

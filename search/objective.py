@@ -44,8 +44,10 @@ def check_objective(objective) -> None:
     """A clear error for an object that does not implement the protocol."""
     for attr in ("config", "evaluate"):
         if not callable(getattr(objective, attr, None)):
-            raise TypeError(f"objective must have config() and evaluate(qmodel) (e.g. LMEvalObjective); "
-                            f"{type(objective).__name__} has no {attr}()")
+            raise TypeError(
+                f"objective must have config() and evaluate(qmodel) (e.g. LMEvalObjective); "
+                f"{type(objective).__name__} has no {attr}()"
+            )
 
 
 def perplexity_of(mean_nll: float) -> float:
@@ -79,5 +81,6 @@ class WindowPerplexity:
 
     def evaluate(self, qmodel) -> PerplexityScore:
         run = qmodel if self.forward is None else self.forward
-        return PerplexityScore(perplexity_of(nll(run, windows=self.windows, batch_size=self.batch_size,
-                                                 progress=False)))
+        return PerplexityScore(
+            perplexity_of(nll(run, windows=self.windows, batch_size=self.batch_size, progress=False))
+        )

@@ -45,8 +45,11 @@ class SearchResult:
             loss = r["objective"] if r["objective"] is not None else r["perplexity"]
             if r["state"] == "COMPLETE" and loss is not None and (best_row is None or loss < best):
                 best, best_row = loss, r
-            r["best_so_far"] = None if best_row is None else (
-                best_row["metric"] if best_row["objective"] is not None else best_row["perplexity"])
+            r["best_so_far"] = (
+                None
+                if best_row is None
+                else (best_row["metric"] if best_row["objective"] is not None else best_row["perplexity"])
+            )
         return rows
 
     def to_dict(self) -> dict:
@@ -84,15 +87,19 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict:
     }
 
 
-def best_result(study: optuna.Study, space: SearchSpace, budget: Budget, *, multi: bool,
-                objective: dict | None) -> SearchResult:
+def best_result(
+    study: optuna.Study, space: SearchSpace, budget: Budget, *, multi: bool, objective: dict | None
+) -> SearchResult:
     """The best completed trial as a result (with nsga2: the best meeting the budget, and the front)."""
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pareto = None
     if multi:
         pareto = _pareto(study, objective)
-        meeting = complete if budget.kind == "bits" else [
-            t for t in complete if t.user_attrs["achieved"] >= budget.value - 1e-9]
+        meeting = (
+            complete
+            if budget.kind == "bits"
+            else [t for t in complete if t.user_attrs["achieved"] >= budget.value - 1e-9]
+        )
         best = min(meeting or complete, key=lambda t: t.values[0])
     else:
         best = min(complete, key=lambda t: t.value)
@@ -103,22 +110,43 @@ def best_result(study: optuna.Study, space: SearchSpace, budget: Budget, *, mult
         # The nearest reachable value is a subset-sum question; report what the trials found.
         values = [t.user_attrs["achieved"] for t in complete]
         closest = max(values) if budget.kind == "bits" else min(values)
-        notes.append(f"asked {budget}, the nearest the {space.plan([]).granularity_label} granularity allows "
-                     f"in these trials is {closest:.4f}; the best plan reaches {achieved:.4f}")
+        notes.append(
+            f"asked {budget}, the nearest the {space.plan([]).granularity_label} granularity allows "
+            f"in these trials is {closest:.4f}; the best plan reaches {achieved:.4f}"
+        )
     described = None
     if objective is not None:
-        described = {"label": objective_label(objective), "metric": best.user_attrs.get("metric_name"),
-                     "higher_is_better": best.user_attrs.get("higher_is_better"), "loss": best.values[0],
-                     "settings": objective}
-    return SearchResult(plan=plan, perplexity=best.user_attrs["perplexity"], achieved=achieved, budget=budget,
-                        study=study, notes=notes, pareto=pareto, metric=best.user_attrs.get("metric"),
-                        objective=described)
+        described = {
+            "label": objective_label(objective),
+            "metric": best.user_attrs.get("metric_name"),
+            "higher_is_better": best.user_attrs.get("higher_is_better"),
+            "loss": best.values[0],
+            "settings": objective,
+        }
+    return SearchResult(
+        plan=plan,
+        perplexity=best.user_attrs["perplexity"],
+        achieved=achieved,
+        budget=budget,
+        study=study,
+        notes=notes,
+        pareto=pareto,
+        metric=best.user_attrs.get("metric"),
+        objective=described,
+    )
 
 
 def _pareto(study: optuna.Study, objective: dict | None) -> list[dict]:
     front = sorted(study.best_trials, key=lambda t: -t.values[1])
-    pareto = [{"trial": t.number, "perplexity": t.user_attrs.get("perplexity", t.values[0]),
-               "quantization_ratio_params": t.values[1], "low": t.user_attrs["low"]} for t in front]
+    pareto = [
+        {
+            "trial": t.number,
+            "perplexity": t.user_attrs.get("perplexity", t.values[0]),
+            "quantization_ratio_params": t.values[1],
+            "low": t.user_attrs["low"],
+        }
+        for t in front
+    ]
     if objective is not None:
         for p, t in zip(pareto, front):
             p.update(objective=t.values[0], metric=t.user_attrs.get("metric"))
@@ -128,14 +156,20 @@ def _pareto(study: optuna.Study, objective: dict | None) -> list[dict]:
 def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
     """best_plan.json, trials.csv, result.json (and pareto.csv with nsga2), each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"plan": os.path.join(out_dir, "best_plan.json"), "trials": os.path.join(out_dir, "trials.csv"),
-             "result": os.path.join(out_dir, "result.json")}
+    paths = {
+        "plan": os.path.join(out_dir, "best_plan.json"),
+        "trials": os.path.join(out_dir, "trials.csv"),
+        "result": os.path.join(out_dir, "result.json"),
+    }
     write_text_atomic(paths["plan"], result.plan.to_json())
     rows = result.trials_table()
     write_csv_atomic(paths["trials"], rows, list(rows[0]) if rows else ["trial"])
     write_json_atomic(paths["result"], result.to_dict())
     if result.pareto is not None:
         paths["pareto"] = os.path.join(out_dir, "pareto.csv")
-        write_csv_atomic(paths["pareto"], [{**p, "n_low": len(p["low"])} for p in result.pareto],
-                         ["trial", "perplexity", "quantization_ratio_params", "n_low"])
+        write_csv_atomic(
+            paths["pareto"],
+            [{**p, "n_low": len(p["low"])} for p in result.pareto],
+            ["trial", "perplexity", "quantization_ratio_params", "n_low"],
+        )
     return paths

@@ -26,8 +26,10 @@ def make_sampler(sampler, *, seed: int, kwargs: dict | None = None) -> optuna.sa
             raise ValueError("sampler_kwargs only apply to a sampler given by name or 'module:Class'")
         return sampler
     if not isinstance(sampler, str):
-        raise TypeError(f"sampler is a name ({', '.join(SAMPLER_NAMES)}), 'module:Class' or an optuna BaseSampler, "
-                        f"got {type(sampler).__name__}")
+        raise TypeError(
+            f"sampler is a name ({', '.join(SAMPLER_NAMES)}), 'module:Class' or an optuna BaseSampler, "
+            f"got {type(sampler).__name__}"
+        )
     if ":" in sampler:
         return _import_sampler(sampler, seed, kwargs)
     s = optuna.samplers
@@ -47,8 +49,10 @@ def make_sampler(sampler, *, seed: int, kwargs: dict | None = None) -> optuna.sa
     if sampler == "nsga2":
         kwargs.setdefault("population_size", 10)
         return s.NSGAIISampler(seed=seed, **kwargs)
-    raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}, "
-                     "'package.module:Class', or an optuna.samplers.BaseSampler instance")
+    raise ValueError(
+        f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}, "
+        "'package.module:Class', or an optuna.samplers.BaseSampler instance"
+    )
 
 
 def _import_sampler(path: str, seed: int, kwargs: dict) -> optuna.samplers.BaseSampler:

@@ -42,8 +42,9 @@ def _frozen_parameters(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def window_gradients(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *,
-                     progress: bool = True) -> np.ndarray:
+def window_gradients(
+    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True
+) -> np.ndarray:
     """g[w, c]: d loss(window w) / d eps_c, where eps_c scales what moving component c low changes.
 
     One zero scalar per component multiplies the difference between the low and the high
@@ -105,7 +106,9 @@ def window_gradients(qmodel: QuantizedModel, space: SearchSpace, windows: torch.
     return g
 
 
-def sensitivity(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True) -> dict[str, float]:
+def sensitivity(
+    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True
+) -> dict[str, float]:
     """Expected loss increase (nats per token) per component of ``space`` when only it goes low:
     the empirical Fisher estimate 0.5 * mean over windows of the squared first-order change."""
     g = window_gradients(qmodel, space, windows, progress=progress)
@@ -125,8 +128,19 @@ def priorities_from_sensitivity(sens: dict[str, float], sizes: dict[str, float])
     return pr
 
 
-def seed_study(study, qmodel: QuantizedModel, space: SearchSpace, tokens: torch.Tensor, *, seq_len: int,
-               n_windows: int, n_seeded: int, seed: int, prefix=(), progress: bool = True) -> None:
+def seed_study(
+    study,
+    qmodel: QuantizedModel,
+    space: SearchSpace,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int,
+    n_windows: int,
+    n_seeded: int,
+    seed: int,
+    prefix=(),
+    progress: bool = True,
+) -> None:
     """Enqueue the sensitivity ranking and ``n_seeded - 1`` perturbations of it as first trials
     (once per study: a resumed or shared study is not seeded again)."""
     from mpqc.evaluate import sample_windows
@@ -139,7 +153,9 @@ def seed_study(study, qmodel: QuantizedModel, space: SearchSpace, tokens: torch.
     rng = torch.Generator().manual_seed(seed)
     for k in range(n_seeded):
         noise = 0.0 if k == 0 else 0.05 * k
-        pr = {n: min(1.0, max(0.0, p + noise * (2 * torch.rand((), generator=rng).item() - 1))) for n, p in base.items()}
+        pr = {
+            n: min(1.0, max(0.0, p + noise * (2 * torch.rand((), generator=rng).item() - 1))) for n, p in base.items()
+        }
         study.enqueue_trial({f"p:{n}": v for n, v in pr.items()}, user_attrs={"seeded": True})
     study.set_user_attr("seeded", True)
     study.set_user_attr("sensitivity", sens)

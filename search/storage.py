@@ -46,11 +46,11 @@ def _rdb_storage(url: str, heartbeat: int):
     key = "heartbeat_stale_trial_callback" if new_api else "failed_trial_callback"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry_cls = (optuna.storages.RetryHeartbeatStaleTrialCallback if new_api
-                     else optuna.storages.RetryFailedTrialCallback)
+        retry_cls = (
+            optuna.storages.RetryHeartbeatStaleTrialCallback if new_api else optuna.storages.RetryFailedTrialCallback
+        )
         retry = retry_cls(max_retry=2)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                          **{key: retry})
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **{key: retry})
 
 
 def open_study(storage, name: str, sampler, *, multi: bool, heartbeat: int) -> optuna.Study:
@@ -59,8 +59,9 @@ def open_study(storage, name: str, sampler, *, multi: bool, heartbeat: int) -> o
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["minimize", "maximize"] if multi else ["minimize"]
     try:
-        return optuna.create_study(storage=rdb, study_name=name, sampler=sampler, directions=directions,
-                                   load_if_exists=True)
+        return optuna.create_study(
+            storage=rdb, study_name=name, sampler=sampler, directions=directions, load_if_exists=True
+        )
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"cannot create or load study {name!r} in {storage!r}: {e}") from e
 
@@ -73,19 +74,28 @@ def check_settings(study: optuna.Study, settings: dict) -> None:
         return
     if stored == settings:
         return
-    diff = {k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings) if stored.get(k) != settings.get(k)}
+    diff = {
+        k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings) if stored.get(k) != settings.get(k)
+    }
     what = ""
     if "objective" in diff:
-        what = (f" It was made with objective {objective_label(stored.get('objective'))}, "
-                f"asked {objective_label(settings.get('objective'))}.")
-    raise ValueError(f"study {study.study_name!r} was created for another search;{what} differing settings "
-                     f"(stored, asked): {diff}. Use another study_name or the same settings.")
+        what = (
+            f" It was made with objective {objective_label(stored.get('objective'))}, "
+            f"asked {objective_label(settings.get('objective'))}."
+        )
+    raise ValueError(
+        f"study {study.study_name!r} was created for another search;{what} differing settings "
+        f"(stored, asked): {diff}. Use another study_name or the same settings."
+    )
 
 
 def objective_label(config: dict | None) -> str:
     if config is None:
         return "perplexity on windows"
     if config.get("kind") == "lm_eval":
-        return (f"lm-eval {config.get('task')}" + (f" {config['metric']}" if config.get("metric") else "")
-                + (f" (limit {config['limit']})" if config.get("limit") is not None else ""))
+        return (
+            f"lm-eval {config.get('task')}"
+            + (f" {config['metric']}" if config.get("metric") else "")
+            + (f" (limit {config['limit']})" if config.get("limit") is not None else "")
+        )
     return str(config.get("kind", config))

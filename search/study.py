@@ -30,8 +30,16 @@ from .storage import check_settings, open_study
 from .trials import TrialRunner
 
 
-def run(graph: Graph, tokens: torch.Tensor, config: SearchConfig | None = None, *, objective=None,
-        qmodel: QuantizedModel | None = None, progress: bool = True, **settings) -> SearchResult:
+def run(
+    graph: Graph,
+    tokens: torch.Tensor,
+    config: SearchConfig | None = None,
+    *,
+    objective=None,
+    qmodel: QuantizedModel | None = None,
+    progress: bool = True,
+    **settings,
+) -> SearchResult:
     """Find the plan with the lowest perplexity on ``tokens`` (or the best ``objective``) under the budget.
 
     ``config``: a ``SearchConfig``; or its settings as keywords (``ratio=`` or ``budget=``,
@@ -58,15 +66,26 @@ def run(graph: Graph, tokens: torch.Tensor, config: SearchConfig | None = None, 
         check_objective(objective)
         # Only a non-default objective adds the key: studies stored before it existed still resume.
         stored["objective"] = json.loads(json.dumps(objective.config()))
-    study = open_study(config.storage, config.default_study_name(stored), sampler, multi=multi,
-                       heartbeat=config.heartbeat)
+    study = open_study(
+        config.storage, config.default_study_name(stored), sampler, multi=multi, heartbeat=config.heartbeat
+    )
     check_settings(study, stored)
     qmodel = _compiled(graph, space, qmodel)
     perplexity = WindowPerplexity(windows, config.batch_size, forward=_forward(qmodel, config, low_p, high_p))
     runner = TrialRunner(qmodel, space, perplexity, objective=objective, multi=multi)
     if config.sampler == "sensitivity":
-        seed_study(study, qmodel, space, tokens, seq_len=config.seq_len, n_windows=config.sensitivity_windows,
-                   n_seeded=config.n_seeded, seed=config.seed, prefix=config.prefix, progress=progress)
+        seed_study(
+            study,
+            qmodel,
+            space,
+            tokens,
+            seq_len=config.seq_len,
+            n_windows=config.sensitivity_windows,
+            n_seeded=config.n_seeded,
+            seed=config.seed,
+            prefix=config.prefix,
+            progress=progress,
+        )
     _optimize(study, runner, config.n_trials, multi=multi, progress=progress)
     result = best_result(study, space, config.budget, multi=multi, objective=stored.get("objective"))
     if config.torch_compile:
@@ -114,8 +133,9 @@ def _n_complete(study: optuna.Study) -> int:
 
 def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int, *, multi: bool, progress: bool) -> None:
     """Run trials until the study holds ``n_trials`` completed ones (earlier runs' count too)."""
-    bar = tqdm(total=n_trials, initial=min(_n_complete(study), n_trials), desc="search", unit="trial",
-               disable=not progress)
+    bar = tqdm(
+        total=n_trials, initial=min(_n_complete(study), n_trials), desc="search", unit="trial", disable=not progress
+    )
 
     def on_trial(study_, trial_):
         bar.n = min(_n_complete(study_), n_trials)

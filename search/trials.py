@@ -25,8 +25,15 @@ class TrialRunner:
     (e.g. an lm-eval task) when given; the study minimizes the objective's loss, else perplexity.
     With ``multi`` (nsga2) the trial also searches its own target ratio."""
 
-    def __init__(self, qmodel: QuantizedModel, space: SearchSpace, perplexity: WindowPerplexity, *,
-                 objective=None, multi: bool = False):
+    def __init__(
+        self,
+        qmodel: QuantizedModel,
+        space: SearchSpace,
+        perplexity: WindowPerplexity,
+        *,
+        objective=None,
+        multi: bool = False,
+    ):
         self.qmodel, self.space, self.perplexity = qmodel, space, perplexity
         self.objective, self.multi = objective, multi
         self.sizes, self.target = space.sizes(), space.target()
@@ -46,8 +53,13 @@ class TrialRunner:
         score = self.objective.evaluate(self.qmodel)  # the same compiled model, now on ``plan``
         loss = float(score.loss)
         loss = loss if math.isfinite(loss) else math.inf
-        return loss, {"perplexity": ppl, "objective": loss, "metric": float(score.value), "metric_name": score.metric,
-                      "higher_is_better": bool(getattr(score, "higher_is_better", False))}
+        return loss, {
+            "perplexity": ppl,
+            "objective": loss,
+            "metric": float(score.value),
+            "metric_name": score.metric,
+            "higher_is_better": bool(getattr(score, "higher_is_better", False)),
+        }
 
     def __call__(self, trial: optuna.Trial):
         goal = self.target

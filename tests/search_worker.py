@@ -1,6 +1,6 @@
 """A search worker in its own process, for the resume and multi-worker tests.
 
-    python tests/search_worker.py STORAGE STUDY N_TRIALS [PAUSE_SECONDS]
+python tests/search_worker.py STORAGE STUDY N_TRIALS [PAUSE_SECONDS]
 """
 
 import os
@@ -10,8 +10,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import mpqc  # noqa: E402
 from tiny_models import captured  # noqa: E402
+
+import mpqc  # noqa: E402
 
 TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(0))
 
@@ -24,8 +25,21 @@ def main():
     if pause:  # slow each evaluation down so that a kill lands mid-search
         forward = qmodel.forward
         qmodel.forward = lambda ids: (time.sleep(pause), forward(ids))[1]
-    mpqc.search.run(graph, TOKENS, ratio=0.6, sampler="tpe", n_trials=n_trials, seq_len=16, n_samples=2,
-                    storage=storage, study_name=study, qmodel=qmodel, progress=False, heartbeat=1, sampler_seed=os.getpid())
+    mpqc.search.run(
+        graph,
+        TOKENS,
+        ratio=0.6,
+        sampler="tpe",
+        n_trials=n_trials,
+        seq_len=16,
+        n_samples=2,
+        storage=storage,
+        study_name=study,
+        qmodel=qmodel,
+        progress=False,
+        heartbeat=1,
+        sampler_seed=os.getpid(),
+    )
 
 
 if __name__ == "__main__":

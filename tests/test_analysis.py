@@ -6,16 +6,6 @@ import json
 
 import pytest
 import torch
-
-from mpqc.capture import capture
-from mpqc.graph import GRANULARITIES, MATMUL_META_KEYS, ROLES, Component, group_components
-from mpqc.passes.analysis import (
-    AnalysisError,
-    AssignRoles,
-    FindMatmuls,
-    analysis_passes,
-)
-from mpqc.passes.transform.decompose_attention import DecomposeAttention
 from tiny_models import (
     ARCH_ATTN,
     EXAMPLE_SHAPE,
@@ -31,6 +21,16 @@ from tiny_models import (
     captured,
     example_ids,
 )
+
+from mpqc.capture import capture
+from mpqc.graph import GRANULARITIES, MATMUL_META_KEYS, ROLES, Component, group_components
+from mpqc.passes.analysis import (
+    AnalysisError,
+    AssignRoles,
+    FindMatmuls,
+    analysis_passes,
+)
+from mpqc.passes.transform.decompose_attention import DecomposeAttention
 
 SEQ = EXAMPLE_SHAPE[1]
 INTERMEDIATE = 2 * HIDDEN

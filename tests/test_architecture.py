@@ -73,8 +73,12 @@ GRAPH = {m: imports_of(m) for m in MODULES}
 
 
 def layer(module: str) -> str:
-    for prefix, name in (("mpqc.cli", "cli"), ("mpqc.studies", "studies"), ("mpqc.search", "search"),
-                         ("mpqc.export", "export")):
+    for prefix, name in (
+        ("mpqc.cli", "cli"),
+        ("mpqc.studies", "studies"),
+        ("mpqc.search", "search"),
+        ("mpqc.export", "export"),
+    ):
         if module == prefix or module.startswith(prefix + "."):
             return name
     return "core"
@@ -92,15 +96,26 @@ ALLOWED = {
 
 def test_the_walk_sees_the_whole_package():
     # A guard on the test itself: a graph that misses the layers would pass everything.
-    assert {"mpqc.cli", "mpqc.studies.sweep", "mpqc.search.study", "mpqc.export.onnx", "mpqc.passes.analysis",
-            "mpqc.io", "mpqc.graph"} <= set(MODULES)
+    assert {
+        "mpqc.cli",
+        "mpqc.studies.sweep",
+        "mpqc.search.study",
+        "mpqc.export.onnx",
+        "mpqc.passes.analysis",
+        "mpqc.io",
+        "mpqc.graph",
+    } <= set(MODULES)
     assert "mpqc.search.budget" in GRAPH["mpqc.search.study"] and "mpqc.io" in GRAPH["mpqc.search.results"]
     assert "mpqc.export.functions" in GRAPH["mpqc.export.onnx"]  # a relative `from . import name`
 
 
 def test_imports_run_one_way_between_layers():
-    wrong = sorted(f"{m} ({layer(m)}) imports {t} ({layer(t)})"
-                   for m, targets in GRAPH.items() for t in targets if layer(t) not in ALLOWED[layer(m)])
+    wrong = sorted(
+        f"{m} ({layer(m)}) imports {t} ({layer(t)})"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if layer(t) not in ALLOWED[layer(m)]
+    )
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
@@ -116,7 +131,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt, path + [nxt])
                 if found:
@@ -175,7 +190,15 @@ def test_every_command_that_loads_a_model_takes_device_and_dtype(command):
     from mpqc.cli import build_parser
 
     parser = build_parser()
-    args = parser.parse_args([*command.split(), "--device", "cpu", "--dtype", "bfloat16",
-                              *(["--out", "x.csv"] if command == "predict collect" else []),
-                              *(["--predictor", "p.json", "--plan", "a.json"] if command == "predict plan" else [])])
+    args = parser.parse_args(
+        [
+            *command.split(),
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            *(["--out", "x.csv"] if command == "predict collect" else []),
+            *(["--predictor", "p.json", "--plan", "a.json"] if command == "predict plan" else []),
+        ]
+    )
     assert (args.device, args.dtype) == ("cpu", "bfloat16")

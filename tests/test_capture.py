@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mpqc.capture import CaptureError, capture
-from mpqc.passes.transform.decompose_attention import DecomposeAttention, DecompositionError
 from tiny_models import (
     ARCH_ATTN,
     ARCHS,
@@ -20,6 +17,9 @@ from tiny_models import (
     hand_count_matmul_params,
     tiny_model,
 )
+
+from mpqc.capture import CaptureError, capture
+from mpqc.passes.transform.decompose_attention import DecomposeAttention, DecompositionError
 
 # Float32 logits of the captured graph against the model itself. The eager graphs run
 # the model's own ops; the decomposed attention reorders float32 arithmetic against

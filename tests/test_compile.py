@@ -7,16 +7,18 @@ import json
 
 import pytest
 import torch
+from tiny_models import ARCHS, SDPA_UNSUPPORTED, example_ids, hand_count_matmul_params
+from tiny_models import captured as captured_with
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import mpqc
 from mpqc.formats import quantize
-from tiny_models import ARCHS, SDPA_UNSUPPORTED, captured as captured_with, example_ids, hand_count_matmul_params
 
 
 def captured(arch):
     return captured_with(arch, "eager" if arch in SDPA_UNSUPPORTED else "sdpa")
+
 
 # The captured graph decomposes fused attention and reorders a few float ops, so it agrees
 # with the eager model to float32 rounding only (see test_capture); against the captured
@@ -142,8 +144,13 @@ def test_layer_components():
 def test_plan_json_round_trip_and_errors():
     _, graph = captured("qwen2")
     names = [c.name for c in graph.components("matmul")]
-    plan = mpqc.Plan(graph, {names[0]: "bf16", names[1]: ("mxfp4", None), names[2]: {"weight": "mxint8", "activation": "mxfp8_e4m3"}},
-                     default="mxint4", block_size=64, rounding="even")
+    plan = mpqc.Plan(
+        graph,
+        {names[0]: "bf16", names[1]: ("mxfp4", None), names[2]: {"weight": "mxint8", "activation": "mxfp8_e4m3"}},
+        default="mxint4",
+        block_size=64,
+        rounding="even",
+    )
     again = mpqc.Plan.from_json(graph, plan.to_json())
     assert again == plan and again.to_json() == plan.to_json()
     data = json.loads(plan.to_json())

@@ -70,10 +70,10 @@ def test_strip_wiki_markup_on_hand_written_markup():
     wikitext = (
         "{{Infobox thing|name=X|note={{nested|deep}}}}\n"
         "'''Anarchism''' is a [[political philosophy]] that advocates "
-        "[[self-governance|self-governed]] societies.<ref name=\"a/b\"/>"
+        '[[self-governance|self-governed]] societies.<ref name="a/b"/>'
         "<ref>Citation [[Ignored]]</ref> See [http://example.com the site].<!-- hidden -->\n"
         "[[File:X.jpg|thumb|A caption with [[a link]] and [brackets].]]\n"
-        "{| class=\"wikitable\"\n| cell || {{tpl}}\n|}\n"
+        '{| class="wikitable"\n| cell || {{tpl}}\n|}\n'
         "== History ==\n"
         "* Item one &amp; <small>two</small>\n"
         "[[Category:Political ideologies]]\n[[de:Anarchismus]]\n"
@@ -163,8 +163,9 @@ def test_load_tokens_rejects_bad_max_tokens(tmp_path):
 
 
 def test_text_prefix_is_what_the_tokenizer_puts_before_text():
-    from mpqc.data import text_prefix
     from tokenizers.processors import TemplateProcessing
+
+    from mpqc.data import text_prefix
 
     tok = byte_level_tokenizer()
     assert text_prefix(tok) == ()  # GPT-2 style: no special tokens around text

@@ -17,13 +17,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny_models import ARCH_ATTN, captured, example_ids
 
 import mpqc
 import mpqc.export as ex
 from mpqc.export import functions as fns
 from mpqc.export import metadata as md
 from mpqc.formats import FORMATS, quantize
-from tiny_models import ARCH_ATTN, captured, example_ids
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -70,14 +70,16 @@ def _wide(shape, seed):
     return torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
 
 
-EDGE = torch.tensor([
-    [0.0, 1.0, -1.0, float("nan"), 2.0, 3.0],  # NaN poisons its block
-    [float("inf"), 1.0, 2.0, 3.0, 4.0, 5.0],  # Inf too
-    [3e38, -3e38, 1e-45, -1e-45, 1e-38, 0.5],  # fp32 extremes, subnormals
-    [1e-44, 0.0, 0.0, 0.0, 0.0, 0.0],  # a subnormal amax
-    [-0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # an all-zero block
-    [2.5, -2.5, 0.25, -0.75, 1.5, 5.5],  # ties of the small grids
-])
+EDGE = torch.tensor(
+    [
+        [0.0, 1.0, -1.0, float("nan"), 2.0, 3.0],  # NaN poisons its block
+        [float("inf"), 1.0, 2.0, 3.0, 4.0, 5.0],  # Inf too
+        [3e38, -3e38, 1e-45, -1e-45, 1e-38, 0.5],  # fp32 extremes, subnormals
+        [1e-44, 0.0, 0.0, 0.0, 0.0, 0.0],  # a subnormal amax
+        [-0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # an all-zero block
+        [2.5, -2.5, 0.25, -0.75, 1.5, 5.5],  # ties of the small grids
+    ]
+)
 
 
 @pytest.mark.parametrize("fmt", LOW_AND_CAST)
@@ -88,7 +90,13 @@ def test_functions_equal_quantize_bit_for_bit(fmt):
     elif f.family == "nvfp4":
         cases = [(None, -1, "nearest"), (16, 1, "even"), (5, 0, "nearest"), ("vector", 2, "even")]
     else:
-        cases = [(None, -1, "nearest"), (16, 1, "even"), (7, 0, "nearest"), ("vector", 2, "even"), ("tensor", -1, "even")]
+        cases = [
+            (None, -1, "nearest"),
+            (16, 1, "even"),
+            (7, 0, "nearest"),
+            ("vector", 2, "even"),
+            ("tensor", -1, "even"),
+        ]
     for block, axis, rounding in cases:
         x = _wide((4, 6, 70), seed=zlib.crc32(repr((fmt, block, axis)).encode()))
         x[0, 0, :] = 0
@@ -98,7 +106,7 @@ def test_functions_equal_quantize_bit_for_bit(fmt):
         kw = {} if f.family == "cast" else {"block_size": block}
         got = sess.run(None, {"x": x.numpy()})[0]
         assert same_bits(got, quantize(x, fmt, axis=axis, rounding=rounding, **kw).numpy()), (block, axis, rounding)
-    for block in ([None] if f.family == "cast" else [2, 3]):
+    for block in [None] if f.family == "cast" else [2, 3]:
         for rounding in ("nearest", "even"):
             model = fns.quantize_model(fmt, rank=2, block_size=block, rounding=rounding)
             sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -110,12 +118,16 @@ def test_functions_equal_quantize_bit_for_bit(fmt):
 def test_function_attributes_name_the_format():
     op, attrs = fns.call_attributes(FORMATS["mxint4"].with_block(64), 2, "even")
     assert op == "MXQuantizeDequantize"
-    assert attrs["format"] == "mxint4" and attrs["block_size"] == 64 and attrs["axis"] == 2 and attrs["rounding"] == "even"
+    assert (
+        attrs["format"] == "mxint4" and attrs["block_size"] == 64 and attrs["axis"] == 2 and attrs["rounding"] == "even"
+    )
     assert fns.call_attributes(FORMATS["mxfp4"].with_block("vector"), 0, "nearest")[1]["block_size"] == -1
     assert fns.call_attributes(FORMATS["int4"].with_block("tensor"), 0, "nearest")[0] == "AbsmaxQuantizeDequantize"
     assert fns.call_attributes(FORMATS["nvfp4"], 1, "nearest")[0] == "NVFP4QuantizeDequantize"
-    assert fns.call_attributes(FORMATS["bf16"], 1, "nearest") == ("CastQuantizeDequantize",
-                                                                    {"format": "bf16", "to": onnx.TensorProto.BFLOAT16})
+    assert fns.call_attributes(FORMATS["bf16"], 1, "nearest") == (
+        "CastQuantizeDequantize",
+        {"format": "bf16", "to": onnx.TensorProto.BFLOAT16},
+    )
 
 
 # ---- whole models -------------------------------------------------------------------------------------
@@ -140,8 +152,15 @@ def check_calls_in_place(path, ids):
     for node, x, y in calls:
         a = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
         fmt = a["format"].decode()
-        kw = {} if FORMATS[fmt].family == "cast" else {
-            "block_size": fns.block_from_code(a["block_size"]), "axis": a["axis"], "rounding": a["rounding"].decode()}
+        kw = (
+            {}
+            if FORMATS[fmt].family == "cast"
+            else {
+                "block_size": fns.block_from_code(a["block_size"]),
+                "axis": a["axis"],
+                "rounding": a["rounding"].decode(),
+            }
+        )
         assert same_bits(y, quantize(torch.from_numpy(x), fmt, **kw).numpy()), node.name
     return len(calls)
 
@@ -237,8 +256,11 @@ def test_mixed_plan(arch, granularity, tmp_path, request):
 
 def test_weights_are_stored_in_low_bit_form(llama, tmp_path):
     graph, qmodel = llama
-    qmodel.set_plan(mpqc.Plan(graph, {"layers.0.self_attn.q_proj": "mxfp4", "layers.0.mlp.up_proj": "bf16"},
-                              default=("mxint4", None)))
+    qmodel.set_plan(
+        mpqc.Plan(
+            graph, {"layers.0.self_attn.q_proj": "mxfp4", "layers.0.mlp.up_proj": "bf16"}, default=("mxint4", None)
+        )
+    )
     path = tmp_path / "w.onnx"
     export(qmodel, path)
     model = onnx.load(str(path))
@@ -306,8 +328,18 @@ def test_set_plan_reuses_the_translation(llama, tmp_path):
 # ---- the standard FLOAT4/FLOAT6/FLOAT8 form -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt,opset", [("mxfp4", 25), ("mxfp8_e4m3", 25), ("mxfp8_e5m2", 25), ("nvfp4", 25),
-                                        ("fp4_e2m1", 25), ("mxfp6_e2m3", 28), ("mxfp6_e3m2", 28)])
+@pytest.mark.parametrize(
+    "fmt,opset",
+    [
+        ("mxfp4", 25),
+        ("mxfp8_e4m3", 25),
+        ("mxfp8_e5m2", 25),
+        ("nvfp4", 25),
+        ("fp4_e2m1", 25),
+        ("mxfp6_e2m3", 28),
+        ("mxfp6_e3m2", 28),
+    ],
+)
 def test_standard_fp_weights_run_in_the_onnx_reference(llama, fmt, opset, tmp_path):
     from onnx.reference import ReferenceEvaluator
 
@@ -318,8 +350,15 @@ def test_standard_fp_weights_run_in_the_onnx_reference(llama, fmt, opset, tmp_pa
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     T = onnx.TensorProto
-    element = {"mxfp4": T.FLOAT4E2M1, "nvfp4": T.FLOAT4E2M1, "fp4_e2m1": T.FLOAT4E2M1, "mxfp8_e4m3": T.FLOAT8E4M3FN,
-               "mxfp8_e5m2": T.FLOAT8E5M2, "mxfp6_e2m3": T.FLOAT6E2M3, "mxfp6_e3m2": T.FLOAT6E3M2}[fmt]
+    element = {
+        "mxfp4": T.FLOAT4E2M1,
+        "nvfp4": T.FLOAT4E2M1,
+        "fp4_e2m1": T.FLOAT4E2M1,
+        "mxfp8_e4m3": T.FLOAT8E4M3FN,
+        "mxfp8_e5m2": T.FLOAT8E5M2,
+        "mxfp6_e2m3": T.FLOAT6E2M3,
+        "mxfp6_e3m2": T.FLOAT6E3M2,
+    }[fmt]
     scale = {"nvfp4": T.FLOAT8E4M3FN, "fp4_e2m1": T.FLOAT}.get(fmt, T.FLOAT8E8M0)
     types = {i.data_type for i in model.graph.initializer}
     assert element in types and scale in types
@@ -381,7 +420,10 @@ def test_external_data(llama, tmp_path):
     ids = new_ids()
     a, b = ex.OnnxRuntimeLM(tmp_path / "ext.onnx")(ids), ex.OnnxRuntimeLM(tmp_path / "inline.onnx")(ids)
     assert torch.equal(a, b)
-    assert ex.read_metadata(tmp_path / "ext.onnx")["components"] == ex.read_metadata(tmp_path / "inline.onnx")["components"]
+    assert (
+        ex.read_metadata(tmp_path / "ext.onnx")["components"]
+        == ex.read_metadata(tmp_path / "inline.onnx")["components"]
+    )
 
 
 def test_read_metadata_rejects_foreign_files(tmp_path):
@@ -429,8 +471,22 @@ def test_cli_export(llama, tmp_path, monkeypatch):
     assert mpqc.Plan.from_json(graph, json.dumps(meta["plan"])) == plan
     written = json.loads(report.read_text())
     assert written["file_bytes"] == os.path.getsize(out) and written["plan"]["components"]
-    assert cli.main(["export", "--format", "mxfp6_e2m3", "--fp-weights", "standard", "--opset", "25",
-                     "-o", str(tmp_path / "x.onnx")]) == 2  # UnsupportedExport, reported as an error
+    assert (
+        cli.main(
+            [
+                "export",
+                "--format",
+                "mxfp6_e2m3",
+                "--fp-weights",
+                "standard",
+                "--opset",
+                "25",
+                "-o",
+                str(tmp_path / "x.onnx"),
+            ]
+        )
+        == 2
+    )  # UnsupportedExport, reported as an error
     assert not (tmp_path / "x.onnx").exists()
 
 

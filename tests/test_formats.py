@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import formats_oracle as oracle
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,8 +13,6 @@ from hypothesis import strategies as st
 from mpqc import formats
 from mpqc.formats import get_format, pack, quantize
 
-import formats_oracle as oracle
-
 MX = ["mxint8", "mxint4", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4"]
 SCALED = MX + ["nvfp4", "fp4_e2m1", "int8", "int4"]
 ALL = SCALED + ["bf16", "fp16", "fp32"]
@@ -21,7 +20,9 @@ ALL = SCALED + ["bf16", "fp16", "fp32"]
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Bit patterns, so that NaN == NaN and -0 != +0 in comparisons."""
-    return t.contiguous().view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+    return t.contiguous().view(
+        {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype]
+    )
 
 
 def assert_same(actual: torch.Tensor, expected) -> None:
@@ -52,7 +53,7 @@ def test_descriptions():
     # exact storage: 4096 x 4096 MXFP4 at block 32 = 4 bits per element + one byte per 32
     assert get_format("mxfp4").storage_bits((4096, 4096)) == 4096 * 4096 * 4 + 4096 * 128 * 8
     assert get_format("fp4_e2m1").storage_bits((10, 64), axis=1) == 640 * 4 + 10 * 32
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever a frozen dataclass raises
         get_format("mxfp4").block_size = 16  # frozen
 
 
@@ -84,7 +85,9 @@ def test_mxint4_full_grid():
     x = torch.tensor(grid)  # max 1.75: floor(log2) = 0, scale 1
     assert_same(quantize(x, "mxint4"), grid)
     table = formats.code_table(get_format("mxint4").element).tolist()
-    assert table[:8] == [k / 4 for k in range(8)] and math.isnan(table[8]) and table[9:] == [k / 4 for k in range(-7, 0)]
+    assert (
+        table[:8] == [k / 4 for k in range(8)] and math.isnan(table[8]) and table[9:] == [k / 4 for k in range(-7, 0)]
+    )
     packed = pack(x, "mxint4")
     assert torch.equal(packed.unpack(), quantize(x, "mxint4"))
 
@@ -118,7 +121,15 @@ def test_every_code_round_trips(name):
 
 @pytest.mark.parametrize(
     "value,nearest,even",
-    [(0.25, 0.5, 0.0), (0.75, 1.0, 1.0), (1.25, 1.5, 1.0), (1.75, 2.0, 2.0), (2.5, 3.0, 2.0), (3.5, 4.0, 4.0), (5.0, 6.0, 4.0)],
+    [
+        (0.25, 0.5, 0.0),
+        (0.75, 1.0, 1.0),
+        (1.25, 1.5, 1.0),
+        (1.75, 2.0, 2.0),
+        (2.5, 3.0, 2.0),
+        (3.5, 4.0, 4.0),
+        (5.0, 6.0, 4.0),
+    ],
 )
 def test_mxfp4_ties(value, nearest, even):
     x = torch.tensor([value, -value, 6.0])  # 6 fixes the scale at 1
@@ -126,7 +137,9 @@ def test_mxfp4_ties(value, nearest, even):
     assert quantize(x, "mxfp4", rounding="even").tolist() == [even, -even, 6.0]
 
 
-@pytest.mark.parametrize("value,nearest,even", [(0.125, 0.25, 0.0), (0.375, 0.5, 0.5), (0.625, 0.75, 0.5), (1.625, 1.75, 1.5)])
+@pytest.mark.parametrize(
+    "value,nearest,even", [(0.125, 0.25, 0.0), (0.375, 0.5, 0.5), (0.625, 0.75, 0.5), (1.625, 1.75, 1.5)]
+)
 def test_mxint4_ties(value, nearest, even):
     x = torch.tensor([value, -value, 1.75])
     assert quantize(x, "mxint4").tolist() == [nearest, -nearest, 1.75]
@@ -144,7 +157,9 @@ def test_saturation():
 
 @pytest.mark.parametrize("name", MX + ["int8", "int4", "fp4_e2m1"])
 def test_nan_inf_and_zero_blocks(name):
-    x = torch.tensor([[1.0, 2.0, math.nan, 0.5], [1.0, math.inf, 3.0, 0.5], [0.0, -0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.5]])
+    x = torch.tensor(
+        [[1.0, 2.0, math.nan, 0.5], [1.0, math.inf, 3.0, 0.5], [0.0, -0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.5]]
+    )
     q = quantize(x, name, block_size=4 if name != "fp4_e2m1" else "vector")
     assert torch.isnan(q[0]).all() and torch.isnan(q[1]).all()
     assert q[2].eq(0).all()
@@ -165,9 +180,13 @@ def test_ragged_tail_behaves_as_zero_padded():
 def test_axis_other_than_last(name):
     x = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
     block = 16 if get_format(name).block_size not in ("vector", "tensor") else None
-    assert torch.equal(quantize(x, name, axis=0, block_size=block), quantize(x.T.contiguous(), name, block_size=block).T)
+    assert torch.equal(
+        quantize(x, name, axis=0, block_size=block), quantize(x.T.contiguous(), name, block_size=block).T
+    )
     y = torch.randn(2, 32, 3, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(quantize(y, name, axis=1, block_size=block), quantize(y.transpose(1, 2), name, block_size=block).transpose(1, 2))
+    assert torch.equal(
+        quantize(y, name, axis=1, block_size=block), quantize(y.transpose(1, 2), name, block_size=block).transpose(1, 2)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -270,8 +289,12 @@ def test_idempotent_symmetric_and_packs(values, name, rounding):
 
 
 @settings(max_examples=60, deadline=None)
-@given(values=st.lists(st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, width=32), min_size=1, max_size=32),
-       name=st.sampled_from(MX))
+@given(
+    values=st.lists(
+        st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, width=32), min_size=1, max_size=32
+    ),
+    name=st.sampled_from(MX),
+)
 def test_error_within_half_a_step(values, name):
     """Unsaturated elements are within half a grid step of the input; saturated ones clamp to the max."""
     x = torch.tensor(values, dtype=torch.float32)
@@ -320,7 +343,9 @@ def test_bad_input():
 def test_block_kinds_and_shapes():
     x = torch.randn(4, 96, generator=torch.Generator().manual_seed(5))
     assert torch.equal(quantize(x, "mxint4", block_size="vector"), quantize(x, "mxint4", block_size=96))
-    assert torch.equal(quantize(x, "mxint4", block_size="tensor"), quantize(x.reshape(1, -1), "mxint4", block_size=384).reshape(4, 96))
+    assert torch.equal(
+        quantize(x, "mxint4", block_size="tensor"), quantize(x.reshape(1, -1), "mxint4", block_size=384).reshape(4, 96)
+    )
     assert quantize(torch.tensor(3.0), "mxfp4").shape == ()
     assert quantize(torch.empty(0, 32), "mxfp4").shape == (0, 32)
     for block in (16, 64, 128, 256, 512):

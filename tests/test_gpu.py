@@ -12,13 +12,15 @@ import math
 
 import pytest
 import torch
+from tiny_models import example_ids, tiny_model
 
 import mpqc
 from mpqc.formats import kernels
-from tiny_models import example_ids, tiny_model
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="needs CUDA: runs the pipeline on a GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: runs the pipeline on a GPU"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,11 @@ def test_torch_compile_on_the_gpu_switches_plans_without_recompiling(cuda_graph)
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    plans = [mpqc.Plan.uniform(cuda_graph, "bf16"), mpqc.Plan.uniform(cuda_graph, "mxint4"),
-             mpqc.Plan.uniform(cuda_graph, "mxint4", activations=False)]
+    plans = [
+        mpqc.Plan.uniform(cuda_graph, "bf16"),
+        mpqc.Plan.uniform(cuda_graph, "mxint4"),
+        mpqc.Plan.uniform(cuda_graph, "mxint4", activations=False),
+    ]
     qmodel = mpqc.compile(cuda_graph, plans[1])
     qmodel.add_activation_formats({p.activation_format(m) for p in plans for m in cuda_graph.matmuls})
     counter = CompileCounter()
@@ -65,18 +70,37 @@ def test_torch_compile_on_the_gpu_switches_plans_without_recompiling(cuda_graph)
 
 def test_search_with_the_sensitivity_sampler_on_the_gpu(cuda_graph):
     tokens = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(0))
-    result = mpqc.search.run(cuda_graph, tokens, ratio=0.5, sampler="sensitivity", n_trials=3, seq_len=16,
-                             n_samples=4, batch_size=4, progress=False)
+    result = mpqc.search.run(
+        cuda_graph,
+        tokens,
+        ratio=0.5,
+        sampler="sensitivity",
+        n_trials=3,
+        seq_len=16,
+        n_samples=4,
+        batch_size=4,
+        progress=False,
+    )
     assert math.isfinite(result.perplexity) and abs(result.achieved - 0.5) < 0.2
-    again = mpqc.search.run(cuda_graph, tokens, ratio=0.5, sampler="sensitivity", n_trials=3, seq_len=16,
-                            n_samples=4, batch_size=4, progress=False, torch_compile="aot_eager")
+    again = mpqc.search.run(
+        cuda_graph,
+        tokens,
+        ratio=0.5,
+        sampler="sensitivity",
+        n_trials=3,
+        seq_len=16,
+        n_samples=4,
+        batch_size=4,
+        progress=False,
+        torch_compile="aot_eager",
+    )
     assert [t.values for t in again.study.trials] == [t.values for t in result.study.trials]
 
 
 def test_predict_features_on_the_gpu(cuda_graph):
     from mpqc.evaluate import sample_windows
-    from mpqc.studies.predict import Features
     from mpqc.search.budget import Budget, SearchSpace, low_precision
+    from mpqc.studies.predict import Features
 
     low_p, high_p = low_precision("mxint4", "bf16", weights_only=False)
     space = SearchSpace(cuda_graph, "matmul", low_p, high_p, Budget("params", 0.0), None)

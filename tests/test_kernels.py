@@ -37,7 +37,9 @@ def test_compiled_equals_reference(monkeypatch, name, block, rounding, shape, ax
     assert torch.equal(bits(got), bits(quantize_reference(x, fmt, block, axis % x.dim(), rounding)))
     # a new shape reuses the compiled entry and stays exact
     y = torch.randn(7, shape[-1], generator=g).to(dtype)
-    assert torch.equal(bits(kernels.quantize(y, fmt, block, 1, rounding)), bits(quantize_reference(y, fmt, block, 1, rounding)))
+    assert torch.equal(
+        bits(kernels.quantize(y, fmt, block, 1, rounding)), bits(quantize_reference(y, fmt, block, 1, rounding))
+    )
 
 
 def test_backend_choice(monkeypatch):

@@ -21,7 +21,7 @@ def law1_data(seed, k=-12.0, c=25.0, n=8):
 def law2_data(seed, A=0.002, k=0.45):
     rng = np.random.default_rng(seed)
     x = np.array([16, 32, 64, 128, 256, 512], dtype=float)
-    return x, A * x ** k * np.exp(rng.normal(0, SIGMA, x.size))
+    return x, A * x**k * np.exp(rng.normal(0, SIGMA, x.size))
 
 
 def slope_se(u):
@@ -36,7 +36,7 @@ def test_fit_exponential_recovers_law1():
     se = slope_se(x)  # 0.18 for these 8 points
     # 4 standard errors: a seeded draw this far out would be a 1-in-15000 event, not noise.
     assert abs(fit.k - -12.0) < 4 * se
-    assert abs(fit.c - 25.0) < 4 * se * math.sqrt(np.mean(x ** 2))  # intercept error = slope error x rms(x)
+    assert abs(fit.c - 25.0) < 4 * se * math.sqrt(np.mean(x**2))  # intercept error = slope error x rms(x)
     # The reported errors estimate the true ones (sigma estimated from 6 degrees of freedom: within 2x).
     assert 0.5 * se < fit.k_err < 2 * se
     assert fit.r2 > 0.99 and fit.n == 8
@@ -52,7 +52,7 @@ def test_fit_power_recovers_law2():
     # ln A has error se * rms(ln x) (about 4.7 x se here); 4 of those, relative.
     assert abs(math.log(fit.A / 0.002)) < 4 * se * math.sqrt(np.mean(np.log(x) ** 2))
     assert fit.A_err > 0 and fit.r2 > 0.99
-    assert np.allclose(fit.predict(x), fit.A * x ** fit.k)
+    assert np.allclose(fit.predict(x), fit.A * x**fit.k)
 
 
 def test_reported_errors_are_calibrated():
@@ -113,7 +113,8 @@ def test_envelope_removes_search_noise():
     r, env = monotone_envelope([0.6, 0.7, 0.8, 0.9], [0.03, 0.09, 0.04, 0.2])
     assert r.tolist() == [0.6, 0.7, 0.8, 0.9] and env.tolist() == [0.03, 0.04, 0.04, 0.2]
     assert max_ratio_at_budget([0.6, 0.7, 0.8, 0.9], [0.03, 0.09, 0.04, 0.2], 0.05).value == pytest.approx(
-        0.8 + (0.05 - 0.04) / (0.2 - 0.04) * 0.1)
+        0.8 + (0.05 - 0.04) / (0.2 - 0.04) * 0.1
+    )
 
 
 def test_max_ratio_edge_cases():

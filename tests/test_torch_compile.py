@@ -12,12 +12,12 @@ import random
 
 import pytest
 import torch
+from tiny_models import captured, example_ids
 from torch._dynamo.testing import CompileCounter
 
 import mpqc
 from mpqc.formats import get_format
 from mpqc.formats.reference import round_to_dtype
-from tiny_models import captured, example_ids
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +30,9 @@ def fresh_dynamo():
 def random_plans(graph, n, seed=0, low="mxint4", **kw):
     names = [c.name for c in mpqc.Plan.uniform(graph, low).components]
     rng = random.Random(seed)
-    return [mpqc.Plan(graph, {c: low for c in rng.sample(names, rng.randint(1, len(names) - 1))}, **kw)
-            for _ in range(n)]
+    return [
+        mpqc.Plan(graph, {c: low for c in rng.sample(names, rng.randint(1, len(names) - 1))}, **kw) for _ in range(n)
+    ]
 
 
 def test_plan_switches_reuse_one_graph():
@@ -82,8 +83,12 @@ PLAN_KINDS = ["mixed", "mixed", "nvfp4", "fp16", "mxfp4-weights-b16"]
 
 
 def plans_of_every_kind(graph):
-    return [*random_plans(graph, 2, seed=1), mpqc.Plan.uniform(graph, "nvfp4"), mpqc.Plan(graph, {}, default="fp16"),
-            mpqc.Plan.uniform(graph, "mxfp4", activations=False, block_size=16)]
+    return [
+        *random_plans(graph, 2, seed=1),
+        mpqc.Plan.uniform(graph, "nvfp4"),
+        mpqc.Plan(graph, {}, default="fp16"),
+        mpqc.Plan.uniform(graph, "mxfp4", activations=False, block_size=16),
+    ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, reduced along axis 0
@@ -172,9 +177,27 @@ def test_bfloat16_model():
 def test_round_to_dtype_is_the_cast_round_trip(source, target):
     g = torch.Generator().manual_seed(0)
     scaled = torch.randn(50_000, generator=g) * 10.0 ** torch.randint(-45, 39, (50_000,), generator=g).float()
-    any_bits = torch.randint(-2**31, 2**31 - 1, (50_000,), generator=g, dtype=torch.int32).view(torch.float32)
-    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65519.99, 65520.0,
-                          -65520.0, 5.96e-8, 2.98e-8, 2.99e-8, 1e-45, 3.4e38, 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    any_bits = torch.randint(-(2**31), 2**31 - 1, (50_000,), generator=g, dtype=torch.int32).view(torch.float32)
+    edges = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            65504.0,
+            65519.99,
+            65520.0,
+            -65520.0,
+            5.96e-8,
+            2.98e-8,
+            2.99e-8,
+            1e-45,
+            3.4e38,
+            1.0 + 2**-8,
+            1.0 + 3 * 2**-8,
+        ]
+    )
     x = torch.cat([scaled, any_bits, edges]).to(source)
     expected = x.to(target).to(source)
     bits = torch.int32 if source == torch.float32 else torch.int16

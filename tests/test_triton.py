@@ -24,24 +24,37 @@ from mpqc.formats import FORMATS, kernels
 from mpqc.formats.reference import quantize_reference
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-NO_TRITON = ("triton is not installed, so the Triton kernels' interpreter tests cannot run "
-             "(pip install triton; the test extra installs it on Linux x86_64)")
+NO_TRITON = (
+    "triton is not installed, so the Triton kernels' interpreter tests cannot run "
+    "(pip install triton; the test extra installs it on Linux x86_64)"
+)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PRESETS = ["mxint8", "mxint4", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4",
-           "nvfp4", "fp4_e2m1", "int8", "int4"]
+PRESETS = [
+    "mxint8",
+    "mxint4",
+    "mxfp8_e4m3",
+    "mxfp8_e5m2",
+    "mxfp6_e2m3",
+    "mxfp6_e3m2",
+    "mxfp4",
+    "nvfp4",
+    "fp4_e2m1",
+    "int8",
+    "int4",
+]
 DTYPES = ["float32", "float16", "bfloat16"]
 # (shape, axis, block): every power of two 16 .. 512, 1, a size that is not a power of two,
 # "vector", ragged tails (length not a multiple of the block), a block longer than the axis,
 # another axis, three dimensions.
 SHAPES = [
-    ((4, 64), 1, 32),        # whole blocks: the contiguous tile
-    ((7, 130), 1, 16),       # ragged tail
-    ((3, 70), 1, 512),       # one block longer than the axis
+    ((4, 64), 1, 32),  # whole blocks: the contiguous tile
+    ((7, 130), 1, 16),  # ragged tail
+    ((3, 70), 1, 512),  # one block longer than the axis
     ((6, 33), 1, 1),
     ((40, 9), 0, "vector"),  # along the first axis
     ((2, 3, 100), 1, "vector"),
-    ((5, 96), 1, 48),        # not a power of two: padded lanes inside each block
+    ((5, 96), 1, 48),  # not a power of two: padded lanes inside each block
     ((3, 256), 1, 64),
     ((2, 300), 1, 128),
     ((2, 520), -1, 256),
@@ -56,35 +69,85 @@ def _cases():
             for dtype in DTYPES:
                 for kind in ("specials", "nonfinite"):
                     shape, axis, block = SHAPES[(i + p) % len(SHAPES)]
-                    cases.append(dict(id=f"{name}-{block}-{rounding}-{dtype}-{kind}-{'x'.join(map(str, shape))}",
-                                      fmt=name, shape=shape, axis=axis, block=block, rounding=rounding,
-                                      dtype=dtype, kind=kind, seed=i, options={}))
+                    cases.append(
+                        dict(
+                            id=f"{name}-{block}-{rounding}-{dtype}-{kind}-{'x'.join(map(str, shape))}",
+                            fmt=name,
+                            shape=shape,
+                            axis=axis,
+                            block=block,
+                            rounding=rounding,
+                            dtype=dtype,
+                            kind=kind,
+                            seed=i,
+                            options={},
+                        )
+                    )
                     i += 1
     # a "vector" longer than one tile: the looping kernel; and a long int block
     for p, name in enumerate(PRESETS):
         rounding, dtype = ("nearest", "even")[p % 2], DTYPES[p % 3]
         kind = "nonfinite" if p % 4 == 3 else "specials"
         for shape, block in (((1, 20000), "vector"), ((2, 20000), 10000)):
-            cases.append(dict(id=f"{name}-long{block}-{rounding}-{dtype}-{kind}", fmt=name, shape=shape, axis=1,
-                              block=block, rounding=rounding, dtype=dtype, kind=kind, seed=i, options={}))
+            cases.append(
+                dict(
+                    id=f"{name}-long{block}-{rounding}-{dtype}-{kind}",
+                    fmt=name,
+                    shape=shape,
+                    axis=1,
+                    block=block,
+                    rounding=rounding,
+                    dtype=dtype,
+                    kind=kind,
+                    seed=i,
+                    options={},
+                )
+            )
             i += 1
     # NVFP4 block scales that fall exactly halfway between two E4M3 values (round half to even)
     for rounding in ("nearest", "even"):
         for dtype in DTYPES:
             for shape in ((4, 64), (3, 48)):
-                cases.append(dict(id=f"nvfp4-16-scale_ties-{rounding}-{dtype}-{'x'.join(map(str, shape))}", fmt="nvfp4",
-                                  shape=shape, axis=1, block=16, rounding=rounding, dtype=dtype, kind="scale_ties",
-                                  seed=i, options={}))
+                cases.append(
+                    dict(
+                        id=f"nvfp4-16-scale_ties-{rounding}-{dtype}-{'x'.join(map(str, shape))}",
+                        fmt="nvfp4",
+                        shape=shape,
+                        axis=1,
+                        block=16,
+                        rounding=rounding,
+                        dtype=dtype,
+                        kind="scale_ties",
+                        seed=i,
+                        options={},
+                    )
+                )
                 i += 1
     # 64-bit offsets and other tilings compute the same numbers
-    for name, options in (("mxint4", {"index64": True}), ("nvfp4", {"index64": True}), ("mxfp4", {"index64": True}),
-                          ("mxfp8_e4m3", {"blocks_per_program": 2}), ("int4", {"blocks_per_program": 1}),
-                          ("mxint8", {"blocks_per_program": 64, "num_warps": 2})):
+    for name, options in (
+        ("mxint4", {"index64": True}),
+        ("nvfp4", {"index64": True}),
+        ("mxfp4", {"index64": True}),
+        ("mxfp8_e4m3", {"blocks_per_program": 2}),
+        ("int4", {"blocks_per_program": 1}),
+        ("mxint8", {"blocks_per_program": 64, "num_warps": 2}),
+    ):
         for shape, axis, block in (SHAPES[1], SHAPES[5], ((1, 20000), 1, "vector")):
             opt = "-".join(f"{k}{v}" for k, v in options.items())
-            cases.append(dict(id=f"{name}-{block}-{opt}-{'x'.join(map(str, shape))}", fmt=name, shape=shape, axis=axis,
-                              block=block, rounding="nearest", dtype="bfloat16", kind="specials", seed=i,
-                              options=options))
+            cases.append(
+                dict(
+                    id=f"{name}-{block}-{opt}-{'x'.join(map(str, shape))}",
+                    fmt=name,
+                    shape=shape,
+                    axis=axis,
+                    block=block,
+                    rounding="nearest",
+                    dtype="bfloat16",
+                    kind="specials",
+                    seed=i,
+                    options=options,
+                )
+            )
             i += 1
     return cases
 
@@ -102,13 +165,33 @@ def make_input(shape, dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
     x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-12, 12, shape, generator=g).float())
     flat, length = x.view(-1), shape[-1]
     info = torch.finfo(dtype)
-    specials = [0.0, -0.0, 2.5, -2.5, 0.75, -0.25, info.tiny, -info.tiny / 4, info.max, -info.max / 3,
-                1e-40, 5e-45, 448.0, 464.0, 6.0, 7.0, 1.75, 127.0 / 64, 0.1875, -3.5]
+    specials = [
+        0.0,
+        -0.0,
+        2.5,
+        -2.5,
+        0.75,
+        -0.25,
+        info.tiny,
+        -info.tiny / 4,
+        info.max,
+        -info.max / 3,
+        1e-40,
+        5e-45,
+        448.0,
+        464.0,
+        6.0,
+        7.0,
+        1.75,
+        127.0 / 64,
+        0.1875,
+        -3.5,
+    ]
     n = min(len(specials), flat.numel())
     flat[:n] = torch.tensor(specials[:n])
     if flat.numel() >= 3 * length:
-        flat[length:2 * length] = 0.0
-        flat[2 * length:3 * length] = torch.randn(length, generator=g) * info.tiny / 8
+        flat[length : 2 * length] = 0.0
+        flat[2 * length : 3 * length] = torch.randn(length, generator=g) * info.tiny / 8
     if kind == "nonfinite":
         for i, v in ((-1, float("nan")), (-7, float("inf")), (-9, -float("inf"))):
             if flat.numel() >= -i:
@@ -184,8 +267,15 @@ def interpreted():
     if not HAVE_TRITON:
         pytest.skip(NO_TRITON)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-worker"], input=json.dumps(CASES),
-                          capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--interpret-worker"],
+        input=json.dumps(CASES),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"the interpreter worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout)
@@ -224,8 +314,9 @@ def model_plans(graph):
 
 def model_logits() -> dict[str, torch.Tensor]:
     """Logits of tiny models under W+A plans, by whatever quantize backend is in force."""
-    import mpqc
     from tiny_models import example_ids, tiny_model
+
+    import mpqc
 
     out = {}
     ids = example_ids((3, 11), seed=7)
@@ -261,10 +352,20 @@ def interpreted_models(tmp_path_factory):
     if not HAVE_TRITON:
         pytest.skip(NO_TRITON)
     path = str(tmp_path_factory.mktemp("triton") / "logits.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", MPQC_QUANTIZE_BACKEND="triton",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-models", path],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        MPQC_QUANTIZE_BACKEND="triton",
+        PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--interpret-models", path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"the interpreter worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return torch.load(path)
@@ -289,6 +390,7 @@ def test_models_on_interpreted_kernels_equal_the_reference(interpreted_models, m
 
 def test_cpu_auto_never_touches_triton(monkeypatch):
     """On the CPU the default path is what it was: the kernels module is never consulted."""
+
     def boom():
         raise AssertionError("the Triton path was consulted for a CPU tensor")
 
@@ -315,8 +417,10 @@ def test_forced_triton_on_cpu_says_why(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON),
-                    reason=NO_TRITON if torch.cuda.is_available() else "needs CUDA: the compiled Triton kernels run on a GPU")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAVE_TRITON),
+    reason=NO_TRITON if torch.cuda.is_available() else "needs CUDA: the compiled Triton kernels run on a GPU",
+)
 def test_gpu_kernels_equal_reference(monkeypatch):
     """Every case on the GPU through the default dispatch, against the reference on the same
     GPU tensor and on the CPU; then a larger tensor per preset and block."""
@@ -333,8 +437,10 @@ def test_gpu_kernels_equal_reference(monkeypatch):
             got = triton_quantize.quantize_triton(xc, fmt, case["block"], axis, case["rounding"], **case["options"])
         else:
             got = kernels.quantize(xc, fmt, case["block"], axis, case["rounding"])
-        for where, want in (("cuda", quantize_reference(xc, fmt, case["block"], axis, case["rounding"])),
-                            ("cpu", quantize_reference(x, fmt, case["block"], axis, case["rounding"]).cuda())):
+        for where, want in (
+            ("cuda", quantize_reference(xc, fmt, case["block"], axis, case["rounding"])),
+            ("cpu", quantize_reference(x, fmt, case["block"], axis, case["rounding"]).cuda()),
+        ):
             problem = compare(got, want, xc)
             if problem:
                 failures.append(f"{case['id']} vs reference on {where}: {problem}")
@@ -343,8 +449,11 @@ def test_gpu_kernels_equal_reference(monkeypatch):
         for block in (16, 32, 512, "vector"):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 x = (torch.randn(512, 4096, generator=g, device="cuda") * 4).to(dtype)
-                problem = compare(kernels.quantize(x, FORMATS[name], block, 1, "even"),
-                                  quantize_reference(x, FORMATS[name], block, 1, "even"), x)
+                problem = compare(
+                    kernels.quantize(x, FORMATS[name], block, 1, "even"),
+                    quantize_reference(x, FORMATS[name], block, 1, "even"),
+                    x,
+                )
                 if problem:
                     failures.append(f"{name} block {block} {dtype} 512x4096: {problem}")
     assert "Triton kernels" in kernels.describe()

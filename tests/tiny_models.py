@@ -82,7 +82,7 @@ def example_ids(shape=EXAMPLE_SHAPE, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def captured(arch: str, attn: str = "sdpa", experts: str | None = None):
     """(model, graph) for a tiny model, captured once per session."""
     model = tiny_model(arch, attn, experts=experts)

@@ -25,8 +25,9 @@ from . import export, formats, inspect, predict, search, studies
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpqc",
-                                     description="Mixed-precision quantization compiler for language models.")
+    parser = argparse.ArgumentParser(
+        prog="mpqc", description="Mixed-precision quantization compiler for language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     formats.add_parser(sub)
     inspect.add_parser(sub)

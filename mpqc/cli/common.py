@@ -21,13 +21,18 @@ def add_model_args(parser, *, json_help: str = "also write the result here (JSON
 
 def add_device_args(parser) -> None:
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="the model's dtype (default float32; bfloat16 on a GPU)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="the model's dtype (default float32; bfloat16 on a GPU)"
+    )
 
 
 def add_block_size_arg(parser) -> None:
-    parser.add_argument("--block-size", type=parse_block_size, default=None,
-                        help="block size: an int, vector, tensor or default (the format's own)")
+    parser.add_argument(
+        "--block-size",
+        type=parse_block_size,
+        default=None,
+        help="block size: an int, vector, tensor or default (the format's own)",
+    )
 
 
 def add_plan_args(parser) -> None:
@@ -45,8 +50,11 @@ def load_and_capture(spec, seq_len: int, device: str = "cpu", dtype: str = "floa
 
     t0 = time.perf_counter()
     model, tokenizer = mpqc.load_model(spec, device=device, dtype=getattr(torch, dtype))
-    print(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
-          f"{device}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
+        f"{device}) in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     example = torch.zeros(2, min(seq_len, 64), dtype=torch.long)
     graph = mpqc.capture(model, (example,))
@@ -61,5 +69,6 @@ def plan_from_args(graph, args):
     if args.plan:
         with open(args.plan) as f:
             return mpqc.Plan.from_json(graph, f.read())
-    return mpqc.Plan.uniform(graph, args.format, granularity="matmul", activations=not args.weights_only,
-                             block_size=args.block_size)
+    return mpqc.Plan.uniform(
+        graph, args.format, granularity="matmul", activations=not args.weights_only, block_size=args.block_size
+    )

@@ -29,8 +29,13 @@ def run(args) -> int:
     _, tokenizer, graph = common.load_and_capture(args.model, args.seq_len, args.device, args.dtype)
     plan = common.plan_from_args(graph, args)
     _, holdout = split_tokens(load_tokens(tokenizer, args.text))  # report on text the search never sees
-    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
-              prefix=text_prefix(tokenizer))
+    kw = dict(
+        seq_len=args.seq_len,
+        n_samples=args.n_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        prefix=text_prefix(tokenizer),
+    )
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "fp32"))
     base, t_base = _timed(lambda: mpqc.evaluate.perplexity(qmodel, holdout, **kw))
     qmodel.set_plan(plan)
@@ -48,10 +53,14 @@ def run(args) -> int:
     }
     s = plan.summary()
     print(f"plan: {plan}")
-    print(f"quantization ratio (params) {s['quantization_ratio_params']:.3f}, (MACs) {s['quantization_ratio_macs']:.3f}, "
-          f"average bits per weight {s['average_bits']:.3f}")
-    print(f"perplexity unquantized ({graph.dtype}) {base:.3f} -> quantized {quant:.3f} "
-          f"(delta {100 * result['delta_ppl']:+.2f}%) on {args.n_samples} x {args.seq_len} held-out tokens")
+    print(
+        f"quantization ratio (params) {s['quantization_ratio_params']:.3f}, (MACs) {s['quantization_ratio_macs']:.3f}, "
+        f"average bits per weight {s['average_bits']:.3f}"
+    )
+    print(
+        f"perplexity unquantized ({graph.dtype}) {base:.3f} -> quantized {quant:.3f} "
+        f"(delta {100 * result['delta_ppl']:+.2f}%) on {args.n_samples} x {args.seq_len} held-out tokens"
+    )
     if args.json:
         write_json_atomic(args.json, result)
     return 0

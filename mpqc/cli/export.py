@@ -10,17 +10,26 @@ from . import common
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("export", help="export to ONNX: low-bit weights, mpqc activation functions, "
-                                           "precision metadata")
+    parser = sub.add_parser(
+        "export", help="export to ONNX: low-bit weights, mpqc activation functions, precision metadata"
+    )
     common.add_model_args(parser)
     common.add_plan_args(parser)
     parser.add_argument("-o", "--output", default="model.onnx", help="the ONNX file to write (default model.onnx)")
-    parser.add_argument("--fp-weights", default="table", choices=["table", "standard"],
-                        help="float-element weights as uint8 codes + lookup table (runs in ONNX Runtime) or as "
-                             "standard FLOAT4E2M1/FLOAT8 DequantizeLinear (opset 25)")
+    parser.add_argument(
+        "--fp-weights",
+        default="table",
+        choices=["table", "standard"],
+        help="float-element weights as uint8 codes + lookup table (runs in ONNX Runtime) or as "
+        "standard FLOAT4E2M1/FLOAT8 DequantizeLinear (opset 25)",
+    )
     parser.add_argument("--opset", type=int, default=None, help="default 21 (25 with --fp-weights standard)")
-    parser.add_argument("--external-data", default="auto", choices=["auto", "yes", "no"],
-                        help="weights in <output>.data: by size (auto, above 1 GiB), always, never")
+    parser.add_argument(
+        "--external-data",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="weights in <output>.data: by size (auto, above 1 GiB), always, never",
+    )
     parser.set_defaults(func=run)
 
 
@@ -36,11 +45,20 @@ def run(args) -> int:
     s = plan.summary()
     data = f", data in {result.data_path}" if result.data_path else ""
     print(f"plan: {plan}")
-    print(f"wrote {result.path} ({result.file_bytes / 2**20:.2f} MiB{data}): "
-          f"{result.weights} low-bit weights ({result.weight_bytes / 2**20:.2f} MiB), {result.activations} activation "
-          f"quantizers, opset {result.opset}, fp weights as {result.fp_weights}; Q_r {s['quantization_ratio_params']:.3f}, "
-          f"average bits {s['average_bits']:.3f}; {sum(result.seconds.values()):.1f} s")
+    print(
+        f"wrote {result.path} ({result.file_bytes / 2**20:.2f} MiB{data}): "
+        f"{result.weights} low-bit weights ({result.weight_bytes / 2**20:.2f} MiB), {result.activations} activation "
+        f"quantizers, opset {result.opset}, fp weights as {result.fp_weights}; Q_r {s['quantization_ratio_params']:.3f}, "
+        f"average bits {s['average_bits']:.3f}; {sum(result.seconds.values()):.1f} s"
+    )
     if args.json:
-        write_json_atomic(args.json, {"model": args.model or "smollm2-135m", "model_class": graph.model_class,
-                                      "plan": json.loads(plan.to_json()), **result.to_dict()})
+        write_json_atomic(
+            args.json,
+            {
+                "model": args.model or "smollm2-135m",
+                "model_class": graph.model_class,
+                "plan": json.loads(plan.to_json()),
+                **result.to_dict(),
+            },
+        )
     return 0

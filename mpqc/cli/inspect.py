@@ -18,10 +18,24 @@ def run(args) -> int:
     _, _, graph = common.load_and_capture(args.model, 64, args.device, args.dtype)
     print(graph.summary())
     comps = graph.components(args.granularity)
-    print(f"\n{len(comps)} components at {args.granularity} granularity; "
-          f"{graph.total_params:,} matmul parameters")
+    print(f"\n{len(comps)} components at {args.granularity} granularity; {graph.total_params:,} matmul parameters")
     if args.json:
-        write_json_atomic(args.json, {**graph.to_dict(), "components": {
-            args.granularity: [{"name": c.name, "layer": c.layer, "params": c.params, "macs": c.macs,
-                                "matmuls": [m.name for m in c.matmuls]} for c in comps]}})
+        write_json_atomic(
+            args.json,
+            {
+                **graph.to_dict(),
+                "components": {
+                    args.granularity: [
+                        {
+                            "name": c.name,
+                            "layer": c.layer,
+                            "params": c.params,
+                            "macs": c.macs,
+                            "matmuls": [m.name for m in c.matmuls],
+                        }
+                        for c in comps
+                    ]
+                },
+            },
+        )
     return 0

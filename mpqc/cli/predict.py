@@ -14,7 +14,6 @@ import math
 import os
 import time
 
-
 from mpqc.formats.spec import parse_block_size
 from mpqc.io import json_safe, write_json_atomic
 
@@ -22,10 +21,18 @@ from . import common
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="predict a plan's delta_ppl from cheap measurements (collect, fit, plan)",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "predict",
+        help="predict a plan's delta_ppl from cheap measurements (collect, fit, plan)",
+        description=__doc__.split("\n\n")[0],
+    )
     ps = p.add_subparsers(dest="predict_command", required=True)
+    _add_collect(ps)
+    _add_fit(ps)
+    _add_plan(ps)
 
+
+def _add_collect(ps) -> None:
     c = ps.add_parser("collect", help="measure features and delta_ppl of sampled plans of one model into a CSV")
     common.add_model_args(c, json_help="")
     c.add_argument("--out", required=True, help="the data CSV; rows of other models are kept, finished plans skipped")
@@ -39,43 +46,67 @@ def add_parser(sub) -> None:
     c.add_argument("--text", default=None, help="text: 'wiki' (embedded default), a .txt file or dir, hf:NAME")
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--calib-samples", type=int, default=4, help="calibration windows for the features (search text)")
-    c.add_argument("--probe-samples", type=int, default=2,
-                   help="of those, windows for the weight-noise forwards (0: no noise features)")
+    c.add_argument(
+        "--probe-samples",
+        type=int,
+        default=2,
+        help="of those, windows for the weight-noise forwards (0: no noise features)",
+    )
     c.add_argument("--eval-samples", type=int, default=8, help="held-out windows for the measured delta_ppl")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--min-ratio", type=float, default=0.2, help="sampled Q_r lie in [min-ratio, max-ratio]")
     c.add_argument("--max-ratio", type=float, default=1.0)
-    c.add_argument("--guided-fraction", type=float, default=0.3,
-                   help="share of plans drawn around the sensitivity ranking instead of at random")
-    c.add_argument("--search-trials", type=int, default=0,
-                   help="also add the trials of a sensitivity-seeded search of this many trials per --search-ratios")
+    c.add_argument(
+        "--guided-fraction",
+        type=float,
+        default=0.3,
+        help="share of plans drawn around the sensitivity ranking instead of at random",
+    )
+    c.add_argument(
+        "--search-trials",
+        type=int,
+        default=0,
+        help="also add the trials of a sensitivity-seeded search of this many trials per --search-ratios",
+    )
     c.add_argument("--search-ratios", default="0.5,0.9")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_collect)
 
+
+def _add_fit(ps) -> None:
     f = ps.add_parser("fit", help="fit the predictor to collected data and validate it on held-out plans/models")
     f.add_argument("data", nargs="+", help="CSV files from `mpqc predict collect`")
     f.add_argument("--out", default="predictor.json", help="the fitted predictor (JSON)")
-    f.add_argument("--terms", default=None,
-                   help="comma-separated regression terms, each a feature or log(feature) "
-                        "(default: the predictor's DEFAULT_TERMS)")
+    f.add_argument(
+        "--terms",
+        default=None,
+        help="comma-separated regression terms, each a feature or log(feature) "
+        "(default: the predictor's DEFAULT_TERMS)",
+    )
     f.add_argument("--models", default=None, help="comma-separated model labels to use (default: all)")
-    f.add_argument("--validate", default="auto", choices=["auto", "plans", "models", "both", "none"],
-                   help="held-out plans (k-fold), leave-one-model-out, both, or none; auto: both when there are "
-                        "several models, else plans")
+    f.add_argument(
+        "--validate",
+        default="auto",
+        choices=["auto", "plans", "models", "both", "none"],
+        help="held-out plans (k-fold), leave-one-model-out, both, or none; auto: both when there are "
+        "several models, else plans",
+    )
     f.add_argument("-k", type=int, default=5, help="folds of the held-out-plans validation")
     f.add_argument("--seed", type=int, default=0, help="fold assignment")
     f.add_argument("--json", help="also write the fit and validation here")
     f.set_defaults(func=cmd_fit)
 
+
+def _add_plan(ps) -> None:
     pl = ps.add_parser("plan", help="predict the delta_ppl of plans (and rank them)")
     common.add_model_args(pl, json_help="")
     pl.add_argument("--predictor", required=True, help="predictor JSON from `mpqc predict fit`")
     pl.add_argument("--plan", action="append", required=True, help="plan JSON (repeat to rank several)")
     pl.add_argument("--text", default=None, help="text for the calibration windows (default: wiki)")
-    pl.add_argument("--measure", action="store_true",
-                    help="also measure each plan's delta_ppl on the held-out windows, to compare")
+    pl.add_argument(
+        "--measure", action="store_true", help="also measure each plan's delta_ppl on the held-out windows, to compare"
+    )
     pl.add_argument("--batch-size", type=int, default=8)
     pl.add_argument("--json", help="also write the predictions here")
     pl.set_defaults(func=cmd_plan)
@@ -85,8 +116,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_collect(args) -> int:
-    from mpqc.studies import predict
     from mpqc.data import load_tokens, split_tokens, text_prefix
+    from mpqc.studies import predict
 
     for name in ("n_plans", "seq_len", "calib_samples", "eval_samples", "batch_size"):
         value = getattr(args, name)
@@ -102,22 +133,41 @@ def cmd_collect(args) -> int:
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     n_before = len(existing)
     rows = predict.collect(
-        graph, search_tokens, holdout, model=name, n_plans=args.n_plans, low=args.low, high=args.high,
-        weights_only=args.weights_only, granularity=args.granularity,
-        block_size=args.block_size, seq_len=args.seq_len,
-        calib_samples=args.calib_samples, probe_samples=args.probe_samples, eval_samples=args.eval_samples,
-        batch_size=args.batch_size, seed=args.seed, ratio_range=(args.min_ratio, args.max_ratio),
-        guided_fraction=args.guided_fraction, search_trials=args.search_trials, search_ratios=ratios,
-        existing=existing, on_row=lambda rs: predict.write_data(args.out, rs), progress=not args.quiet,
-        prefix=text_prefix(tokenizer))
+        graph,
+        search_tokens,
+        holdout,
+        model=name,
+        n_plans=args.n_plans,
+        low=args.low,
+        high=args.high,
+        weights_only=args.weights_only,
+        granularity=args.granularity,
+        block_size=args.block_size,
+        seq_len=args.seq_len,
+        calib_samples=args.calib_samples,
+        probe_samples=args.probe_samples,
+        eval_samples=args.eval_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        ratio_range=(args.min_ratio, args.max_ratio),
+        guided_fraction=args.guided_fraction,
+        search_trials=args.search_trials,
+        search_ratios=ratios,
+        existing=existing,
+        on_row=lambda rs: predict.write_data(args.out, rs),
+        progress=not args.quiet,
+        prefix=text_prefix(tokenizer),
+    )
     predict.write_data(args.out, rows)
     mine = [r for r in rows if r["model"] == name]
     new = len(rows) - n_before
     if mine:
         d = [r["delta_ppl"] for r in mine]
-        print(f"{name}: {new} new plans ({len(mine)} in all), Q_r {min(r['ratio'] for r in mine):.2f}-"
-              f"{max(r['ratio'] for r in mine):.2f}, delta_ppl {100 * min(d):+.2f}% to {100 * max(d):+.2f}%, "
-              f"all-{args.high} held-out ppl {mine[0]['ppl_base']:.3f}; {time.perf_counter() - t0:.0f} s -> {args.out}")
+        print(
+            f"{name}: {new} new plans ({len(mine)} in all), Q_r {min(r['ratio'] for r in mine):.2f}-"
+            f"{max(r['ratio'] for r in mine):.2f}, delta_ppl {100 * min(d):+.2f}% to {100 * max(d):+.2f}%, "
+            f"all-{args.high} held-out ppl {mine[0]['ppl_base']:.3f}; {time.perf_counter() - t0:.0f} s -> {args.out}"
+        )
     return 0
 
 
@@ -134,13 +184,17 @@ def _fmt(v, pct=False) -> str:
 
 
 def validation_table(result: dict) -> str:
-    lines = ["| held out | model | plans | R^2 (ln dNLL) | MAE (pp) | median rel. err | Spearman | same-Q_r pairs ordered |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| held out | model | plans | R^2 (ln dNLL) | MAE (pp) | median rel. err | Spearman | same-Q_r pairs ordered |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     label = "plans" if result["by"] == "plans" else "model"
     for m, s in [("all", result["overall"]), *result["per_model"].items()]:
         pairs = f"{_fmt(s.get('pairs_same_ratio'))} ({s.get('n_pairs', 0)})"
-        lines.append(f"| {label} | {m} | {s['n']} | {_fmt(s['r2_log'])} | {_fmt(s['mae'], True)} | "
-                     f"{_fmt(s['median_rel'])} | {_fmt(s['spearman'])} | {pairs} |")
+        lines.append(
+            f"| {label} | {m} | {s['n']} | {_fmt(s['r2_log'])} | {_fmt(s['mae'], True)} | "
+            f"{_fmt(s['median_rel'])} | {_fmt(s['spearman'])} | {pairs} |"
+        )
     return "\n".join(lines)
 
 
@@ -157,19 +211,26 @@ def cmd_fit(args) -> int:
         rows = [r for r in rows if r["model"] in wanted]
     settings = {tuple(r.get(k) for k in _SETTING) for r in rows}
     if len(settings) > 1:
-        raise ValueError(f"the data mixes plan settings (low, high, weights_only, granularity, block_size): "
-                         f"{sorted(map(str, settings))}; fit one setting at a time (--models, or separate files)")
+        raise ValueError(
+            f"the data mixes plan settings (low, high, weights_only, granularity, block_size): "
+            f"{sorted(map(str, settings))}; fit one setting at a time (--models, or separate files)"
+        )
     measured = {tuple(r.get(k) for k in _MEASURE) for r in rows}
     if len(measured) > 1:
-        raise ValueError(f"the data's features were measured differently ({', '.join(_MEASURE)}): "
-                         f"{sorted(map(str, measured))}; one predictor needs one way of measuring")
+        raise ValueError(
+            f"the data's features were measured differently ({', '.join(_MEASURE)}): "
+            f"{sorted(map(str, measured))}; one predictor needs one way of measuring"
+        )
     terms = tuple(t.strip() for t in args.terms.split(",")) if args.terms else predict.DEFAULT_TERMS
     setup = {k: rows[0].get(k) for k in _SETTING + _MEASURE + ("eval_samples",)}
     predictor = predict.Predictor.fit(rows, terms, setup=setup)
     print(predictor.describe())
     models = sorted({r["model"] for r in rows})
-    modes = {"auto": ["plans", "models"] if len(models) > 1 else ["plans"], "both": ["plans", "models"],
-             "none": []}.get(args.validate, [args.validate])
+    modes = {
+        "auto": ["plans", "models"] if len(models) > 1 else ["plans"],
+        "both": ["plans", "models"],
+        "none": [],
+    }.get(args.validate, [args.validate])
     report = {"predictor": predictor.to_dict(), "validation": {}}
     for by in modes:
         result = predict.validate(rows, terms, by=by, k=args.k, seed=args.seed)
@@ -189,17 +250,19 @@ def cmd_fit(args) -> int:
 
 def cmd_plan(args) -> int:
     import mpqc
-    from mpqc.studies import predict
     from mpqc.data import load_tokens, split_tokens, text_prefix
     from mpqc.evaluate import nll, sample_windows
     from mpqc.search.budget import Budget, SearchSpace, low_precision
+    from mpqc.studies import predict
 
     predictor = predict.Predictor.load(args.predictor)
     s = predictor.setup
     missing = [k for k in _SETTING + _MEASURE if k not in s]
     if missing:
-        raise ValueError(f"{args.predictor} does not say how its features were measured (setup lacks {missing}); "
-                         "fit it with `mpqc predict fit`")
+        raise ValueError(
+            f"{args.predictor} does not say how its features were measured (setup lacks {missing}); "
+            "fit it with `mpqc predict fit`"
+        )
     texts = {}
     for path in args.plan:
         with open(path) as f:
@@ -207,17 +270,27 @@ def cmd_plan(args) -> int:
     _, tokenizer, graph = common.load_and_capture(args.model, s["seq_len"], args.device, args.dtype)
     plans = {path: mpqc.Plan.from_json(graph, text) for path, text in texts.items()}
     low_p, high_p = low_precision(s["low"], s["high"], weights_only=bool(s["weights_only"]))
-    space = SearchSpace(graph, s["granularity"], low_p, high_p, Budget("params", 0.0), parse_block_size(s["block_size"]))
+    space = SearchSpace(
+        graph, s["granularity"], low_p, high_p, Budget("params", 0.0), parse_block_size(s["block_size"])
+    )
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     prefix = text_prefix(tokenizer)
     calib = sample_windows(search_tokens, s["seq_len"], s["calib_samples"], s["seed"] + 1, prefix)
     needs_probe = any(predict.parse_term(t)[1] in ("noise_rise", "noise_rise_all") for t in predictor.terms)
     qmodel = mpqc.compile(graph, space.plan([]))
     t0 = time.perf_counter()
-    feats = predict.Features(qmodel, space, calib, probe_samples=s["probe_samples"] if needs_probe else 0,
-                             batch_size=args.batch_size, noise_seed=s["seed"])
-    rows = {path: {**feats.features(plan, probe=needs_probe), "model": args.model or "smollm2-135m"}
-            for path, plan in plans.items()}
+    feats = predict.Features(
+        qmodel,
+        space,
+        calib,
+        probe_samples=s["probe_samples"] if needs_probe else 0,
+        batch_size=args.batch_size,
+        noise_seed=s["seed"],
+    )
+    rows = {
+        path: {**feats.features(plan, probe=needs_probe), "model": args.model or "smollm2-135m"}
+        for path, plan in plans.items()
+    }
     seconds = time.perf_counter() - t0
     pred = dict(zip(rows, predictor.predict(list(rows.values()))))
     measured = {}
@@ -225,8 +298,9 @@ def cmd_plan(args) -> int:
         evals = sample_windows(holdout, s["seq_len"], s.get("eval_samples") or 8, s["seed"] + 2, prefix)
         base = nll(qmodel.set_plan(space.plan([])), windows=evals, batch_size=args.batch_size, progress=False)
         for path, plan in plans.items():
-            measured[path] = math.expm1(nll(qmodel.set_plan(plan), windows=evals, batch_size=args.batch_size,
-                                            progress=False) - base)
+            measured[path] = math.expm1(
+                nll(qmodel.set_plan(plan), windows=evals, batch_size=args.batch_size, progress=False) - base
+            )
     ranked = sorted(plans, key=lambda p: pred[p])
     print(f"features of {len(plans)} plan(s) in {seconds:.1f} s; predicted delta_ppl, best first:")
     for i, path in enumerate(ranked, 1):
@@ -234,8 +308,22 @@ def cmd_plan(args) -> int:
         extra = f", measured {100 * measured[path]:+.2f}%" if path in measured else ""
         print(f"{i:>3}. {path}: {100 * pred[path]:+.2f}% (Q_r {r['ratio']:.3f}{extra})")
     if args.json:
-        write_json_atomic(args.json, json_safe({
-            "predictor": args.predictor, "model": args.model or "smollm2-135m",
-            "plans": [{"plan": p, "predicted_delta_ppl": float(pred[p]), "measured_delta_ppl": measured.get(p),
-                       "features": rows[p]} for p in ranked]}))
+        write_json_atomic(
+            args.json,
+            json_safe(
+                {
+                    "predictor": args.predictor,
+                    "model": args.model or "smollm2-135m",
+                    "plans": [
+                        {
+                            "plan": p,
+                            "predicted_delta_ppl": float(pred[p]),
+                            "measured_delta_ppl": measured.get(p),
+                            "features": rows[p],
+                        }
+                        for p in ranked
+                    ],
+                }
+            ),
+        )
     return 0

@@ -19,12 +19,18 @@ def add_parser(sub) -> None:
     s.add_argument("--high", default="bf16")
     s.add_argument("--weights-only", action="store_true", help="activations stay at --high")
     common.add_block_size_arg(s)
-    s.add_argument("--sampler", default="sensitivity",
-                   help="sensitivity (default), random, tpe, cmaes, gp, qmc, nsga2, or package.module:Class")
+    s.add_argument(
+        "--sampler",
+        default="sensitivity",
+        help="sensitivity (default), random, tpe, cmaes, gp, qmc, nsga2, or package.module:Class",
+    )
     s.add_argument("--sampler-kwargs", default=None, help="JSON keyword arguments for the sampler")
     s.add_argument("--n-trials", type=int, default=12)
-    s.add_argument("--torch-compile", action="store_true",
-                   help="evaluate trials through torch.compile: one compile for the whole search, then faster trials")
+    s.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="evaluate trials through torch.compile: one compile for the whole search, then faster trials",
+    )
     s.add_argument("--paper", action="store_true", help="the paper's setting: random, 50 trials, 1024 sequences")
     s.add_argument("--text", default=None)
     s.add_argument("--seq-len", type=int, default=128)
@@ -39,14 +45,30 @@ def add_parser(sub) -> None:
 
 
 def _add_lm_eval_args(s) -> None:
-    s.add_argument("--lm-eval-task", default=None, metavar="NAME_OR_YAML",
-                   help="objective: an lm-eval-harness task's metric instead of perplexity (a task name such as "
-                        "mmlu, or a task YAML); needs `pip install lm_eval`")
-    s.add_argument("--lm-eval-include", action="append", default=None, metavar="DIR",
-                   help="a directory of custom lm-eval task YAMLs (repeatable)")
-    s.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",
-                   help="score the first N documents of each task (a fraction if below 1); default all")
-    s.add_argument("--lm-eval-metric", default=None, help="the task's metric to optimize, e.g. acc (default: its first)")
+    s.add_argument(
+        "--lm-eval-task",
+        default=None,
+        metavar="NAME_OR_YAML",
+        help="objective: an lm-eval-harness task's metric instead of perplexity (a task name such as "
+        "mmlu, or a task YAML); needs `pip install lm_eval`",
+    )
+    s.add_argument(
+        "--lm-eval-include",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a directory of custom lm-eval task YAMLs (repeatable)",
+    )
+    s.add_argument(
+        "--lm-eval-limit",
+        type=float,
+        default=None,
+        metavar="N",
+        help="score the first N documents of each task (a fraction if below 1); default all",
+    )
+    s.add_argument(
+        "--lm-eval-metric", default=None, help="the task's metric to optimize, e.g. acc (default: its first)"
+    )
     s.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
 
 
@@ -66,8 +88,12 @@ def _check_lm_eval(args) -> None:
         except ImportError as e:
             raise ValueError(f"--lm-eval-task: {e}") from None
         lm_eval_adapter.resolve_task(args.lm_eval_task, args.lm_eval_include)
-    elif (args.lm_eval_include or args.lm_eval_limit is not None or args.lm_eval_metric
-          or args.lm_eval_fewshot is not None):
+    elif (
+        args.lm_eval_include
+        or args.lm_eval_limit is not None
+        or args.lm_eval_metric
+        or args.lm_eval_fewshot is not None
+    ):
         raise ValueError("--lm-eval-include/--lm-eval-limit/--lm-eval-metric/--lm-eval-fewshot need --lm-eval-task")
 
 
@@ -79,20 +105,39 @@ def _objective(args, tokenizer):
     limit = args.lm_eval_limit
     limit = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
     return lm_eval_adapter.LMEvalObjective(
-        task=args.lm_eval_task, tokenizer=tokenizer, metric=args.lm_eval_metric, limit=limit,
-        include_path=args.lm_eval_include, num_fewshot=args.lm_eval_fewshot, seed=args.seed,
-        batch_size=args.batch_size)
+        task=args.lm_eval_task,
+        tokenizer=tokenizer,
+        metric=args.lm_eval_metric,
+        limit=limit,
+        include_path=args.lm_eval_include,
+        num_fewshot=args.lm_eval_fewshot,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
 
 
 def _config(args, sampler_kwargs, prefix):
     from mpqc.search import SearchConfig
 
     return SearchConfig(
-        budget=_budget(args), granularity=args.granularity, low=args.low, high=args.high,
-        weights_only=args.weights_only, sampler=args.sampler, sampler_kwargs=sampler_kwargs, n_trials=args.n_trials,
-        seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
-        storage=args.storage, study_name=args.study_name, block_size=args.block_size,
-        torch_compile=args.torch_compile, prefix=prefix)
+        budget=_budget(args),
+        granularity=args.granularity,
+        low=args.low,
+        high=args.high,
+        weights_only=args.weights_only,
+        sampler=args.sampler,
+        sampler_kwargs=sampler_kwargs,
+        n_trials=args.n_trials,
+        seq_len=args.seq_len,
+        n_samples=args.n_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        storage=args.storage,
+        study_name=args.study_name,
+        block_size=args.block_size,
+        torch_compile=args.torch_compile,
+        prefix=prefix,
+    )
 
 
 def run(args) -> int:
@@ -101,16 +146,20 @@ def run(args) -> int:
     from mpqc.search import PAPER_SETTING, write_outputs
 
     if args.paper:
-        args.sampler, args.n_trials, args.n_samples = (PAPER_SETTING["sampler"], PAPER_SETTING["n_trials"],
-                                                       PAPER_SETTING["n_samples"])
+        args.sampler, args.n_trials, args.n_samples = (
+            PAPER_SETTING["sampler"],
+            PAPER_SETTING["n_trials"],
+            PAPER_SETTING["n_samples"],
+        )
     sampler_kwargs = json.loads(args.sampler_kwargs) if args.sampler_kwargs else None
     _check_lm_eval(args)
     _, tokenizer, graph = common.load_and_capture(args.model, args.seq_len, args.device, args.dtype)
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     objective = _objective(args, tokenizer)
     t0 = time.perf_counter()
-    result = mpqc.search.run(graph, search_tokens, _config(args, sampler_kwargs, text_prefix(tokenizer)),
-                             objective=objective)
+    result = mpqc.search.run(
+        graph, search_tokens, _config(args, sampler_kwargs, text_prefix(tokenizer)), objective=objective
+    )
     seconds = time.perf_counter() - t0
     _report_holdout(result, graph, holdout, objective, args, text_prefix(tokenizer))
     paths = write_outputs(result, args.out)
@@ -123,32 +172,43 @@ def _report_holdout(result, graph, holdout, objective, args, prefix) -> None:
     """The found plan against the all-high baseline, on held-out text the search never saw."""
     import mpqc
 
-    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed,
-              prefix=prefix)
+    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed, prefix=prefix)
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, args.high))
     result.holdout = {"perplexity_high": mpqc.evaluate.perplexity(qmodel, holdout, **kw, progress=False)}
     if objective is not None:
         # The task's documents are the ones the search scored: this baseline is not held out.
         result.objective["value_high"] = objective.evaluate(qmodel).value
-    result.holdout["perplexity_plan"] = mpqc.evaluate.perplexity(qmodel.set_plan(result.plan), holdout, **kw,
-                                                                 progress=False)
+    result.holdout["perplexity_plan"] = mpqc.evaluate.perplexity(
+        qmodel.set_plan(result.plan), holdout, **kw, progress=False
+    )
 
 
 def _print_summary(result, objective, args, seconds: float) -> None:
-    best = (f"best {result.objective['metric']} {result.metric:.4f} ({result.objective['label']}), perplexity "
-            if objective is not None else "best perplexity ")
+    best = (
+        f"best {result.objective['metric']} {result.metric:.4f} ({result.objective['label']}), perplexity "
+        if objective is not None
+        else "best perplexity "
+    )
     eager = "" if result.eager_perplexity is None else f", {result.eager_perplexity:.3f} eagerly"
-    print(f"{result.budget}: {best}{result.perplexity:.3f} (search windows{eager}) at {result.achieved:.4f}, "
-          f"average bits {result.plan.average_bits():.3f}, after {len(result.study.trials)} trials "
-          f"in {seconds:.0f} s")
+    print(
+        f"{result.budget}: {best}{result.perplexity:.3f} (search windows{eager}) at {result.achieved:.4f}, "
+        f"average bits {result.plan.average_bits():.3f}, after {len(result.study.trials)} trials "
+        f"in {seconds:.0f} s"
+    )
     if objective is not None:
-        print(f"{result.objective['label']}: all {args.high} {result.objective['value_high']:.4f} -> plan "
-              f"{result.metric:.4f} {result.objective['metric']} (the documents the search scored)")
+        print(
+            f"{result.objective['label']}: all {args.high} {result.objective['value_high']:.4f} -> plan "
+            f"{result.metric:.4f} {result.objective['metric']} (the documents the search scored)"
+        )
     h = result.holdout
-    print(f"held-out perplexity: all {args.high} {h['perplexity_high']:.3f} -> plan {h['perplexity_plan']:.3f} "
-          f"({100 * (h['perplexity_plan'] / h['perplexity_high'] - 1):+.1f}%)")
+    print(
+        f"held-out perplexity: all {args.high} {h['perplexity_high']:.3f} -> plan {h['perplexity_plan']:.3f} "
+        f"({100 * (h['perplexity_plan'] / h['perplexity_high'] - 1):+.1f}%)"
+    )
     for note in result.notes:
         print(f"note: {note}")
     if result.pareto:
-        print("Pareto front (perplexity, Q_r):", ", ".join(
-            f"({p['perplexity']:.2f}, {p['quantization_ratio_params']:.3f})" for p in result.pareto))
+        print(
+            "Pareto front (perplexity, Q_r):",
+            ", ".join(f"({p['perplexity']:.2f}, {p['quantization_ratio_params']:.3f})" for p in result.pareto),
+        )

@@ -30,12 +30,16 @@ def run_sweep(args) -> int:
         done = sweep.finished_keys(config.out)
         for cell in config.cells():
             state = "done" if config.key(cell) in done else "todo"
-            print(f"{state}  {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
-                  f"{' weights-only' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}")
+            print(
+                f"{state}  {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
+                f"{' weights-only' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}"
+            )
         return 0
     summary = sweep.run(config, progress=not args.quiet)
-    print(f"sweep: ran {summary.ran} cells, skipped {summary.skipped} finished ones, "
-          f"in {summary.seconds:.0f} s; results in {summary.out}")
+    print(
+        f"sweep: ran {summary.ran} cells, skipped {summary.skipped} finished ones, "
+        f"in {summary.seconds:.0f} s; results in {summary.out}"
+    )
     return 0
 
 

@@ -28,6 +28,7 @@ from .spec import (
 )
 
 __all__ = [
+    "BLOCK_KINDS",
     "FORMATS",
     "ROUNDING_MODES",
     "ElementType",
@@ -59,7 +60,9 @@ def resolve(x, fmt, block_size, axis, rounding) -> tuple[Format, object, int]:
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     ndim = max(x.dim(), 1)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for a tensor with {x.dim()} dimensions (valid: {-ndim} .. {ndim - 1})")
+        raise ValueError(
+            f"axis {axis} is out of range for a tensor with {x.dim()} dimensions (valid: {-ndim} .. {ndim - 1})"
+        )
     if fmt.family == "cast":
         if block_size is not None:
             raise ValueError(f"format {fmt.name!r} is a plain cast and takes no block size; pass block_size=None")

@@ -45,7 +45,7 @@ def backend() -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_module():
     """``triton_quantize`` if triton imports, else why not (a str)."""
     try:
@@ -69,12 +69,18 @@ def describe() -> str:
     if name == "reference":
         return "reference (plain PyTorch)"
     if name == "triton":
-        return "Triton kernels (forced; interpreted, on CPU tensors)" if interpreting() else \
-            "Triton kernels (forced; CUDA tensors only)"
+        return (
+            "Triton kernels (forced; interpreted, on CPU tensors)"
+            if interpreting()
+            else "Triton kernels (forced; CUDA tensors only)"
+        )
     if name == "compiled":
         return "compiled"
-    cpu = (f"reference (compiling failed: {_compile_failed})" if _compile_failed
-           else f"compiled by TorchInductor (auto; reference below {COMPILE_MIN_NUMEL} elements)")
+    cpu = (
+        f"reference (compiling failed: {_compile_failed})"
+        if _compile_failed
+        else f"compiled by TorchInductor (auto; reference below {COMPILE_MIN_NUMEL} elements)"
+    )
     if _triton_failed:
         gpu = f"CUDA: Triton kernels failed ({_triton_failed}), so as elsewhere"
     elif triton_available():
@@ -88,7 +94,7 @@ def _rows(x2: torch.Tensor, fmt: Format, block_size, rounding: str) -> torch.Ten
     return quantize_reference(x2, fmt, block_size, 1, rounding)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled():
     # One compiled entry per (format, block, rounding, dtype); shapes stay symbolic.
     cfg = torch._dynamo.config
@@ -114,12 +120,16 @@ def quantize_with_triton(x: torch.Tensor, fmt: Format, block_size, axis: int, ro
     """The Triton kernels, or a clear error where they cannot run."""
     module = _triton_module()
     if isinstance(module, str):
-        raise RuntimeError(f"MPQC_QUANTIZE_BACKEND=triton, but triton does not import ({module}); "
-                           "install triton or pick auto, compiled or reference")
+        raise RuntimeError(
+            f"MPQC_QUANTIZE_BACKEND=triton, but triton does not import ({module}); "
+            "install triton or pick auto, compiled or reference"
+        )
     if not x.is_cuda and not interpreting():
-        raise RuntimeError(f"MPQC_QUANTIZE_BACKEND=triton runs on CUDA tensors only, got a {x.device} tensor; "
-                           "pick auto, compiled or reference here (or set TRITON_INTERPRET=1 as well to run "
-                           "the kernels in Triton's interpreter, slowly)")
+        raise RuntimeError(
+            f"MPQC_QUANTIZE_BACKEND=triton runs on CUDA tensors only, got a {x.device} tensor; "
+            "pick auto, compiled or reference here (or set TRITON_INTERPRET=1 as well to run "
+            "the kernels in Triton's interpreter, slowly)"
+        )
     return module.quantize_triton(x, fmt, block_size, axis, rounding)
 
 
@@ -133,8 +143,9 @@ def quantize(x: torch.Tensor, fmt: Format, block_size, axis: int, rounding: str)
             return quantize_with_triton(x, fmt, block_size, axis, rounding)
         except Exception as exc:  # noqa: BLE001 - a kernel that fails to build falls back to the other paths
             _triton_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-            warnings.warn(f"mpqc: the Triton quantize kernels failed ({_triton_failed}); using the other paths",
-                          stacklevel=2)
+            warnings.warn(
+                f"mpqc: the Triton quantize kernels failed ({_triton_failed}); using the other paths", stacklevel=2
+            )
     use_compiled = (
         name in ("auto", "compiled")
         and _compile_failed is None
@@ -149,5 +160,7 @@ def quantize(x: torch.Tensor, fmt: Format, block_size, axis: int, rounding: str)
         if name == "compiled":
             raise
         _compile_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        warnings.warn(f"mpqc: compiling the fused quantize failed ({_compile_failed}); using the reference", stacklevel=2)
+        warnings.warn(
+            f"mpqc: compiling the fused quantize failed ({_compile_failed}); using the reference", stacklevel=2
+        )
         return quantize_reference(x, fmt, block_size, axis, rounding)

@@ -16,13 +16,13 @@ from .reference import ENCODERS, Blocking, from_blocks, pow2, to_blocks
 from .spec import ElementType, Format
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_table(element: ElementType) -> torch.Tensor:
     """float32 value of every code 0 .. 2**bits - 1 (NaN for the codes that are not numbers)."""
     return torch.tensor([element.decode(c) for c in range(2**element.bits)], dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _positive_magnitudes(element: ElementType) -> torch.Tensor:
     """Values of the non-negative finite float codes 0, 1, ...: increasing, so searchsorted finds codes."""
     table = code_table(element)[: 2 ** (element.bits - 1)]

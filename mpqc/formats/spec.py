@@ -9,9 +9,8 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Union
 
-BlockSize = Union[int, str]  # a positive int, "vector" (whole reduction axis) or "tensor"
+BlockSize = int | str  # a positive int, "vector" (whole reduction axis) or "tensor"
 BLOCK_KINDS = ("vector", "tensor")
 ROUNDING_MODES = ("nearest", "even")
 
@@ -68,7 +67,7 @@ class ElementType:
     @property
     def max_normal(self) -> float:
         if self.kind == "int":
-            return self.qmax * 2.0 ** -self.frac_bits
+            return self.qmax * 2.0**-self.frac_bits
         top_field = 2**self.exp_bits - 1
         if self.special == "ieee":
             top_field -= 1  # the all-ones exponent is Inf/NaN
@@ -93,7 +92,7 @@ class ElementType:
     def decode(self, code: int) -> float:
         """The value a code stands for (NaN/Inf for the special codes)."""
         if not 0 <= code < 2**self.bits:
-            raise ValueError(f"element {self.name!r}: code {code} out of range [0, {2 ** self.bits})")
+            raise ValueError(f"element {self.name!r}: code {code} out of range [0, {2**self.bits})")
         if self.kind == "int":
             k = code - 2**self.bits if code >= 2 ** (self.bits - 1) else code
             if k == -(2 ** (self.bits - 1)):
@@ -147,7 +146,9 @@ class Format:
             raise ValueError(f"format {self.name!r}: family must be mx, absmax, nvfp4 or cast, got {self.family!r}")
         if self.family == "cast":
             if self.cast_dtype not in ("bfloat16", "float16", "float32") or self.element is not None:
-                raise ValueError(f"format {self.name!r}: a cast needs cast_dtype bfloat16/float16/float32 and no element")
+                raise ValueError(
+                    f"format {self.name!r}: a cast needs cast_dtype bfloat16/float16/float32 and no element"
+                )
             if self.block_size is not None:
                 raise ValueError(f"format {self.name!r}: a cast has no block size")
         else:
@@ -178,7 +179,7 @@ class Format:
         """Narrower than 16 bits: what counts toward the quantization ratio Q_r."""
         return self.element_bits < 16
 
-    def with_block(self, block_size: BlockSize | None) -> "Format":
+    def with_block(self, block_size: BlockSize | None) -> Format:
         """The same format with another block size (None keeps the default)."""
         if block_size is None or block_size == self.block_size:
             return self
@@ -270,7 +271,7 @@ _PRESETS = [
 FORMATS: dict[str, Format] = {f.name: f for f in _PRESETS}
 
 
-def get_format(fmt: "str | Format") -> Format:
+def get_format(fmt: str | Format) -> Format:
     """The preset named ``fmt`` (a ``Format`` passes through). Unknown names raise ValueError."""
     if isinstance(fmt, Format):
         return fmt

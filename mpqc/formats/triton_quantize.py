@@ -90,8 +90,16 @@ def _round_half(t, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _round_element(v, EVEN: tl.constexpr, IS_INT: tl.constexpr, MAN: tl.constexpr, EMIN: tl.constexpr,
-                   MAXN: tl.constexpr, UNIT: tl.constexpr, QMAX: tl.constexpr):
+def _round_element(
+    v,
+    EVEN: tl.constexpr,
+    IS_INT: tl.constexpr,
+    MAN: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAXN: tl.constexpr,
+    UNIT: tl.constexpr,
+    QMAX: tl.constexpr,
+):
     """reference.quantize_element for finite float32 v (already divided by its scale).
 
     Float elements: the step 2**(exponent - MAN) with exponent >= EMIN >= -14, and its
@@ -187,12 +195,27 @@ def _store_f32(ptr, offs, y, mask, DTYPE: tl.constexpr):
 
 @triton.jit
 def _qdq_tile_kernel(
-    x_ptr, y_ptr, ts_ptr,
-    n_blocks, length, blocks_per_row, block,
-    BP: tl.constexpr, G: tl.constexpr, CONTIG: tl.constexpr, INT64: tl.constexpr,
-    FAMILY: tl.constexpr, DTYPE: tl.constexpr, EVEN: tl.constexpr, IS_INT: tl.constexpr,
-    MAN: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, MAXN: tl.constexpr,
-    UNIT: tl.constexpr, QMAX: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    ts_ptr,
+    n_blocks,
+    length,
+    blocks_per_row,
+    block,
+    BP: tl.constexpr,
+    G: tl.constexpr,
+    CONTIG: tl.constexpr,
+    INT64: tl.constexpr,
+    FAMILY: tl.constexpr,
+    DTYPE: tl.constexpr,
+    EVEN: tl.constexpr,
+    IS_INT: tl.constexpr,
+    MAN: tl.constexpr,
+    EMIN: tl.constexpr,
+    EMAX: tl.constexpr,
+    MAXN: tl.constexpr,
+    UNIT: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
     """G whole blocks per program, each padded to BP lanes: [G, BP] tile, one pass."""
     b = tl.program_id(0) * G + tl.arange(0, G)
@@ -221,12 +244,25 @@ def _qdq_tile_kernel(
 
 @triton.jit
 def _qdq_long_kernel(
-    x_ptr, y_ptr, ts_ptr,
-    length, blocks_per_row, block,
-    CH: tl.constexpr, NCHUNK: tl.constexpr, INT64: tl.constexpr,
-    FAMILY: tl.constexpr, DTYPE: tl.constexpr, EVEN: tl.constexpr, IS_INT: tl.constexpr,
-    MAN: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, MAXN: tl.constexpr,
-    UNIT: tl.constexpr, QMAX: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    ts_ptr,
+    length,
+    blocks_per_row,
+    block,
+    CH: tl.constexpr,
+    NCHUNK: tl.constexpr,
+    INT64: tl.constexpr,
+    FAMILY: tl.constexpr,
+    DTYPE: tl.constexpr,
+    EVEN: tl.constexpr,
+    IS_INT: tl.constexpr,
+    MAN: tl.constexpr,
+    EMIN: tl.constexpr,
+    EMAX: tl.constexpr,
+    MAXN: tl.constexpr,
+    UNIT: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
     """One program per (long) block: absmax over chunks, then quantize the chunks.
 
@@ -278,10 +314,17 @@ def _next_pow2(n: int) -> int:
 
 def _element_constants(element: ElementType) -> dict:
     if element.kind == "int":
-        return dict(IS_INT=True, MAN=0, EMIN=0, MAXN=float(element.max_normal),
-                    UNIT=float(2.0**element.frac_bits), QMAX=float(element.qmax))
-    return dict(IS_INT=False, MAN=element.man_bits, EMIN=element.emin, MAXN=float(element.max_normal),
-                UNIT=1.0, QMAX=0.0)
+        return dict(
+            IS_INT=True,
+            MAN=0,
+            EMIN=0,
+            MAXN=float(element.max_normal),
+            UNIT=float(2.0**element.frac_bits),
+            QMAX=float(element.qmax),
+        )
+    return dict(
+        IS_INT=False, MAN=element.man_bits, EMIN=element.emin, MAXN=float(element.max_normal), UNIT=1.0, QMAX=0.0
+    )
 
 
 def supports(fmt: Format, block_size) -> bool:
@@ -298,23 +341,34 @@ def _tensor_scale(x2: torch.Tensor, int64: bool) -> torch.Tensor:
     n = x2.numel()
     grid = triton.cdiv(n, AMAX_TILE)
     partial = torch.empty(grid, dtype=torch.int32, device=x2.device)
-    _absmax_bits_kernel[(grid,)](_kernel_view(x2), partial, n, BLOCK=AMAX_TILE, INT64=int64,
-                                 DTYPE=_DTYPE[x2.dtype], num_warps=8)
+    _absmax_bits_kernel[(grid,)](
+        _kernel_view(x2), partial, n, BLOCK=AMAX_TILE, INT64=int64, DTYPE=_DTYPE[x2.dtype], num_warps=8
+    )
     tensor_amax = partial.max().view(torch.float32)
     tensor_scale = tensor_amax / (NVFP4_ELEMENT_MAX * NVFP4_SCALE_MAX)
     return torch.where(tensor_scale == 0, 1.0, tensor_scale).reshape(1)
 
 
-def quantize_triton(x: torch.Tensor, fmt: Format, block_size, axis: int, rounding: str, *,
-                    blocks_per_program: int | None = None, num_warps: int | None = None,
-                    index64: bool | None = None) -> torch.Tensor:
+def quantize_triton(
+    x: torch.Tensor,
+    fmt: Format,
+    block_size,
+    axis: int,
+    rounding: str,
+    *,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
+    index64: bool | None = None,
+) -> torch.Tensor:
     """Fake-quantize ``x`` (an already validated call) with the Triton kernels.
 
     ``blocks_per_program`` and ``num_warps`` override the tile heuristic (for tuning);
     ``index64`` forces 64-bit (True) or 32-bit offsets instead of choosing by size (tests)."""
     if not supports(fmt, block_size):
-        raise ValueError(f"the Triton kernels do not compute format {fmt.name!r} with block {block_size!r}; "
-                         "plain casts and 'tensor' blocks run on the reference")
+        raise ValueError(
+            f"the Triton kernels do not compute format {fmt.name!r} with block {block_size!r}; "
+            "plain casts and 'tensor' blocks run on the reference"
+        )
     if x.dtype not in _DTYPE:
         raise TypeError(f"the Triton kernels take float32, float16 or bfloat16, got {x.dtype}")
     if x.numel() == 0:
@@ -330,30 +384,59 @@ def quantize_triton(x: torch.Tensor, fmt: Format, block_size, axis: int, roundin
     blocks_per_row = -(-length // block)
     n_blocks = rows * blocks_per_row
     bp = _next_pow2(block)
-    consts = dict(FAMILY=_FAMILY[fmt.family], DTYPE=_DTYPE[x.dtype], EVEN=rounding == "even",
-                  EMAX=fmt.element.emax if fmt.family == "mx" else 0, **_element_constants(fmt.element))
+    consts = dict(
+        FAMILY=_FAMILY[fmt.family],
+        DTYPE=_DTYPE[x.dtype],
+        EVEN=rounding == "even",
+        EMAX=fmt.element.emax if fmt.family == "mx" else 0,
+        **_element_constants(fmt.element),
+    )
     tile = TILE_BYTES // x.element_size()
     span = (n_blocks + tile) * max(bp, block) + length  # above any offset a program forms
     int64 = span >= 2**31 - 1 if index64 is None else bool(index64)
     # Triton launches on the current CUDA device: make it the tensor's
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _launch(x2, y2, fmt, length, block, blocks_per_row, n_blocks, bp, tile, int64, consts,
-                blocks_per_program, num_warps)
+        _launch(
+            x2, y2, fmt, length, block, blocks_per_row, n_blocks, bp, tile, int64, consts, blocks_per_program, num_warps
+        )
     return y2.reshape(moved.shape).movedim(-1, axis)
 
 
-def _launch(x2, y2, fmt, length, block, blocks_per_row, n_blocks, bp, tile, int64, consts,
-            blocks_per_program, num_warps) -> None:
+def _launch(
+    x2, y2, fmt, length, block, blocks_per_row, n_blocks, bp, tile, int64, consts, blocks_per_program, num_warps
+) -> None:
     ts = _tensor_scale(x2, int64) if fmt.family == "nvfp4" else y2  # unused pointer otherwise
     xk, yk = _kernel_view(x2), _kernel_view(y2)
     if bp <= MAX_TILE:
         g = _next_pow2(blocks_per_program or max(1, tile // bp))
         warps = num_warps or max(4, min(16, g * bp * x2.element_size() // 2048))
         grid = (triton.cdiv(n_blocks, g),)
-        _qdq_tile_kernel[grid](xk, yk, ts, n_blocks, length, blocks_per_row, block,
-                               BP=bp, G=g, CONTIG=(bp == block and length % block == 0), INT64=int64,
-                               num_warps=warps, **consts)
+        _qdq_tile_kernel[grid](
+            xk,
+            yk,
+            ts,
+            n_blocks,
+            length,
+            blocks_per_row,
+            block,
+            BP=bp,
+            G=g,
+            CONTIG=(bp == block and length % block == 0),
+            INT64=int64,
+            num_warps=warps,
+            **consts,
+        )
     else:
-        _qdq_long_kernel[(n_blocks,)](xk, yk, ts, length, blocks_per_row, block,
-                                      CH=LONG_CHUNK, NCHUNK=triton.cdiv(block, LONG_CHUNK), INT64=int64,
-                                      num_warps=num_warps or 8, **consts)
+        _qdq_long_kernel[(n_blocks,)](
+            xk,
+            yk,
+            ts,
+            length,
+            blocks_per_row,
+            block,
+            CH=LONG_CHUNK,
+            NCHUNK=triton.cdiv(block, LONG_CHUNK),
+            INT64=int64,
+            num_warps=num_warps or 8,
+            **consts,
+        )

@@ -31,8 +31,13 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
-    "ExponentialFit", "MaxRatio", "PowerFit", "fit_exponential", "fit_power",
-    "max_ratio_at_budget", "monotone_envelope",
+    "ExponentialFit",
+    "MaxRatio",
+    "PowerFit",
+    "fit_exponential",
+    "fit_power",
+    "max_ratio_at_budget",
+    "monotone_envelope",
 ]
 
 MIN_POINTS = 3  # two points fit any line exactly and leave no degree of freedom for an error
@@ -56,16 +61,20 @@ def _as_points(x, y, *, what: str) -> tuple[np.ndarray, np.ndarray]:
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ValueError(f"{what}: x and y must be finite; got x={x.tolist()}, y={y.tolist()}")
     if x.size < MIN_POINTS:
-        raise ValueError(f"{what}: needs at least {MIN_POINTS} points (two fit any curve exactly and "
-                         f"give no uncertainty), got {x.size}")
+        raise ValueError(
+            f"{what}: needs at least {MIN_POINTS} points (two fit any curve exactly and "
+            f"give no uncertainty), got {x.size}"
+        )
     return x, y
 
 
 def _require_positive(values: np.ndarray, *, name: str, what: str) -> None:
     bad = [float(v) for v in values if not v > 0]
     if bad:
-        raise ValueError(f"{what}: {name} must be positive to take its logarithm; got {bad} "
-                         f"(drop those points, e.g. delta_ppl <= 0 from search noise, before fitting)")
+        raise ValueError(
+            f"{what}: {name} must be positive to take its logarithm; got {bad} "
+            f"(drop those points, e.g. delta_ppl <= 0 from search noise, before fitting)"
+        )
 
 
 def _line(u: np.ndarray, v: np.ndarray, *, what: str) -> _Line:
@@ -75,7 +84,7 @@ def _line(u: np.ndarray, v: np.ndarray, *, what: str) -> _Line:
     # linregress's stderr is from the residual variance with n - 2 degrees of freedom.
     resid = v - (res.slope * u + res.intercept)
     ss_tot = float(np.sum((v - v.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else 1.0
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
     return _Line(float(res.slope), float(res.intercept), float(res.stderr), float(res.intercept_stderr), r2, u.size)
 
 
@@ -130,8 +139,9 @@ def fit_exponential(x, y) -> ExponentialFit:
     x, y = _as_points(x, y, what=what)
     _require_positive(y, name="y (model size)", what=what)
     line = _line(x, np.log(y), what=what)
-    return ExponentialFit(k=line.slope, c=line.intercept, k_err=line.slope_err, c_err=line.intercept_err,
-                          r2=line.r2, n=line.n)
+    return ExponentialFit(
+        k=line.slope, c=line.intercept, k_err=line.slope_err, c_err=line.intercept_err, r2=line.r2, n=line.n
+    )
 
 
 def fit_power(x, y) -> PowerFit:

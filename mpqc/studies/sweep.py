@@ -14,37 +14,80 @@ perplexity on held-out text is measured once; every cell reuses the compiled mod
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
-import math
 import os
 import sys
 import time
-import tomllib
 
+import tomllib
 import torch
 
 from mpqc.io import read_csv, typed_rows, write_csv_atomic
 
-__all__ = ["COLUMNS", "Cell", "ModelEntry", "SweepConfig", "config_from_dict", "finished_keys", "load_config", "read_results", "run"]
+__all__ = [
+    "COLUMNS",
+    "Cell",
+    "ModelEntry",
+    "SweepConfig",
+    "config_from_dict",
+    "finished_keys",
+    "load_config",
+    "read_results",
+    "run",
+]
 
 COLUMNS = (
-    "model", "params", "matmul_params", "granularity", "ratio", "low", "high", "weights_only", "block_size", "seed",
-    "ppl_base", "ppl_q", "delta_ppl", "achieved", "average_bits", "total_bits", "search_ppl", "trials",
-    "sampler", "seq_len", "n_samples", "eval_samples", "seconds", "notes", "key",
+    "model",
+    "params",
+    "matmul_params",
+    "granularity",
+    "ratio",
+    "low",
+    "high",
+    "weights_only",
+    "block_size",
+    "seed",
+    "ppl_base",
+    "ppl_q",
+    "delta_ppl",
+    "achieved",
+    "average_bits",
+    "total_bits",
+    "search_ppl",
+    "trials",
+    "sampler",
+    "seq_len",
+    "n_samples",
+    "eval_samples",
+    "seconds",
+    "notes",
+    "key",
 )
 _FLOAT = {"ratio", "ppl_base", "ppl_q", "delta_ppl", "achieved", "average_bits", "search_ppl", "seconds"}
 _INT = {"params", "matmul_params", "seed", "total_bits", "trials", "seq_len", "n_samples", "eval_samples"}
 
 _TOP_KEYS = {"out", "text", "models", "grid", "search", "eval"}
-_GRID_DEFAULTS = {"granularity": ["matmul"], "ratio": None, "formats": [{"low": "mxint4"}], "block_size": ["default"],
-                  "seed": [0]}
-_SEARCH_DEFAULTS = {"sampler": "sensitivity", "n_trials": 12, "seq_len": 128, "n_samples": 8, "batch_size": 8,
-                    "high": "bf16", "storage": "", "device": "cpu", "dtype": "float32"}
+_GRID_DEFAULTS = {
+    "granularity": ["matmul"],
+    "ratio": None,
+    "formats": [{"low": "mxint4"}],
+    "block_size": ["default"],
+    "seed": [0],
+}
+_SEARCH_DEFAULTS = {
+    "sampler": "sensitivity",
+    "n_trials": 12,
+    "seq_len": 128,
+    "n_samples": 8,
+    "batch_size": 8,
+    "high": "bf16",
+    "storage": "",
+    "device": "cpu",
+    "dtype": "float32",
+}
 _EVAL_DEFAULTS = {"n_samples": 32, "seed": 1234}
 
 
@@ -84,8 +127,9 @@ class SweepConfig:
         from mpqc.formats import get_format
 
         seen, cells = set(), []
-        for m, g, (low, wo), bs, r, s in itertools.product(self.models, self.granularities, self.formats,
-                                                           self.block_sizes, self.ratios, self.seeds):
+        for m, g, (low, wo), bs, r, s in itertools.product(
+            self.models, self.granularities, self.formats, self.block_sizes, self.ratios, self.seeds
+        ):
             fmt = get_format(low)
             block = fmt.block_size if bs == "default" else fmt.with_block(bs).block_size
             cell = Cell(m, g, float(r), low, wo, block, s)
@@ -96,13 +140,19 @@ class SweepConfig:
 
     def key(self, cell: Cell) -> str:
         """A hash of everything that decides the cell's numbers."""
-        data = {"model": [cell.model.name, cell.model.spec], "text": self.text,
-                **{f: getattr(cell, f) for f in ("granularity", "ratio", "low", "weights_only", "block_size", "seed")},
-                # device does not decide the numbers; dtype does, and joins the key when not the
-                # default, so the keys of sweeps made before it existed stay as they were.
-                "search": {k: v for k, v in self.search.items() if k not in ("batch_size", "storage", "device")
-                           and not (k == "dtype" and v == "float32")},
-                "eval": self.eval}
+        data = {
+            "model": [cell.model.name, cell.model.spec],
+            "text": self.text,
+            **{f: getattr(cell, f) for f in ("granularity", "ratio", "low", "weights_only", "block_size", "seed")},
+            # device does not decide the numbers; dtype does, and joins the key when not the
+            # default, so the keys of sweeps made before it existed stay as they were.
+            "search": {
+                k: v
+                for k, v in self.search.items()
+                if k not in ("batch_size", "storage", "device") and not (k == "dtype" and v == "float32")
+            },
+            "eval": self.eval,
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,8 +198,9 @@ def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep con
     for f in _list(grid["formats"], "grid.formats", where):
         f = {"low": f} if isinstance(f, str) else f
         if not isinstance(f, dict) or "low" not in f or set(f) - {"low", "weights_only"}:
-            raise ValueError(f"{where}: each grid.formats entry is a format name or "
-                             f"{{ low = NAME, weights_only = BOOL }}, got {f!r}")
+            raise ValueError(
+                f"{where}: each grid.formats entry is a format name or {{ low = NAME, weights_only = BOOL }}, got {f!r}"
+            )
         get_format(f["low"])  # unknown names fail here, listing the valid ones
         formats.append((f["low"], bool(f.get("weights_only", False))))
     block_sizes = tuple(_list(grid["block_size"], "grid.block_size", where))
@@ -159,21 +210,37 @@ def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep con
             for low, _ in formats:
                 get_format(low).with_block(bs)  # a block size a format cannot take fails now, not mid-sweep
     seeds = tuple(_list(grid["seed"], "grid.seed", where))
-    for name, value in (("search.n_trials", search["n_trials"]), ("search.seq_len", search["seq_len"]),
-                        ("search.n_samples", search["n_samples"]), ("search.batch_size", search["batch_size"]),
-                        ("eval.n_samples", evaluation["n_samples"]), *(("grid.seed", s) for s in seeds)):
+    for name, value in (
+        ("search.n_trials", search["n_trials"]),
+        ("search.seq_len", search["seq_len"]),
+        ("search.n_samples", search["n_samples"]),
+        ("search.batch_size", search["batch_size"]),
+        ("eval.n_samples", evaluation["n_samples"]),
+        *(("grid.seed", s) for s in seeds),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "grid.seed" else 1):
-            raise ValueError(f"{where}: {name} must be a {'non-negative' if name == 'grid.seed' else 'positive'} "
-                             f"integer, got {value!r}")
+            raise ValueError(
+                f"{where}: {name} must be a {'non-negative' if name == 'grid.seed' else 'positive'} "
+                f"integer, got {value!r}"
+            )
     if search["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{where}: search.dtype must be 'float32', 'bfloat16' or 'float16', got {search['dtype']!r}")
     if not isinstance(search["device"], str) or not search["device"]:
         raise ValueError(f"{where}: search.device must be 'cpu', 'cuda' or 'cuda:N', got {search['device']!r}")
     if search["storage"]:
         search["storage"] = _resolve(search["storage"], base_dir)
-    return SweepConfig(out=_resolve(data["out"], base_dir), text=_text_spec(data.get("text", "wiki"), base_dir),
-                       models=models, granularities=granularities, ratios=ratios, formats=tuple(formats),
-                       block_sizes=block_sizes, seeds=seeds, search=search, eval=evaluation)
+    return SweepConfig(
+        out=_resolve(data["out"], base_dir),
+        text=_text_spec(data.get("text", "wiki"), base_dir),
+        models=models,
+        granularities=granularities,
+        ratios=ratios,
+        formats=tuple(formats),
+        block_sizes=block_sizes,
+        seeds=seeds,
+        search=search,
+        eval=evaluation,
+    )
 
 
 def _check_keys(table: dict, valid, where: str, section: str = "") -> None:
@@ -232,8 +299,9 @@ def _read_raw(path: str) -> list[dict]:
         return []
     header, rows = read_csv(path)
     if tuple(header) != COLUMNS:
-        raise ValueError(f"results file {path} has columns {header}, not this sweep's {list(COLUMNS)}; "
-                         "point out = at a new file")
+        raise ValueError(
+            f"results file {path} has columns {header}, not this sweep's {list(COLUMNS)}; point out = at a new file"
+        )
     return rows
 
 
@@ -282,8 +350,9 @@ def run(config: SweepConfig, *, progress: bool = True) -> SweepSummary:
         todo = [c for c in pending if c.model == model]
         if todo:  # a model whose cells are all finished is never loaded
             _run_model(config, model, todo, rows, progress)
-    return SweepSummary(ran=len(pending), skipped=len(cells) - len(pending), out=config.out,
-                        seconds=time.perf_counter() - t_start)
+    return SweepSummary(
+        ran=len(pending), skipped=len(cells) - len(pending), out=config.out, seconds=time.perf_counter() - t_start
+    )
 
 
 class _Bench:
@@ -296,8 +365,9 @@ class _Bench:
 
         t0 = time.perf_counter()
         s = config.search
-        hf_model, tokenizer = mpqc.load_model(model.path, cache=False, device=s["device"],
-                                              dtype=getattr(torch, s["dtype"]))
+        hf_model, tokenizer = mpqc.load_model(
+            model.path, cache=False, device=s["device"], dtype=getattr(torch, s["dtype"])
+        )
         self.params = sum(p.numel() for p in hf_model.parameters())
         example = torch.zeros(2, min(s["seq_len"], 64), dtype=torch.long)
         self.graph = mpqc.capture(hf_model, (example,))
@@ -307,8 +377,10 @@ class _Bench:
         self.windows = sample_windows(holdout, s["seq_len"], config.eval["n_samples"], config.eval["seed"], self.prefix)
         self.qmodel = mpqc.compile(self.graph, mpqc.Plan.uniform(self.graph, s["high"]))
         self.ppl_base = perplexity(self.qmodel, windows=self.windows, batch_size=s["batch_size"], progress=False)
-        _log(f"sweep: {model.name}: {self.params:,} parameters ({self.graph.total_params:,} in matmuls), "
-             f"all-{s['high']} held-out perplexity {self.ppl_base:.3f}; ready in {time.perf_counter() - t0:.1f} s")
+        _log(
+            f"sweep: {model.name}: {self.params:,} parameters ({self.graph.total_params:,} in matmuls), "
+            f"all-{s['high']} held-out perplexity {self.ppl_base:.3f}; ready in {time.perf_counter() - t0:.1f} s"
+        )
 
 
 def _run_model(config: SweepConfig, model: ModelEntry, todo: list[Cell], rows: list[dict], progress: bool) -> None:
@@ -326,10 +398,22 @@ def _search_config(config: SweepConfig, cell: Cell, key: str, prefix):
 
     s = config.search
     return SearchConfig(
-        budget=("params", cell.ratio), granularity=cell.granularity, low=cell.low, high=s["high"],
-        weights_only=cell.weights_only, sampler=s["sampler"], n_trials=s["n_trials"], seq_len=s["seq_len"],
-        n_samples=s["n_samples"], batch_size=s["batch_size"], seed=cell.seed, block_size=cell.block_size,
-        storage=s["storage"] or None, study_name=f"sweep-{key}", prefix=prefix)
+        budget=("params", cell.ratio),
+        granularity=cell.granularity,
+        low=cell.low,
+        high=s["high"],
+        weights_only=cell.weights_only,
+        sampler=s["sampler"],
+        n_trials=s["n_trials"],
+        seq_len=s["seq_len"],
+        n_samples=s["n_samples"],
+        batch_size=s["batch_size"],
+        seed=cell.seed,
+        block_size=cell.block_size,
+        storage=s["storage"] or None,
+        study_name=f"sweep-{key}",
+        prefix=prefix,
+    )
 
 
 def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
@@ -338,24 +422,47 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
 
     s, key = config.search, config.key(cell)
     t0 = time.perf_counter()
-    result = mpqc.search.run(bench.graph, bench.search_tokens, _search_config(config, cell, key, bench.prefix),
-                             qmodel=bench.qmodel, progress=False)
+    result = mpqc.search.run(
+        bench.graph,
+        bench.search_tokens,
+        _search_config(config, cell, key, bench.prefix),
+        qmodel=bench.qmodel,
+        progress=False,
+    )
     bench.qmodel.set_plan(result.plan)
     ppl_q = perplexity(bench.qmodel, windows=bench.windows, batch_size=s["batch_size"], progress=False)
     trials = sum(t.state.name == "COMPLETE" for t in result.study.trials)
     row = {
-        "model": cell.model.name, "params": bench.params, "matmul_params": bench.graph.total_params,
-        "granularity": cell.granularity, "ratio": cell.ratio, "low": cell.low, "high": s["high"],
-        "weights_only": cell.weights_only, "block_size": cell.block_size, "seed": cell.seed,
-        "ppl_base": bench.ppl_base, "ppl_q": ppl_q, "delta_ppl": (ppl_q - bench.ppl_base) / bench.ppl_base,
-        "achieved": result.achieved, "average_bits": result.plan.average_bits(),
-        "total_bits": result.plan.weight_bits(), "search_ppl": result.perplexity, "trials": trials,
-        "sampler": s["sampler"], "seq_len": s["seq_len"], "n_samples": s["n_samples"],
-        "eval_samples": config.eval["n_samples"], "seconds": round(time.perf_counter() - t0, 3),
-        "notes": "; ".join(result.notes), "key": key,
+        "model": cell.model.name,
+        "params": bench.params,
+        "matmul_params": bench.graph.total_params,
+        "granularity": cell.granularity,
+        "ratio": cell.ratio,
+        "low": cell.low,
+        "high": s["high"],
+        "weights_only": cell.weights_only,
+        "block_size": cell.block_size,
+        "seed": cell.seed,
+        "ppl_base": bench.ppl_base,
+        "ppl_q": ppl_q,
+        "delta_ppl": (ppl_q - bench.ppl_base) / bench.ppl_base,
+        "achieved": result.achieved,
+        "average_bits": result.plan.average_bits(),
+        "total_bits": result.plan.weight_bits(),
+        "search_ppl": result.perplexity,
+        "trials": trials,
+        "sampler": s["sampler"],
+        "seq_len": s["seq_len"],
+        "n_samples": s["n_samples"],
+        "eval_samples": config.eval["n_samples"],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "notes": "; ".join(result.notes),
+        "key": key,
     }
-    _log(f"sweep: {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
-         f"{' (weights only)' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}: "
-         f"achieved {result.achieved:.3f}, held-out ppl {bench.ppl_base:.3f} -> {ppl_q:.3f} "
-         f"({100 * row['delta_ppl']:+.2f}%) in {row['seconds']:.1f} s")
+    _log(
+        f"sweep: {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
+        f"{' (weights only)' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}: "
+        f"achieved {result.achieved:.3f}, held-out ppl {bench.ppl_base:.3f} -> {ppl_q:.3f} "
+        f"({100 * row['delta_ppl']:+.2f}%) in {row['seconds']:.1f} s"
+    )
     return row

@@ -21,8 +21,9 @@ import math
 import sympy
 import torch
 
-from ._common import AnalysisError, AnalysisPass, PassResult, input_placeholder, matmul_nodes, mpqc_meta, shape_of
 from mpqc.graph import weight_tensor
+
+from ._common import AnalysisError, AnalysisPass, PassResult, input_placeholder, matmul_nodes, mpqc_meta, shape_of
 
 
 def _reference_substitution(gm: torch.fx.GraphModule, batch: int | None, seq: int | None) -> tuple[dict, int, int]:

@@ -21,7 +21,6 @@ from mpqc.graph import QUANTIZER_META, Graph
 from mpqc.quantizers import ActivationQuantizer, WeightCache, WeightQuantizer
 
 
-
 def _module_name(prefix: str, name: str) -> str:
     return f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', name)}"
 
@@ -93,8 +92,12 @@ class InsertQuantizers(PassBase):
         first_use = min((n for n, _, _ in uses), key=order.__getitem__)
         with gm.graph.inserting_before(first_use):
             q = gm.graph.call_module(target, (source,))
-            q.meta[QUANTIZER_META] = {"kind": "activation", "source": source.name, "axis": axis,
-                                      "matmuls": [name for _, _, name in uses]}
+            q.meta[QUANTIZER_META] = {
+                "kind": "activation",
+                "source": source.name,
+                "axis": axis,
+                "matmuls": [name for _, _, name in uses],
+            }
             for slot, (node, pos, name) in enumerate(uses):
                 item = gm.graph.call_function(operator.getitem, (q, slot))
                 item.meta[QUANTIZER_META] = {"kind": "activation_slot", "matmul": name}

@@ -57,12 +57,20 @@ from __future__ import annotations
 
 # Every name below stays reachable as mpqc.studies.predict.<name>.
 from mpqc.studies.predict.dataset import COLUMNS, collect, read_data, sample_plans, write_data  # noqa: F401
-from mpqc.studies.predict.features import (FEATURES, MODEL_FEATURES, PLAN_FEATURES, Features,  # noqa: F401
-                                           fisher_gradients)
+from mpqc.studies.predict.features import FEATURES, MODEL_FEATURES, PLAN_FEATURES, Features, fisher_gradients  # noqa: F401
 from mpqc.studies.predict.model import DEFAULT_TERMS, LOG_FLOOR, Predictor, design, parse_term  # noqa: F401
 from mpqc.studies.predict.validation import SIMILAR_RATIO, metrics, validate  # noqa: F401
 
 __all__ = [
-    "COLUMNS", "DEFAULT_TERMS", "FEATURES", "Features", "Predictor", "collect", "fisher_gradients", "metrics",
-    "read_data", "validate", "write_data",
+    "COLUMNS",
+    "DEFAULT_TERMS",
+    "FEATURES",
+    "Features",
+    "Predictor",
+    "collect",
+    "fisher_gradients",
+    "metrics",
+    "read_data",
+    "validate",
+    "write_data",
 ]

@@ -28,9 +28,29 @@ from mpqc.studies.predict.features import FEATURES, Features
 __all__ = ["COLUMNS", "collect", "read_data", "sample_plans", "write_data"]
 
 COLUMNS = (
-    "model", "setup", "plan_id", "source", "granularity", "low", "high", "weights_only", "block_size",
-    "target_ratio", "n_low", *FEATURES, "ppl_base", "ppl_q", "delta_ppl", "dnll",
-    "calib_samples", "probe_samples", "eval_samples", "seq_len", "seed", "feature_seconds", "eval_seconds",
+    "model",
+    "setup",
+    "plan_id",
+    "source",
+    "granularity",
+    "low",
+    "high",
+    "weights_only",
+    "block_size",
+    "target_ratio",
+    "n_low",
+    *FEATURES,
+    "ppl_base",
+    "ppl_q",
+    "delta_ppl",
+    "dnll",
+    "calib_samples",
+    "probe_samples",
+    "eval_samples",
+    "seq_len",
+    "seed",
+    "feature_seconds",
+    "eval_seconds",
     "low_components",
 )
 _STR = {"model", "setup", "source", "granularity", "low", "high", "block_size", "low_components"}
@@ -41,8 +61,15 @@ def _setup_key(setup: Mapping) -> str:
     return hashlib.sha256(json.dumps(dict(setup), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def sample_plans(space: SearchSpace, n_plans: int, *, seed: int = 0, ratio_range=(0.2, 1.0),
-                 guided_fraction: float = 0.3, sensitivity: Mapping[str, float] | None = None) -> list[dict]:
+def sample_plans(
+    space: SearchSpace,
+    n_plans: int,
+    *,
+    seed: int = 0,
+    ratio_range=(0.2, 1.0),
+    guided_fraction: float = 0.3,
+    sensitivity: Mapping[str, float] | None = None,
+) -> list[dict]:
     """``n_plans`` distinct plans (as low component lists) with Q_r drawn uniformly from ``ratio_range``.
 
     Each plan is decoded from priorities (``mpqc.search.decode``, so it meets its ratio with
@@ -70,85 +97,182 @@ def sample_plans(space: SearchSpace, n_plans: int, *, seed: int = 0, ratio_range
         key = frozenset(low)
         if key not in seen:
             seen.add(key)
-            plans.append({"plan_id": i, "source": "guided" if guided else "random", "target_ratio": target,
-                          "low": sorted(low, key=names.index)})
+            plans.append(
+                {
+                    "plan_id": i,
+                    "source": "guided" if guided else "random",
+                    "target_ratio": target,
+                    "low": sorted(low, key=names.index),
+                }
+            )
         i += 1
     return plans
 
 
-def collect(graph: Graph, search_tokens: torch.Tensor, holdout_tokens: torch.Tensor, *, model: str,
-            n_plans: int = 40, low: str = "mxint4", high: str = "bf16", weights_only: bool = False,
-            granularity: str = "matmul", block_size=None, seq_len: int = 128, calib_samples: int = 4,
-            probe_samples: int = 2, eval_samples: int = 8, batch_size: int = 8, seed: int = 0,
-            ratio_range=(0.2, 1.0), guided_fraction: float = 0.3, search_trials: int = 0,
-            search_ratios: Sequence[float] = (0.5, 0.9), qmodel: QuantizedModel | None = None,
-            existing: Sequence[Mapping] = (), on_row=None, progress: bool = True,
-            prefix: Sequence[int] = ()) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class CollectSetup:
+    """How a collection chooses and measures plans. Every field but ``n_plans`` and
+    ``batch_size`` identifies the rows it made (``key``), so a resumed collection skips them."""
+
+    n_plans: int = 40
+    low: str = "mxint4"
+    high: str = "bf16"
+    weights_only: bool = False
+    granularity: str = "matmul"
+    block_size: object = None
+    seq_len: int = 128
+    calib_samples: int = 4
+    probe_samples: int = 2
+    eval_samples: int = 8
+    batch_size: int = 8
+    seed: int = 0
+    ratio_range: tuple = (0.2, 1.0)
+    guided_fraction: float = 0.3
+    search_trials: int = 0
+    search_ratios: tuple = (0.5, 0.9)
+    prefix: tuple = ()
+
+    def key(self) -> str:
+        setup = dataclasses.asdict(self)
+        del setup["n_plans"], setup["batch_size"]
+        setup.update(ratio_range=list(self.ratio_range), search_ratios=list(self.search_ratios))
+        setup["prefix"] = [int(t) for t in self.prefix]
+        if not setup["prefix"]:  # only with one: data collected before windows had prefixes keep their keys
+            del setup["prefix"]
+        return _setup_key(setup)
+
+    def search(self) -> SearchConfig:
+        """The short sensitivity-seeded searches whose trials join the sampled plans (budget set per ratio)."""
+        return SearchConfig(
+            budget=("params", 1.0),
+            granularity=self.granularity,
+            low=self.low,
+            high=self.high,
+            weights_only=self.weights_only,
+            sampler="sensitivity",
+            n_trials=self.search_trials,
+            seq_len=self.seq_len,
+            n_samples=self.calib_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            block_size=self.block_size,
+            prefix=tuple(self.prefix),
+        )
+
+
+def collect(
+    graph: Graph,
+    search_tokens: torch.Tensor,
+    holdout_tokens: torch.Tensor,
+    *,
+    model: str,
+    qmodel: QuantizedModel | None = None,
+    existing: Sequence[Mapping] = (),
+    on_row=None,
+    progress: bool = True,
+    **settings,
+) -> list[dict]:
     """Rows of (features, measured delta_ppl) for sampled plans of one model.
 
-    Features come from ``calib_samples`` windows of ``search_tokens`` (the first
-    ``probe_samples`` of them probe the noise); delta_ppl is measured on ``eval_samples``
-    windows of ``holdout_tokens`` against the all-``high`` plan. Plans: ``sample_plans`` and,
-    with ``search_trials``, every distinct trial of a short sensitivity-seeded search at each
-    of ``search_ratios``. Rows of ``existing`` with the same model and setup are not measured
-    again (resume); ``on_row(rows)`` is called with all rows so far after each new one.
-    ``prefix``: the token ids every window opens with (``mpqc.data.text_prefix``: a BOS).
+    ``settings``: the fields of ``CollectSetup``. Features come from ``calib_samples`` windows
+    of ``search_tokens`` (the first ``probe_samples`` of them probe the noise); delta_ppl is
+    measured on ``eval_samples`` windows of ``holdout_tokens`` against the all-``high`` plan.
+    Plans: ``sample_plans`` and, with ``search_trials``, every distinct trial of a short
+    sensitivity-seeded search at each of ``search_ratios``. Rows of ``existing`` with the same
+    model and setup are not measured again (resume); ``on_row(rows)`` is called with all rows
+    so far after each new one. ``prefix``: the token ids every window opens with
+    (``mpqc.data.text_prefix``: a BOS).
     """
     import mpqc
 
-    low_p, high_p = low_precision(low, high, weights_only=weights_only)
-    space = SearchSpace(graph, granularity, low_p, high_p, Budget("params", 0.0), block_size)
-    setup = {"low": low, "high": high, "weights_only": weights_only, "granularity": granularity,
-             "block_size": block_size, "seq_len": seq_len, "calib_samples": calib_samples,
-             "probe_samples": probe_samples, "eval_samples": eval_samples, "seed": seed,
-             "ratio_range": list(ratio_range), "guided_fraction": guided_fraction, "search_trials": search_trials,
-             "search_ratios": list(search_ratios)}
-    prefix = [int(t) for t in prefix]
-    if prefix:  # only then: data collected before windows had prefixes keep their keys
-        setup["prefix"] = prefix
-    key = _setup_key(setup)
+    c = CollectSetup(**settings)
+    key = c.key()
+    low_p, high_p = low_precision(c.low, c.high, weights_only=c.weights_only)
+    space = SearchSpace(graph, c.granularity, low_p, high_p, Budget("params", 0.0), c.block_size)
     rows = [dict(r) for r in existing]
     done = {int(r["plan_id"]) for r in rows if r["model"] == model and r["setup"] == key}
     qmodel = qmodel or mpqc.compile(graph, space.plan([]))
-    calib = sample_windows(search_tokens, seq_len, calib_samples, seed + 1, prefix)
-    evals = sample_windows(holdout_tokens, seq_len, eval_samples, seed + 2, prefix)
+    prefix = [int(t) for t in c.prefix]
+    calib = sample_windows(search_tokens, c.seq_len, c.calib_samples, c.seed + 1, prefix)
+    evals = sample_windows(holdout_tokens, c.seq_len, c.eval_samples, c.seed + 2, prefix)
     t0 = time.perf_counter()
-    feats = Features(qmodel, space, calib, probe_samples=probe_samples, batch_size=batch_size, noise_seed=seed,
-                     progress=progress)
+    feats = Features(
+        qmodel,
+        space,
+        calib,
+        probe_samples=c.probe_samples,
+        batch_size=c.batch_size,
+        noise_seed=c.seed,
+        progress=progress,
+    )
     model_seconds = time.perf_counter() - t0
     qmodel.set_plan(space.plan([]))
-    nll_base_eval = nll(qmodel, windows=evals, batch_size=batch_size, progress=False)
-    plans = sample_plans(space, n_plans, seed=seed, ratio_range=ratio_range, guided_fraction=guided_fraction,
-                         sensitivity=feats.sensitivity)
-    if search_trials:
-        search = SearchConfig(budget=("params", 1.0), granularity=granularity, low=low, high=high,
-                              weights_only=weights_only, sampler="sensitivity", n_trials=search_trials,
-                              seq_len=seq_len, n_samples=calib_samples, batch_size=batch_size, seed=seed,
-                              block_size=block_size, prefix=prefix)
-        plans += _search_plans(graph, search_tokens, space, qmodel, plans, search, ratios=search_ratios)
-    todo = [p for p in plans if p["plan_id"] not in done]
-    for p in tqdm(todo, desc=f"collect {model}", unit="plan", disable=not progress):
-        t1 = time.perf_counter()
-        f = feats.features(p["low"])
-        t2 = time.perf_counter()
-        qmodel.set_plan(space.plan(p["low"]))
-        nll_q = nll(qmodel, windows=evals, batch_size=batch_size, progress=False)
-        t3 = time.perf_counter()
-        dnll = nll_q - nll_base_eval
-        rows.append({
-            "model": model, "setup": key, "plan_id": p["plan_id"], "source": p["source"],
-            "granularity": granularity, "low": low, "high": high, "weights_only": weights_only,
-            "block_size": "default" if block_size is None else str(block_size), "target_ratio": p["target_ratio"],
-            "n_low": len(p["low"]), **f, "ppl_base": math.exp(nll_base_eval), "ppl_q": math.exp(min(nll_q, EXP_LIMIT)),
-            "delta_ppl": math.expm1(min(dnll, EXP_LIMIT)), "dnll": dnll, "calib_samples": calib_samples,
-            "probe_samples": probe_samples, "eval_samples": eval_samples, "seq_len": seq_len, "seed": seed,
-            "feature_seconds": round(t2 - t1 + model_seconds / max(len(plans), 1), 4),
-            "eval_seconds": round(t3 - t2, 4), "low_components": ";".join(p["low"]),
-        })
+    nll_base = nll(qmodel, windows=evals, batch_size=c.batch_size, progress=False)
+    plans = sample_plans(
+        space,
+        c.n_plans,
+        seed=c.seed,
+        ratio_range=c.ratio_range,
+        guided_fraction=c.guided_fraction,
+        sensitivity=feats.sensitivity,
+    )
+    if c.search_trials:
+        plans += _search_plans(graph, search_tokens, space, qmodel, plans, c.search(), ratios=c.search_ratios)
+    shared = {
+        **{k: getattr(c, k) for k in _ROW_SETTINGS},
+        "model": model,
+        "setup": key,
+        "ppl_base": math.exp(nll_base),
+        "block_size": "default" if c.block_size is None else str(c.block_size),
+    }
+    feature_share = model_seconds / max(len(plans), 1)  # the per-model measurements, spread over the plans
+    for p in tqdm(
+        [p for p in plans if p["plan_id"] not in done], desc=f"collect {model}", unit="plan", disable=not progress
+    ):
+        rows.append(_measure_plan(p, feats, qmodel, space, evals, nll_base, c.batch_size, shared, feature_share))
         if on_row is not None:
             on_row(rows)
     qmodel.set_plan(space.plan([]))
     return rows
+
+
+# The settings each row repeats.
+_ROW_SETTINGS = (
+    "granularity",
+    "low",
+    "high",
+    "weights_only",
+    "calib_samples",
+    "probe_samples",
+    "eval_samples",
+    "seq_len",
+    "seed",
+)
+
+
+def _measure_plan(p, feats, qmodel, space, evals, nll_base, batch_size, shared, feature_share) -> dict:
+    """One row: the plan's features and its measured delta_ppl on the held-out windows."""
+    t1 = time.perf_counter()
+    f = feats.features(p["low"])
+    t2 = time.perf_counter()
+    qmodel.set_plan(space.plan(p["low"]))
+    nll_q = nll(qmodel, windows=evals, batch_size=batch_size, progress=False)
+    t3 = time.perf_counter()
+    dnll = nll_q - nll_base
+    return {
+        **shared,
+        "plan_id": p["plan_id"],
+        "source": p["source"],
+        "target_ratio": p["target_ratio"],
+        "n_low": len(p["low"]),
+        **f,
+        "ppl_q": math.exp(min(nll_q, EXP_LIMIT)),
+        "delta_ppl": math.expm1(min(dnll, EXP_LIMIT)),
+        "dnll": dnll,
+        "feature_seconds": round(t2 - t1 + feature_share, 4),
+        "eval_seconds": round(t3 - t2, 4),
+        "low_components": ";".join(p["low"]),
+    }
 
 
 def _search_plans(graph, tokens, space, qmodel, existing, search: SearchConfig, *, ratios) -> list[dict]:
@@ -166,8 +290,14 @@ def _search_plans(graph, tokens, space, qmodel, existing, search: SearchConfig, 
                 continue
             seen.add(frozenset(chosen))
             # ids past any sampled plan's, stable for the same settings
-            out.append({"plan_id": 1_000_000 + 1000 * k + t.number, "source": "search", "target_ratio": r,
-                        "low": sorted(chosen, key=names.index)})
+            out.append(
+                {
+                    "plan_id": 1_000_000 + 1000 * k + t.number,
+                    "source": "search",
+                    "target_ratio": r,
+                    "low": sorted(chosen, key=names.index),
+                }
+            )
     return out
 
 
@@ -183,8 +313,9 @@ def read_data(path: str) -> list[dict]:
     header, raw = read_csv(path)
     missing = [c for c in ("model", "delta_ppl") if c not in header]
     if missing:
-        raise ValueError(f"{path} lacks columns {missing}; expected the columns of `mpqc predict collect` "
-                         f"({', '.join(COLUMNS)})")
+        raise ValueError(
+            f"{path} lacks columns {missing}; expected the columns of `mpqc predict collect` ({', '.join(COLUMNS)})"
+        )
     kinds = {**{k: "str" for k in _STR}, **{k: "int" for k in _INT}, "weights_only": "bool"}
     rows = typed_rows(raw, kinds, default="float", where=path)
     if not rows:

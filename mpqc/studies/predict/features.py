@@ -28,8 +28,9 @@ PLAN_FEATURES = ("ratio", "fisher", "fisher_diag", "first_order", "weight_noise"
 FEATURES = MODEL_FEATURES + PLAN_FEATURES
 
 
-def fisher_gradients(qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *,
-                     progress: bool = False) -> np.ndarray:
+def fisher_gradients(
+    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = False
+) -> np.ndarray:
     """g[w, c]: the first-order loss change on window w of moving component c low, all at once.
 
     search/sensitivity.py's construction, kept per window and signed: ``0.5 * mean_w g[w, c]^2``
@@ -48,11 +49,21 @@ class Features:
     ``noise_rise`` feature, no forward per plan). ``noise_seed`` seeds the Gaussian weight noise.
     """
 
-    def __init__(self, qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *,
-                 probe_samples: int = 2, batch_size: int = 8, noise_seed: int = 0, progress: bool = False):
+    def __init__(
+        self,
+        qmodel: QuantizedModel,
+        space: SearchSpace,
+        windows: torch.Tensor,
+        *,
+        probe_samples: int = 2,
+        batch_size: int = 8,
+        noise_seed: int = 0,
+        progress: bool = False,
+    ):
         if not isinstance(probe_samples, int) or not 0 <= probe_samples <= len(windows):
-            raise ValueError(f"probe_samples must be an int in [0, {len(windows)}] (the calibration windows), "
-                             f"got {probe_samples!r}")
+            raise ValueError(
+                f"probe_samples must be an int in [0, {len(windows)}] (the calibration windows), got {probe_samples!r}"
+            )
         self.qmodel, self.space, self.windows = qmodel, space, windows
         self.graph = space.graph
         self.names = [c.name for c in space.components]
@@ -69,9 +80,11 @@ class Features:
             qmodel.set_plan(self.high_plan)
             self.nll_base = nll(qmodel, windows=windows, batch_size=batch_size, progress=False)
             self.g = fisher_gradients(qmodel, space, windows, progress=progress)
-            self.sensitivity = dict(zip(self.names, 0.5 * np.mean(self.g ** 2, axis=0)))
+            self.sensitivity = dict(zip(self.names, 0.5 * np.mean(self.g**2, axis=0)))
             self._weight_stats()
-            self.nll_probe = nll(qmodel, windows=self.probe, batch_size=batch_size, progress=False) if len(self.probe) else math.nan
+            self.nll_probe = (
+                nll(qmodel, windows=self.probe, batch_size=batch_size, progress=False) if len(self.probe) else math.nan
+            )
             self.noise_rise_all = self._noise_rise(self.names)
         finally:
             qmodel.set_plan(previous if previous is not None else self.high_plan)
@@ -145,8 +158,10 @@ class Features:
         if plan.graph is not self.graph:
             raise ValueError("the plan was made for another captured graph")
         if plan.granularity_label != self.high_plan.granularity_label or plan.block_size != self.space.block_size:
-            raise ValueError(f"the plan's granularity/block size ({plan.granularity_label}, {plan.block_size}) are not "
-                             f"the features' ({self.high_plan.granularity_label}, {self.space.block_size})")
+            raise ValueError(
+                f"the plan's granularity/block size ({plan.granularity_label}, {plan.block_size}) are not "
+                f"the features' ({self.high_plan.granularity_label}, {self.space.block_size})"
+            )
         low, bad = [], []
         for c in self.space.components:
             p = plan.precision(c.name)
@@ -155,8 +170,10 @@ class Features:
             elif p != self.space.high:
                 bad.append(f"{c.name}: {p}")
         if bad:
-            raise ValueError(f"the features are for plans of {self.space.low} (low) and {self.space.high} (high); "
-                             f"the plan has {len(bad)} components at other precisions, e.g. {', '.join(bad[:3])}")
+            raise ValueError(
+                f"the features are for plans of {self.space.low} (low) and {self.space.high} (high); "
+                f"the plan has {len(bad)} components at other precisions, e.g. {', '.join(bad[:3])}"
+            )
         return low
 
     def features(self, plan_or_low: Plan | Iterable[str], *, probe: bool = True) -> dict:
@@ -172,7 +189,7 @@ class Features:
         return {
             **self.model_features(),
             "ratio": plan.quantization_ratio("params"),
-            "fisher": float(0.5 * np.mean(per_window ** 2)),
+            "fisher": float(0.5 * np.mean(per_window**2)),
             "fisher_diag": float(sum(self.sensitivity[n] for n in low)),
             "first_order": float(np.mean(per_window)),
             "weight_noise": float(self._energy @ z / self._weight_total) if self._weight_total else 0.0,

@@ -38,12 +38,16 @@ def design(rows: Sequence[Mapping], terms: Sequence[str]) -> np.ndarray:
         values = []
         for i, r in enumerate(rows):
             if name not in r:
-                raise ValueError(f"term {term!r} needs feature {name!r}, which row {i} lacks; "
-                                 f"features: {', '.join(k for k in r if k in FEATURES) or 'none'}")
+                raise ValueError(
+                    f"term {term!r} needs feature {name!r}, which row {i} lacks; "
+                    f"features: {', '.join(k for k in r if k in FEATURES) or 'none'}"
+                )
             v = float(r[name])
             if not math.isfinite(v):
-                raise ValueError(f"term {term!r}: feature {name!r} of row {i} (model {r.get('model')!r}, plan "
-                                 f"{r.get('plan_id')!r}) is {v}; was it measured (e.g. noise_rise needs probe windows)?")
+                raise ValueError(
+                    f"term {term!r}: feature {name!r} of row {i} (model {r.get('model')!r}, plan "
+                    f"{r.get('plan_id')!r}) is {v}; was it measured (e.g. noise_rise needs probe windows)?"
+                )
             values.append(math.log(max(v, LOG_FLOOR)) if is_log else v)
         cols.append(values)
     return np.asarray(cols, dtype=float).T.reshape(len(rows), len(terms))
@@ -81,7 +85,9 @@ class Predictor:
     setup: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def fit(cls, rows: Sequence[Mapping], terms: Sequence[str] = DEFAULT_TERMS, *, setup: Mapping | None = None) -> "Predictor":
+    def fit(
+        cls, rows: Sequence[Mapping], terms: Sequence[str] = DEFAULT_TERMS, *, setup: Mapping | None = None
+    ) -> Predictor:
         terms = tuple(terms)
         if not terms:
             raise ValueError("give at least one term, e.g. 'log(fisher)'")
@@ -93,11 +99,15 @@ class Predictor:
         dnll = _target(rows)
         keep = dnll > LOG_FLOOR
         x, y = design(rows, terms)[keep], np.log(dnll[keep])
-        used = [j for j in range(len(terms)) if x.shape[0] and np.ptp(x[:, j]) > 1e-12 * max(1.0, np.abs(x[:, j]).max())]
+        used = [
+            j for j in range(len(terms)) if x.shape[0] and np.ptp(x[:, j]) > 1e-12 * max(1.0, np.abs(x[:, j]).max())
+        ]
         p = len(used) + 1
         if x.shape[0] < p + 2:
-            raise ValueError(f"{x.shape[0]} usable rows (delta NLL > {LOG_FLOOR:g}) for {p} coefficients; "
-                             f"need at least {p + 2}: collect more plans or use fewer terms")
+            raise ValueError(
+                f"{x.shape[0]} usable rows (delta NLL > {LOG_FLOOR:g}) for {p} coefficients; "
+                f"need at least {p + 2}: collect more plans or use fewer terms"
+            )
         a = np.column_stack([np.ones(x.shape[0]), x[:, used]])
         beta, *_ = np.linalg.lstsq(a, y, rcond=None)
         resid = y - a @ beta
@@ -112,12 +122,20 @@ class Predictor:
         for k, j in enumerate(used):
             coef[j], coef_err[j] = float(beta[k + 1]), float(err[k + 1])
         ss_tot = float(((y - y.mean()) ** 2).sum())
-        return cls(terms=terms, intercept=float(beta[0]), coef=tuple(coef), coef_err=tuple(coef_err),
-                   intercept_err=float(err[0]), unused=tuple(terms[j] for j in range(len(terms)) if j not in used),
-                   n=int(keep.sum()), dropped=int((~keep).sum()),
-                   r2_log=1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else math.nan,
-                   residual_std=math.sqrt(s2), models=tuple(sorted({str(r.get("model", "")) for r in rows})),
-                   setup=dict(setup or {}))
+        return cls(
+            terms=terms,
+            intercept=float(beta[0]),
+            coef=tuple(coef),
+            coef_err=tuple(coef_err),
+            intercept_err=float(err[0]),
+            unused=tuple(terms[j] for j in range(len(terms)) if j not in used),
+            n=int(keep.sum()),
+            dropped=int((~keep).sum()),
+            r2_log=1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else math.nan,
+            residual_std=math.sqrt(s2),
+            models=tuple(sorted({str(r.get("model", "")) for r in rows})),
+            setup=dict(setup or {}),
+        )
 
     def predict_log_dnll(self, rows: Sequence[Mapping]) -> np.ndarray:
         return self.intercept + design(list(rows), self.terms) @ np.asarray(self.coef)
@@ -129,10 +147,14 @@ class Predictor:
     def describe(self) -> str:
         lines = [f"ln(delta NLL) = {self.intercept:+.4f} (± {self.intercept_err:.4f})"]
         for t, c, e in zip(self.terms, self.coef, self.coef_err):
-            lines.append(f"    {c:+.4f} (± {e:.4f}) * {t}" + ("   [constant in the data: not used]" if t in self.unused else ""))
-        lines.append(f"fitted on {self.n} plans of {len(self.models)} model(s)"
-                     + (f" ({self.dropped} with delta NLL <= {LOG_FLOOR:g} left out)" if self.dropped else "")
-                     + f"; in-sample R^2 of ln(delta NLL) {self.r2_log:.3f}, residual std {self.residual_std:.3f}")
+            lines.append(
+                f"    {c:+.4f} (± {e:.4f}) * {t}" + ("   [constant in the data: not used]" if t in self.unused else "")
+            )
+        lines.append(
+            f"fitted on {self.n} plans of {len(self.models)} model(s)"
+            + (f" ({self.dropped} with delta NLL <= {LOG_FLOOR:g} left out)" if self.dropped else "")
+            + f"; in-sample R^2 of ln(delta NLL) {self.r2_log:.3f}, residual std {self.residual_std:.3f}"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -141,9 +163,11 @@ class Predictor:
         return {"mpqc_predictor": 1, **json_safe(d)}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "Predictor":
+    def from_dict(cls, data: Mapping) -> Predictor:
         if data.get("mpqc_predictor") != 1:
-            raise ValueError(f"not an mpqc predictor of schema version 1 (mpqc_predictor = {data.get('mpqc_predictor')!r})")
+            raise ValueError(
+                f"not an mpqc predictor of schema version 1 (mpqc_predictor = {data.get('mpqc_predictor')!r})"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         missing = {"terms", "intercept", "coef"} - set(data)
         if missing:
@@ -165,7 +189,7 @@ class Predictor:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str) -> "Predictor":
+    def load(cls, path: str) -> Predictor:
         with open(path) as f:
             try:
                 data = json.load(f)

@@ -36,7 +36,9 @@ def metrics(true_delta, pred_delta, *, ratios=None, models=None) -> dict:
     out["mae"] = float(np.mean(np.abs(t - p))) if t.size else math.nan
     nz = np.abs(t) > 0
     out["median_rel"] = float(np.median(np.abs(t - p)[nz] / np.abs(t[nz]))) if nz.any() else math.nan
-    out["spearman"] = float(stats.spearmanr(t, p).statistic) if t.size >= 3 and np.ptp(t) > 0 and np.ptp(p) > 0 else math.nan
+    out["spearman"] = (
+        float(stats.spearmanr(t, p).statistic) if t.size >= 3 and np.ptp(t) > 0 and np.ptp(p) > 0 else math.nan
+    )
     if ratios is not None:
         r = np.asarray(ratios, float)
         g = np.asarray(models if models is not None else [""] * t.size)
@@ -52,8 +54,9 @@ def metrics(true_delta, pred_delta, *, ratios=None, models=None) -> dict:
     return out
 
 
-def validate(rows: Sequence[Mapping], terms: Sequence[str] = DEFAULT_TERMS, *, by: str = "plans", k: int = 5,
-             seed: int = 0) -> dict:
+def validate(
+    rows: Sequence[Mapping], terms: Sequence[str] = DEFAULT_TERMS, *, by: str = "plans", k: int = 5, seed: int = 0
+) -> dict:
     """Out-of-sample quality: ``by="plans"`` (k-fold over plans; every model seen in training)
     or ``by="models"`` (leave one model out: the held-out model's plans are predicted from the
     other models). Returns metrics pooled over all held-out predictions ("overall"), per model
@@ -84,6 +87,11 @@ def validate(rows: Sequence[Mapping], terms: Sequence[str] = DEFAULT_TERMS, *, b
     for m in sorted(set(model_of)):
         idx = model_of == m
         per_model[m] = metrics(true[idx], pred[idx], ratios=ratio[idx])
-    return {"by": by, "terms": list(terms), "k": k if by == "plans" else len(folds),
-            "overall": metrics(true, pred, ratios=ratio, models=model_of), "per_model": per_model,
-            "predictions": pred.tolist()}
+    return {
+        "by": by,
+        "terms": list(terms),
+        "k": k if by == "plans" else len(folds),
+        "overall": metrics(true, pred, ratios=ratio, models=model_of),
+        "per_model": per_model,
+        "predictions": pred.tolist(),
+    }

@@ -25,11 +25,20 @@ from __future__ import annotations
 import os
 
 from mpqc.io import json_safe, write_json_atomic, write_text_atomic
+
 # Every name below stays reachable as mpqc.studies.report.<name>.
-from mpqc.studies.report.analysis import (BUDGETS, PAPER, SETTING_KEYS, analyze, bits_view,  # noqa: F401
-                                          law1_fits, law2_fits, max_ratios, setting_label)
-from mpqc.studies.report.figures import (FIGURES, fig_bits, fig_law1, fig_law2,  # noqa: F401
-                                         fig_ratio_vs_delta, figures)
+from mpqc.studies.report.analysis import (  # noqa: F401
+    BUDGETS,
+    PAPER,
+    SETTING_KEYS,
+    analyze,
+    bits_view,
+    law1_fits,
+    law2_fits,
+    max_ratios,
+    setting_label,
+)
+from mpqc.studies.report.figures import FIGURES, fig_bits, fig_law1, fig_law2, fig_ratio_vs_delta, figures  # noqa: F401
 from mpqc.studies.report.markdown import markdown
 from mpqc.studies.sweep import read_results
 

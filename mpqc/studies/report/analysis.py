@@ -11,8 +11,17 @@ from collections import defaultdict
 
 from mpqc.studies import laws
 
-__all__ = ["BUDGETS", "PAPER", "SETTING_KEYS", "analyze", "bits_view", "law1_fits", "law2_fits", "max_ratios",
-           "setting_label"]
+__all__ = [
+    "BUDGETS",
+    "PAPER",
+    "SETTING_KEYS",
+    "analyze",
+    "bits_view",
+    "law1_fits",
+    "law2_fits",
+    "max_ratios",
+    "setting_label",
+]
 
 BUDGETS = (0.05, 0.10, 0.20)
 # Cao et al. 2024, as the project's design notes quote them (Qwen-1.5, matmul-wise).
@@ -34,7 +43,6 @@ def _models(rows) -> list[tuple[str, int]]:
     return sorted({(r["model"], r["params"]) for r in rows}, key=lambda m: (m[1], m[0]))
 
 
-
 def max_ratios(rows, budgets=BUDGETS) -> list[dict]:
     """Q_r,max per (setting, model, budget), pooled over seeds, and per seed when there are several."""
     groups = defaultdict(list)
@@ -48,13 +56,23 @@ def max_ratios(rows, budgets=BUDGETS) -> list[dict]:
             per_seed = []
             if len(seeds) > 1:  # the search noise: the same curve read per seed
                 for s in seeds:
-                    m = laws.max_ratio_at_budget([r["achieved"] for r in rs if r["seed"] == s],
-                                                 [r["delta_ppl"] for r in rs if r["seed"] == s], b)
+                    m = laws.max_ratio_at_budget(
+                        [r["achieved"] for r in rs if r["seed"] == s], [r["delta_ppl"] for r in rs if r["seed"] == s], b
+                    )
                     per_seed.append(None if math.isnan(m.value) else m.value)
-            out.append({"setting": setting_label(setting), **dict(zip(SETTING_KEYS, setting)), "model": model,
-                        "params": params, "budget": b, "max_ratio": None if math.isnan(pooled.value) else pooled.value,
-                        "status": pooled.status, "per_seed": per_seed,
-                        "n_ratios": len({r["ratio"] for r in rs})})
+            out.append(
+                {
+                    "setting": setting_label(setting),
+                    **dict(zip(SETTING_KEYS, setting)),
+                    "model": model,
+                    "params": params,
+                    "budget": b,
+                    "max_ratio": None if math.isnan(pooled.value) else pooled.value,
+                    "status": pooled.status,
+                    "per_seed": per_seed,
+                    "n_ratios": len({r["ratio"] for r in rs}),
+                }
+            )
     return out
 
 
@@ -69,12 +87,19 @@ def law1_fits(max_ratio_rows, budgets=BUDGETS) -> list[dict]:
             ms = [m for m in max_ratio_rows if m["setting"] == setting and m["budget"] == b]
             used = [m for m in ms if m["status"] == "interpolated"]
             left = {m["model"]: m["status"] for m in ms if m["status"] != "interpolated"}
-            entry = {"setting": setting, "budget": b, "fit": None,
-                     "points": [{"model": m["model"], "params": m["params"], "max_ratio": m["max_ratio"]} for m in used],
-                     "left_out": left, "note": ""}
+            entry = {
+                "setting": setting,
+                "budget": b,
+                "fit": None,
+                "points": [{"model": m["model"], "params": m["params"], "max_ratio": m["max_ratio"]} for m in used],
+                "left_out": left,
+                "note": "",
+            }
             if len({m["params"] for m in used}) < laws.MIN_POINTS:
-                entry["note"] = (f"not fitted: {len(used)} model(s) with an interpolated Q_r,max, "
-                                 f"{laws.MIN_POINTS} distinct sizes needed")
+                entry["note"] = (
+                    f"not fitted: {len(used)} model(s) with an interpolated Q_r,max, "
+                    f"{laws.MIN_POINTS} distinct sizes needed"
+                )
             else:
                 fit = laws.fit_exponential([1 - m["max_ratio"] for m in used], [m["params"] for m in used])
                 entry["fit"] = fit.to_dict()
@@ -94,9 +119,17 @@ def law2_fits(rows) -> list[dict]:
         if len(blocks) < 2:
             continue  # one block size is no block-size sweep
         usable = [r for r in rs if r["delta_ppl"] > 0]
-        entry = {"model": model, "params": params, "granularity": g, "low": low, "weights_only": wo, "ratio": ratio,
-                 "points": [{"block_size": r["block_size"], "delta_ppl": r["delta_ppl"], "seed": r["seed"]} for r in rs],
-                 "fit": None, "note": ""}
+        entry = {
+            "model": model,
+            "params": params,
+            "granularity": g,
+            "low": low,
+            "weights_only": wo,
+            "ratio": ratio,
+            "points": [{"block_size": r["block_size"], "delta_ppl": r["delta_ppl"], "seed": r["seed"]} for r in rs],
+            "fit": None,
+            "note": "",
+        }
         if len(rs) > len(usable):
             entry["note"] = f"{len(rs) - len(usable)} point(s) with delta_ppl <= 0 left out (no logarithm); "
         if len({r["block_size"] for r in usable}) < laws.MIN_POINTS:
@@ -109,12 +142,30 @@ def law2_fits(rows) -> list[dict]:
 
 def bits_view(rows) -> dict:
     """Perplexity against total weight bits: every point, the all-high baselines, the Pareto front."""
-    points = [{"model": r["model"], "params": r["params"], "setting": setting_label(_setting(r)), "ratio": r["ratio"],
-               "total_bits": r["total_bits"], "average_bits": r["average_bits"], "ppl": r["ppl_q"]} for r in rows]
+    points = [
+        {
+            "model": r["model"],
+            "params": r["params"],
+            "setting": setting_label(_setting(r)),
+            "ratio": r["ratio"],
+            "total_bits": r["total_bits"],
+            "average_bits": r["average_bits"],
+            "ppl": r["ppl_q"],
+        }
+        for r in rows
+    ]
     high_bits = {"bf16": 16, "fp16": 16, "fp32": 32}
-    baselines = [{"model": r["model"], "params": r["params"], "setting": f"all {r['high']}",
-                  "total_bits": r["matmul_params"] * high_bits.get(r["high"], 16), "average_bits": high_bits.get(r["high"], 16),
-                  "ppl": r["ppl_base"]} for r in {r["model"]: r for r in rows}.values()]
+    baselines = [
+        {
+            "model": r["model"],
+            "params": r["params"],
+            "setting": f"all {r['high']}",
+            "total_bits": r["matmul_params"] * high_bits.get(r["high"], 16),
+            "average_bits": high_bits.get(r["high"], 16),
+            "ppl": r["ppl_base"],
+        }
+        for r in {r["model"]: r for r in rows}.values()
+    ]
     front, best = [], math.inf
     for p in sorted(points + baselines, key=lambda p: (p["total_bits"], p["ppl"])):
         if p["ppl"] < best:  # lower perplexity than everything with fewer bits
@@ -128,8 +179,10 @@ def analyze(rows, budgets=BUDGETS) -> dict:
     mr = max_ratios(rows, budgets)
     return {
         "n_rows": len(rows),
-        "models": [{"model": m, "params": p, "ppl_base": next(r["ppl_base"] for r in rows if r["model"] == m)}
-                   for m, p in _models(rows)],
+        "models": [
+            {"model": m, "params": p, "ppl_base": next(r["ppl_base"] for r in rows if r["model"] == m)}
+            for m, p in _models(rows)
+        ],
         "settings": sorted({setting_label(_setting(r)) for r in rows}),
         "budgets": list(budgets),
         "max_ratio": mr,

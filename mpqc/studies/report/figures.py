@@ -52,8 +52,12 @@ def fig_ratio_vs_delta(rows, budgets, path):
     """Paper Fig. 2-3: held-out delta_ppl against achieved Q_r, one line per model size."""
     colors = _size_colors(rows)
     settings = sorted({_setting(r) for r in rows}, key=str)
-    curves = [st for st in settings if len({(r["model"], r["ratio"]) for r in rows if _setting(r) == st})
-              > len({r["model"] for r in rows if _setting(r) == st})]
+    curves = [
+        st
+        for st in settings
+        if len({(r["model"], r["ratio"]) for r in rows if _setting(r) == st})
+        > len({r["model"] for r in rows if _setting(r) == st})
+    ]
     settings = curves or settings  # settings searched at several ratios; else whatever there is
     fig, axes = _grid(len(settings))
     for ax, setting in zip(axes, settings):
@@ -61,7 +65,9 @@ def fig_ratio_vs_delta(rows, budgets, path):
             rs = [r for r in rows if _setting(r) == setting and r["model"] == model]
             if not rs:
                 continue
-            ax.scatter([r["achieved"] for r in rs], [100 * r["delta_ppl"] for r in rs], color=colors[model], s=14, alpha=0.6)
+            ax.scatter(
+                [r["achieved"] for r in rs], [100 * r["delta_ppl"] for r in rs], color=colors[model], s=14, alpha=0.6
+            )
             x, env = laws.monotone_envelope([r["achieved"] for r in rs], [r["delta_ppl"] for r in rs])
             ax.plot(x, 100 * env, color=colors[model], label=f"{model} ({params / 1e6:.2g}M)")
         for b in budgets:
@@ -126,7 +132,9 @@ def fig_law2(analysis, path):
             ax.plot(xs, 100 * f.predict(xs), color=cmap(i % 10))
             label += f": k={f.k:.2f}±{f.k_err:.2f}"
         if pts:
-            ax.scatter([p["block_size"] for p in pts], [100 * p["delta_ppl"] for p in pts], color=cmap(i % 10), label=label)
+            ax.scatter(
+                [p["block_size"] for p in pts], [100 * p["delta_ppl"] for p in pts], color=cmap(i % 10), label=label
+            )
     if entries:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -152,8 +160,14 @@ def fig_bits(analysis, path):
         base = [p for p in bits["baselines"] if p["model"] == m]
         ax.scatter([p["total_bits"] for p in base], [p["ppl"] for p in base], color=colors[m], marker="*", s=90)
     front = bits["pareto"]
-    ax.plot([p["total_bits"] for p in front], [p["ppl"] for p in front], color="black", lw=1, drawstyle="steps-post",
-            label="Pareto front")
+    ax.plot(
+        [p["total_bits"] for p in front],
+        [p["ppl"] for p in front],
+        color="black",
+        lw=1,
+        drawstyle="steps-post",
+        label="Pareto front",
+    )
     ax.set_xscale("log")
     ppl = [p["ppl"] for p in bits["points"] + bits["baselines"] if math.isfinite(p["ppl"])]
     if ppl and max(ppl) > 3 * min(ppl):  # a log axis only where perplexities span a wide range

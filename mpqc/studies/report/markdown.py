@@ -26,26 +26,44 @@ def markdown(analysis, figure_paths, *, source: str = "") -> str:
 
 def _models_section(a, source: str) -> list[str]:
     out = ["# Mixed-precision scaling laws: fitted report", ""]
-    out += [f"Source: `{source}`, {a['n_rows']} searched cells, {len(a['models'])} models, "
-            f"settings: {'; '.join(a['settings'])}. delta_ppl = (ppl_q - ppl_base) / ppl_base on held-out text.", ""]
+    out += [
+        f"Source: `{source}`, {a['n_rows']} searched cells, {len(a['models'])} models, "
+        f"settings: {'; '.join(a['settings'])}. delta_ppl = (ppl_q - ppl_base) / ppl_base on held-out text.",
+        "",
+    ]
     out += ["## Models", "", "| model | parameters | held-out perplexity (all high) |", "| --- | ---: | ---: |"]
     out += [f"| {m['model']} | {m['params']:,} | {m['ppl_base']:.3f} |" for m in a["models"]]
     return out
 
 
 def _max_ratio_section(a) -> list[str]:
-    out = ["", "## Largest quantization ratio within each loss budget", "",
-           "Read off each model's ratio curve (achieved Q_r, made monotone: a plan found at a higher ratio "
-           "also meets a lower one), interpolated linearly. `>=` marks a budget met at every measured "
-           "ratio (a lower bound), `-` one never met.", ""]
+    out = [
+        "",
+        "## Largest quantization ratio within each loss budget",
+        "",
+        "Read off each model's ratio curve (achieved Q_r, made monotone: a plan found at a higher ratio "
+        "also meets a lower one), interpolated linearly. `>=` marks a budget met at every measured "
+        "ratio (a lower bound), `-` one never met.",
+        "",
+    ]
     for setting in sorted({e["setting"] for e in a["law1"]}):
-        out += [f"**{setting}**", "", "| model | " + " | ".join(f"{100 * b:g}%" for b in a["budgets"]) + " |",
-                "| --- |" + " ---: |" * len(a["budgets"])]
+        out += [
+            f"**{setting}**",
+            "",
+            "| model | " + " | ".join(f"{100 * b:g}%" for b in a["budgets"]) + " |",
+            "| --- |" + " ---: |" * len(a["budgets"]),
+        ]
         for m in a["models"]:
             cells = []
             for b in a["budgets"]:
-                e = next((x for x in a["max_ratio"] if x["setting"] == setting and x["model"] == m["model"]
-                          and x["budget"] == b), None)
+                e = next(
+                    (
+                        x
+                        for x in a["max_ratio"]
+                        if x["setting"] == setting and x["model"] == m["model"] and x["budget"] == b
+                    ),
+                    None,
+                )
                 cells.append(_ratio_cell(e))
             out.append(f"| {m['model']} | " + " | ".join(cells) + " |")
         out.append("")
@@ -68,22 +86,32 @@ def _ratio_cell(e) -> str:
 
 
 def _law1_section(a) -> list[str]:
-    out = ["## Law 1: size = exp(k (1 - Q_r,max) + c)", "",
-           "x = 1 - Q_r,max, y = model parameters; least squares on ln y; ± one standard error; "
-           f"R² of ln y. The paper (Qwen-1.5, matmul-wise): k = {PAPER['law1_k']['0.05']}, "
-           f"{PAPER['law1_k']['0.1']}, {PAPER['law1_k']['0.2']} at 5/10/20%.", "",
-           "| setting | budget | k | c | R² | models | paper k |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = [
+        "## Law 1: size = exp(k (1 - Q_r,max) + c)",
+        "",
+        "x = 1 - Q_r,max, y = model parameters; least squares on ln y; ± one standard error; "
+        f"R² of ln y. The paper (Qwen-1.5, matmul-wise): k = {PAPER['law1_k']['0.05']}, "
+        f"{PAPER['law1_k']['0.1']}, {PAPER['law1_k']['0.2']} at 5/10/20%.",
+        "",
+        "| setting | budget | k | c | R² | models | paper k |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for e in a["law1"]:
         paper = PAPER["law1_k"].get(f"{e['budget']:g}", "")
         if e["fit"]:
             f = e["fit"]
-            out.append(f"| {e['setting']} | {100 * e['budget']:g}% | {_pm(f['k'], f['k_err'])} | {_pm(f['c'], f['c_err'])} "
-                       f"| {f['r2']:.3f} | {f['n']} | {paper} |")
+            out.append(
+                f"| {e['setting']} | {100 * e['budget']:g}% | {_pm(f['k'], f['k_err'])} | {_pm(f['c'], f['c_err'])} "
+                f"| {f['r2']:.3f} | {f['n']} | {paper} |"
+            )
         else:
             out.append(f"| {e['setting']} | {100 * e['budget']:g}% | - | - | - | {len(e['points'])} | {paper} |")
-    notes = [f"- {e['setting']}, {100 * e['budget']:g}%: {e['note']}"
-             + (f" (left out: {', '.join(f'{k} {v}' for k, v in e['left_out'].items())})" if e["left_out"] else "")
-             for e in a["law1"] if e["note"]]
+    notes = [
+        f"- {e['setting']}, {100 * e['budget']:g}%: {e['note']}"
+        + (f" (left out: {', '.join(f'{k} {v}' for k, v in e['left_out'].items())})" if e["left_out"] else "")
+        for e in a["law1"]
+        if e["note"]
+    ]
     out += ["", *notes, ""] if notes else [""]
     return out
 
@@ -91,18 +119,27 @@ def _law1_section(a) -> list[str]:
 def _law2_section(a) -> list[str]:
     out = ["## Law 2: delta_ppl = A * block_size^k", ""]
     if not a["law2"]:
-        out += ["No block-size sweep in these results (grid.block_size needs several numeric sizes). "
-                f"The paper reports k between {PAPER['law2_k_range'][0]} and {PAPER['law2_k_range'][1]}.", ""]
+        out += [
+            "No block-size sweep in these results (grid.block_size needs several numeric sizes). "
+            f"The paper reports k between {PAPER['law2_k_range'][0]} and {PAPER['law2_k_range'][1]}.",
+            "",
+        ]
         return out
-    out += [f"Per model, format and asked Q_r over numeric block sizes. The paper: k between "
-            f"{PAPER['law2_k_range'][0]} and {PAPER['law2_k_range'][1]}.", "",
-            "| model | format | Q_r | A | k | R² | points | note |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out += [
+        f"Per model, format and asked Q_r over numeric block sizes. The paper: k between "
+        f"{PAPER['law2_k_range'][0]} and {PAPER['law2_k_range'][1]}.",
+        "",
+        "| model | format | Q_r | A | k | R² | points | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for e in a["law2"]:
         fmt = f"{e['granularity']}, {e['low']}{' W-only' if e['weights_only'] else ''}"
         if e["fit"]:
             f = e["fit"]
-            out.append(f"| {e['model']} | {fmt} | {e['ratio']:g} | {_pm(f['A'], f['A_err'], '.3g')} | "
-                       f"{_pm(f['k'], f['k_err'])} | {f['r2']:.3f} | {f['n']} | {e['note']} |")
+            out.append(
+                f"| {e['model']} | {fmt} | {e['ratio']:g} | {_pm(f['A'], f['A_err'], '.3g')} | "
+                f"{_pm(f['k'], f['k_err'])} | {f['r2']:.3f} | {f['n']} | {e['note']} |"
+            )
         else:
             out.append(f"| {e['model']} | {fmt} | {e['ratio']:g} | - | - | - | {len(e['points'])} | {e['note']} |")
     out.append("")
@@ -110,9 +147,15 @@ def _law2_section(a) -> list[str]:
 
 
 def _bits_section(a) -> list[str]:
-    out = ["## Bits view", "", "The Pareto front of held-out perplexity against total matmul weight bits "
-           "(each point: lower perplexity than anything with fewer bits):", "",
-           "| total bits | average bits | perplexity | model | configuration |", "| ---: | ---: | ---: | --- | --- |"]
+    out = [
+        "## Bits view",
+        "",
+        "The Pareto front of held-out perplexity against total matmul weight bits "
+        "(each point: lower perplexity than anything with fewer bits):",
+        "",
+        "| total bits | average bits | perplexity | model | configuration |",
+        "| ---: | ---: | ---: | --- | --- |",
+    ]
     for p in a["bits"]["pareto"]:
         cfg = p["setting"] + (f", Q_r >= {p['ratio']:g}" if "ratio" in p else "")
         out.append(f"| {p['total_bits']:,} | {p['average_bits']:.2f} | {p['ppl']:.3f} | {p['model']} | {cfg} |")
