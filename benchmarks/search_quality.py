@@ -1,94 +1,146 @@
-"""How fast each search strategy finds a good plan, on the real SmolLM2-135M (CPU).
+"""What each search strategy buys on the real SmolLM2-135M, judged on held-out text.
 
-For each Q_r budget (matmul granularity, MXINT4 weights and activations vs BF16), runs
-random search (the paper's method), TPE, and our sensitivity-seeded strategy for N trials
-each on the same windows, and prints the best perplexity after 10, 25 and 50 trials, and
-the first trial at which each strategy reaches random search's final result. The
-sensitivity pass costs about one trial per window; its time is printed beside it.
+For each setting (matmul Q_r 0.5, 0.9, 0.95 and layer Q_r 0.5 by default; MXINT4 weights and
+activations against BF16), runs the one-shot ``knapsack`` plan (one evaluation), random search
+(the paper's method), TPE and the default ``refine`` strategy on the same search windows, and
+reports each chosen plan's perplexity on held-out windows the searches never saw, its
+delta_ppl over the all-BF16 model on those windows, and what the search cost in full
+evaluations of its windows (pruned trials' partial evaluations, the Fisher pass, the
+re-scoring included). Results are appended to --json as each run finishes, and a rerun skips
+the runs already there.
 
-    python benchmarks/search_quality.py [--ratios 0.5,0.9,0.95] [--trials 50] [--json out.json]
+    python benchmarks/search_quality.py [--settings matmul:0.5,matmul:0.9,matmul:0.95,layer:0.5]
+        [--strategies knapsack,random,tpe,refine] [--trials 50] [--holdout-windows 64] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import time
 
 import torch
 
 import mpqc
-from mpqc.data import load_tokens, split_tokens
+from mpqc.data import load_tokens, split_tokens, text_prefix
+from mpqc.io import write_json_atomic
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratios", default="0.5,0.9,0.95")
-    ap.add_argument("--strategies", default="random,tpe,sensitivity")
+    ap.add_argument("--settings", default="matmul:0.5,matmul:0.9,matmul:0.95,layer:0.5")
+    ap.add_argument("--strategies", default="knapsack,random,tpe,refine")
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--holdout-windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    ap.add_argument("--json", default="search_quality.json")
+    return ap.parse_args()
 
+
+def search_config(strategy: str, granularity: str, ratio: float, args, prefix):
+    # knapsack: one evaluation of the integer program's plan; the others: n trials, and each
+    # search names its plan the way `mpqc search` does (pruning and re-scoring where it applies).
+    return mpqc.search.SearchConfig(
+        budget=("params", ratio),
+        granularity=granularity,
+        sampler=strategy,
+        n_trials=1 if strategy == "knapsack" else args.trials,
+        seq_len=args.seq_len,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        prefix=prefix,
+        baselines=False,
+    )
+
+
+def run_one(graph, qmodel, search_tokens, holdout_windows, strategy, granularity, ratio, args, prefix) -> dict:
+    t0 = time.perf_counter()
+    result = mpqc.search.run(
+        graph, search_tokens, search_config(strategy, granularity, ratio, args, prefix), qmodel=qmodel, progress=False
+    )
+    seconds = time.perf_counter() - t0
+    qmodel.set_plan(result.plan)
+    held_out = mpqc.evaluate.perplexity(qmodel, windows=holdout_windows, progress=False)
+    states = [t.state.name for t in result.study.trials]
+    return {
+        "granularity": granularity,
+        "ratio": ratio,
+        "strategy": strategy,
+        "achieved": result.achieved,
+        "search_perplexity": result.perplexity,
+        "holdout_perplexity": held_out,
+        "cost": result.cost,
+        "complete": states.count("COMPLETE"),
+        "pruned": states.count("PRUNED"),
+        "decided_windows": result.decided["windows"] if result.decided else args.n_samples,
+        "seconds": seconds,
+    }
+
+
+def table(rows, base: float) -> str:
+    lines = [
+        f"{'setting':<14} {'strategy':<9} {'Q_r':>6} {'held-out ppl':>12} {'delta_ppl':>10} {'cost':>6} "
+        f"{'pruned':>6} {'decided on':>10}"
+    ]
+    for r in rows:
+        delta = r["holdout_perplexity"] / base - 1
+        lines.append(
+            f"{r['granularity'] + ' ' + str(r['ratio']):<14} {r['strategy']:<9} {r['achieved']:>6.3f} "
+            f"{r['holdout_perplexity']:>12.3f} {100 * delta:>9.1f}% {r['cost']['total']:>6.1f} "
+            f"{r['pruned']:>6} {r['decided_windows']:>10}"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows, base: float) -> list[str]:
+    out = []
+    for setting in sorted({(r["granularity"], r["ratio"]) for r in rows}):
+        by = {
+            r["strategy"]: r["holdout_perplexity"] / base - 1 for r in rows if (r["granularity"], r["ratio"]) == setting
+        }
+        if {"refine", "knapsack", "random"} <= set(by):
+            gain = 1 - by["refine"] / by["knapsack"]
+            out.append(
+                f"{setting[0]} {setting[1]}: refine delta_ppl {100 * gain:+.1f}% lower than knapsack's "
+                f"(target >= 20%), {100 * (1 - by['refine'] / by['random']):+.1f}% lower than random's"
+            )
+    return out
+
+
+def main():
+    args = parse_args()
     model, tokenizer = mpqc.load_model()
     graph = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
-    search_tokens, _ = split_tokens(load_tokens(tokenizer))
+    search_tokens, holdout = split_tokens(load_tokens(tokenizer))
+    prefix = text_prefix(tokenizer)
+    holdout_windows = mpqc.evaluate.sample_windows(holdout, args.seq_len, args.holdout_windows, args.seed + 7, prefix)
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
-    checkpoints = [c for c in (10, 25, 50) if c <= args.trials] or [args.trials]
-    rows = []
-    for ratio in map(float, args.ratios.split(",")):
-        curves = {}
+    done = json.load(open(args.json)) if os.path.exists(args.json) else {"rows": []}
+    if "base" not in done:
+        done["base"] = mpqc.evaluate.perplexity(qmodel, windows=holdout_windows, progress=False)
+    have = {(r["granularity"], r["ratio"], r["strategy"]) for r in done["rows"]}
+    for setting in args.settings.split(","):
+        granularity, ratio = setting.split(":")[0], float(setting.split(":")[1])
         for strategy in args.strategies.split(","):
-            t0 = time.perf_counter()
-            result = mpqc.search.run(
-                graph,
-                search_tokens,
-                ratio=ratio,
-                sampler=strategy,
-                n_trials=args.trials,
-                seq_len=args.seq_len,
-                n_samples=args.n_samples,
-                seed=args.seed,
-                qmodel=qmodel,
-                progress=False,
+            if (granularity, ratio, strategy) in have:
+                continue
+            row = run_one(graph, qmodel, search_tokens, holdout_windows, strategy, granularity, ratio, args, prefix)
+            done["rows"].append(row)
+            write_json_atomic(args.json, done)
+            print(
+                f"{granularity} {ratio} {strategy}: held-out {row['holdout_perplexity']:.3f}, cost "
+                f"{row['cost']['total']:.1f}, {row['seconds']:.0f} s",
+                flush=True,
             )
-            seconds = time.perf_counter() - t0
-            best, curve = math.inf, []
-            for t in sorted(result.study.trials, key=lambda t: t.number):
-                best = min(best, t.value)
-                curve.append(best)
-            curves[strategy] = curve
-            rows.append(
-                {
-                    "ratio": ratio,
-                    "strategy": strategy,
-                    "seconds": seconds,
-                    "curve": curve,
-                    **{f"best@{c}": curve[c - 1] for c in checkpoints},
-                }
-            )
-            print(f"Q_r {ratio}: {strategy} done in {seconds:.0f} s, best {curve[-1]:.3f}", flush=True)
-        target = curves.get("random", [math.inf])[-1]
-        for r in rows:
-            if r["ratio"] == ratio:
-                hit = next((i + 1 for i, v in enumerate(r["curve"]) if v <= target), None)
-                r["trials_to_random_final"] = hit
     print(
-        f"\nSmolLM2-135M, MXINT4 W+A vs BF16, matmul granularity, {args.n_samples} x {args.seq_len} tokens "
-        f"per trial, seed {args.seed}"
+        f"\nSmolLM2-135M, MXINT4 W+A vs BF16; search on {args.n_samples} x {args.seq_len} tokens, seed {args.seed}; "
+        f"held-out: {args.holdout_windows} x {args.seq_len} tokens, all-BF16 perplexity {done['base']:.3f}"
     )
-    head = " ".join(f"{'best@' + str(c):>9}" for c in checkpoints)
-    print(f"{'Q_r':>5} {'strategy':<12} {head} {'trials to random@' + str(args.trials):>20} {'seconds':>8}")
-    for r in rows:
-        vals = " ".join(f"{r[f'best@{c}']:>9.3f}" for c in checkpoints)
-        hit = r["trials_to_random_final"]
-        print(f"{r['ratio']:>5} {r['strategy']:<12} {vals} {str(hit) if hit else '-':>20} {r['seconds']:>8.0f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    print(table(done["rows"], done["base"]))
+    print("\n".join(verdict(done["rows"], done["base"])))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,16 @@ should call :func:`sample_windows` once and pass the windows to :func:`nll` or
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["nll", "perplexity", "sample_windows"]
+__all__ = ["nll", "perplexity", "running_nll", "sample_windows"]
 
 # math.exp overflows (OverflowError) past ~709.78: code that exponentiates a loss or a loss
 # difference caps its argument at, or compares it with, this one constant.
@@ -139,21 +140,49 @@ def nll(
     elif windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows of shape {tuple(windows.shape)} hold no token to predict")
 
-    # Dropout would make the number random: evaluate in eval mode, then restore.
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if was_training:
-        model.eval()
-    try:
+    with _eval_mode(model):
         total, count = _sum_nll(model, windows, batch_size, progress)
-    finally:
-        if was_training:
-            model.train()
     # Non-finite logits give inf or nan here, returned as they are: a broken
     # plan is a measured result, not an error.
     return total / count
 
 
+def running_nll(model, windows: torch.Tensor, *, batch_size: int = 8, steps: int = 1) -> Iterator[float]:
+    """The mean NLL over the windows evaluated so far, after each of ``steps`` runs of whole
+    batches (fewer when there are fewer batches: ``min(steps, n_batches)``). The last value is over all windows and equals ``nll(model, windows=windows)`` to
+    the bit (the same batches, summed in the same order), so a search can stop a trial early
+    on the first values and still score a finished one exactly as before."""
+    _positive_int("batch_size", batch_size)
+    _positive_int("steps", steps)
+    n_batches = -(-windows.shape[0] // batch_size)
+    steps = min(steps, n_batches)  # at most one value per batch; ceil keeps the ends distinct
+    ends = {-(-(k + 1) * n_batches // steps) for k in range(steps)}
+    with _eval_mode(model):
+        for batch, (total, count) in enumerate(_running_sums(model, windows, batch_size, False), start=1):
+            if batch in ends:
+                yield total.item() / count
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    # Dropout would make the number random: evaluate in eval mode, then restore.
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
 def _sum_nll(model, windows, batch_size, progress) -> tuple[float, int]:
+    *_, (total, count) = _running_sums(model, windows, batch_size, progress)  # the sums after the last batch
+    return total.item(), count
+
+
+def _running_sums(model, windows, batch_size, progress) -> Iterator[tuple[torch.Tensor, int]]:
+    """(summed NLL, predicted tokens) after each batch; the sum is updated in place."""
     device = model_device(model)
     # float64 accumulation, on the model's device so a GPU run never waits on .item().
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -170,7 +199,7 @@ def _sum_nll(model, windows, batch_size, progress) -> tuple[float, int]:
                 losses = F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
                 total += losses.double().sum()
                 count += targets.shape[1]
-    return total.item(), count
+            yield total, count
 
 
 def perplexity(

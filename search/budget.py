@@ -56,10 +56,32 @@ class SearchSpace:
     budget: Budget
     block_size: object = None
     rounding: str = "nearest"
+    # Search components that cannot pay for the budget (size zero) or that the low precision
+    # would not narrow; by default they stay high and are no search variable.
+    search_dominated: bool = False
 
     @property
     def components(self) -> tuple[Component, ...]:
         return self.graph.components(self.granularity)
+
+    def variables(self) -> tuple[Component, ...]:
+        """The components a search chooses for: each one's low choice changes the plan and pays
+        for some of the budget. Under a parameter or bits budget the attention matmuls (no
+        weights) are no variable; under a MACs budget they are."""
+        if self.search_dominated:
+            return self.components
+        sizes = self.sizes()
+        return tuple(c for c in self.components if sizes[c.name] > 0 and self._narrowed(c))
+
+    def _narrowed(self, component: Component) -> bool:
+        """Whether the low precision stores or computes anything of ``component`` narrower."""
+        has_weight = any(m.weight is not None for m in component.matmuls)
+        low, high = self.low, self.high
+        if has_weight and low.weight.bits_per_element < high.weight.bits_per_element:
+            return True
+        if low.activation is None:
+            return False
+        return high.activation is None or low.activation.bits_per_element < high.activation.bits_per_element
 
     def plan(self, low_components: Sequence[str]) -> Plan:
         return Plan(
@@ -94,7 +116,7 @@ class SearchSpace:
 
     def reachable(self) -> tuple[float, float]:
         """(smallest, largest) budget value a plan can reach: all high, all low."""
-        lo, hi = self.plan([]), self.plan([c.name for c in self.components])
+        lo, hi = self.plan([]), self.plan([c.name for c in self.variables()])
         if self.budget.kind == "bits":
             return hi.average_bits(), lo.average_bits()
         return lo.quantization_ratio(self.budget.kind), hi.quantization_ratio(self.budget.kind)

@@ -12,12 +12,22 @@ import dataclasses
 import hashlib
 from typing import Any
 
+import optuna
+
 from mpqc.graph import Graph
 
 from .budget import Budget
 
-# The paper's setting (Cao et al. 2024): random search, 50 trials, 1024 sampled sequences.
-PAPER_SETTING = {"sampler": "random", "n_trials": 50, "n_samples": 1024}
+# The paper's setting (Cao et al. 2024): random search, 50 trials, 1024 sampled sequences, every
+# trial scored on all of them, every matmul a variable, the best trial taken as it is.
+PAPER_SETTING = {
+    "sampler": "random",
+    "n_trials": 50,
+    "n_samples": 1024,
+    "pruner": None,
+    "rescore": 0,
+    "search_dominated": True,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +41,17 @@ class SearchConfig:
     in the study, including earlier runs on the same storage. ``prefix``: token ids every
     window starts with (the tokenizer's BOS). ``torch_compile``: True or a torch.compile
     backend evaluates trials through one compile of the model.
+
+    ``search_dominated``: also search components that cannot pay for the budget (no weights
+    under a parameter or bits budget) or that the low precision would not narrow; by default
+    they stay high. ``pruner``: "incumbent" (``IncumbentPruner``: trials report their running
+    perplexity on ``prune_steps`` chunks of the windows and stop once they cannot win), None,
+    or an Optuna pruner. ``rescore``: before the best plan is named, the best ``rescore``
+    distinct plans are scored again on ``rescore_windows`` more windows of the search text
+    (default twice ``n_samples``; the same windows for each) and the one best over all
+    their windows wins; 0 takes the best trial as it is. ``baselines``: also name the plans a
+    result is judged against (all high, all low, the knapsack plan at the same budget; the
+    last needs the Fisher pass, which the default strategy makes anyway).
     """
 
     budget: Budget
@@ -38,7 +59,7 @@ class SearchConfig:
     low: str = "mxint4"
     high: str = "bf16"
     weights_only: bool = False
-    sampler: Any = "sensitivity"
+    sampler: Any = "refine"
     sampler_kwargs: dict | None = None
     n_trials: int = 50
     seq_len: int = 256
@@ -55,13 +76,30 @@ class SearchConfig:
     heartbeat: int = 10
     torch_compile: Any = False
     prefix: tuple[int, ...] = ()
+    search_dominated: bool = False
+    pruner: Any = "incumbent"
+    prune_steps: int = 4
+    rescore: int = 3
+    rescore_windows: int | None = None
+    baselines: bool = True
 
     def __post_init__(self):
         budget = self.budget if isinstance(self.budget, Budget) else Budget(*self.budget)
         object.__setattr__(self, "budget", budget)  # normalized once, here
         object.__setattr__(self, "prefix", tuple(int(t) for t in self.prefix))
-        if not isinstance(self.n_trials, int) or isinstance(self.n_trials, bool) or self.n_trials < 1:
-            raise ValueError(f"n_trials must be a positive int, got {self.n_trials!r}")
+        for name in ("n_trials", "prune_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.pruner not in (None, "incumbent") and not isinstance(self.pruner, optuna.pruners.BasePruner):
+            raise ValueError(f"pruner is 'incumbent', None or an optuna pruner, got {self.pruner!r}")
+        if not isinstance(self.rescore, int) or self.rescore < 0:
+            raise ValueError(f"rescore must be an int >= 0 (0: no re-scoring), got {self.rescore!r}")
+
+    @property
+    def extra_windows(self) -> int:
+        """Windows the re-scoring adds to the search windows."""
+        return self.rescore_windows if self.rescore_windows is not None else 2 * self.n_samples
 
     @classmethod
     def from_keywords(cls, *, ratio: float | None = None, budget=None, **settings) -> SearchConfig:
@@ -102,6 +140,8 @@ class SearchConfig:
         }
         if self.prefix:
             settings["prefix"] = list(self.prefix)
+        if self.search_dominated:  # only then: studies stored before the switch existed resume
+            settings["search_dominated"] = True
         return settings
 
     def default_study_name(self, settings: dict) -> str:

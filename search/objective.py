@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from mpqc.evaluate import EXP_LIMIT, nll
+from mpqc.evaluate import EXP_LIMIT, nll, running_nll
 
 
 @runtime_checkable
@@ -78,6 +78,12 @@ class WindowPerplexity:
 
     def config(self) -> None:
         return None  # the windows' settings are in the study's own settings already
+
+    def running(self, qmodel, steps: int):
+        """Perplexity over the windows so far, after each of ``steps`` chunks; the last is ``evaluate``'s."""
+        run = qmodel if self.forward is None else self.forward
+        for mean in running_nll(run, self.windows, batch_size=self.batch_size, steps=steps):
+            yield perplexity_of(mean)
 
     def evaluate(self, qmodel) -> PerplexityScore:
         run = qmodel if self.forward is None else self.forward

@@ -36,6 +36,13 @@ class SearchResult:
     # Inductor's float reductions differ from eager ones by ulps, which a deeply quantized
     # model can amplify (docs/performance.md); eager is the reference, so both are reported.
     eager_perplexity: float | None = None
+    # How the best plan was named: {"windows", "contenders": [...], "winner"} after re-scoring
+    # (None when the best trial was taken as it is), and what the search cost, in full
+    # evaluations of its windows ({"trials", "pruned", "sensitivity", "base", "rescore", "total"}).
+    decided: dict | None = None
+    cost: dict | None = None
+    # The plans this one is judged against: {"all_high", "all_low", "knapsack"} -> Plan.
+    baselines: dict | None = None
 
     def trials_table(self) -> list[dict]:
         rows = [_trial_row(t) for t in self.study.trials]
@@ -66,6 +73,9 @@ class SearchResult:
             "plan": self.plan.to_dict(),
             "pareto": self.pareto,
             "holdout": self.holdout,
+            "decided": self.decided,
+            "cost": self.cost,
+            "baselines": None if self.baselines is None else {k: p.to_dict() for k, p in self.baselines.items()},
         }
 
 
@@ -88,7 +98,13 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict:
 
 
 def best_result(
-    study: optuna.Study, space: SearchSpace, budget: Budget, *, multi: bool, objective: dict | None
+    study: optuna.Study,
+    space: SearchSpace,
+    budget: Budget,
+    *,
+    multi: bool,
+    objective: dict | None,
+    best: optuna.trial.FrozenTrial | None = None,
 ) -> SearchResult:
     """The best completed trial as a result (with nsga2: the best meeting the budget, and the front)."""
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -101,7 +117,7 @@ def best_result(
             else [t for t in complete if t.user_attrs["achieved"] >= budget.value - 1e-9]
         )
         best = min(meeting or complete, key=lambda t: t.values[0])
-    else:
+    elif best is None:
         best = min(complete, key=lambda t: t.value)
     plan = space.plan(best.user_attrs["low"])
     achieved = space.achieved(plan)
@@ -173,3 +189,26 @@ def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
             ["trial", "perplexity", "quantization_ratio_params", "n_low"],
         )
     return paths
+
+
+def search_cost(study: optuna.Study, config, decided: dict | None) -> dict:
+    """What the study's search cost, in full evaluations of its ``n_samples`` windows: completed
+    trials, pruned trials' partial evaluations, the Fisher pass (a forward and a backward per
+    window, counted as three forwards), the all-high plan's evaluation, and the re-scoring."""
+    n = config.n_samples
+    trials = pruned = 0.0
+    for t in study.get_trials(deepcopy=False):
+        windows = t.user_attrs.get("windows")
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            trials += (windows or n) / n
+        elif t.state == optuna.trial.TrialState.PRUNED:
+            pruned += (windows or 0) / n
+    cost = {
+        "trials": trials,
+        "pruned": pruned,
+        "sensitivity": 3 * config.sensitivity_windows / n if study.user_attrs.get("sensitivity") is not None else 0.0,
+        "base": 1.0 if study.user_attrs.get("base_perplexity") is not None else 0.0,
+        "rescore": 0.0 if decided is None else len(decided["contenders"]) * decided["extra_windows"] / n,
+    }
+    cost["total"] = sum(cost.values())
+    return cost

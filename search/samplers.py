@@ -1,9 +1,11 @@
 """Samplers by name, a user's own sampler class, and what each needs to know.
 
-Any ``optuna.samplers.BaseSampler`` instance plugs in as it is. Names: ``random`` (the
-paper's method), ``tpe``, ``cmaes``, ``gp``, ``qmc``, ``nsga2`` (multi-objective: loss
-against ratio, one study gives the Pareto front), and ``sensitivity`` (ours, the default:
-TPE whose first trials are seeded from the per-component sensitivity ranking). From the
+Any ``optuna.samplers.BaseSampler`` instance plugs in as it is. Names: ``refine`` (the
+default: the knapsack plan, then moves scored by Fisher costs corrected with measured
+losses; ``plan_samplers``), ``knapsack`` (the one-shot integer program over Fisher scores),
+``random`` (the paper's method), ``tpe``, ``cmaes``, ``gp``, ``qmc``, ``nsga2``
+(multi-objective: loss against ratio, one study gives the Pareto front), and
+``sensitivity`` (TPE whose first trials are seeded from the sensitivity ranking). From the
 command line, ``package.module:Class`` with JSON keyword arguments names a user's class.
 """
 
@@ -14,7 +16,9 @@ import warnings
 
 import optuna
 
-SAMPLER_NAMES = ("sensitivity", "random", "tpe", "cmaes", "gp", "qmc", "nsga2")
+from .plan_samplers import KnapsackSampler, RefineSampler
+
+SAMPLER_NAMES = ("refine", "knapsack", "sensitivity", "random", "tpe", "cmaes", "gp", "qmc", "nsga2")
 MULTI_OBJECTIVE = ("nsga2",)
 
 
@@ -33,6 +37,10 @@ def make_sampler(sampler, *, seed: int, kwargs: dict | None = None) -> optuna.sa
     if ":" in sampler:
         return _import_sampler(sampler, seed, kwargs)
     s = optuna.samplers
+    if sampler == "refine":
+        return RefineSampler(seed=seed, **kwargs)
+    if sampler == "knapsack":
+        return KnapsackSampler(seed=seed, **kwargs)
     if sampler in ("tpe", "sensitivity"):
         kwargs.setdefault("multivariate", True)
         return s.TPESampler(seed=seed, **kwargs)

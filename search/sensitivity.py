@@ -128,7 +128,7 @@ def priorities_from_sensitivity(sens: dict[str, float], sizes: dict[str, float])
     return pr
 
 
-def seed_study(
+def study_sensitivity(
     study,
     qmodel: QuantizedModel,
     space: SearchSpace,
@@ -136,20 +136,32 @@ def seed_study(
     *,
     seq_len: int,
     n_windows: int,
-    n_seeded: int,
     seed: int,
     prefix=(),
     progress: bool = True,
-) -> None:
-    """Enqueue the sensitivity ranking and ``n_seeded - 1`` perturbations of it as first trials
-    (once per study: a resumed or shared study is not seeded again)."""
+) -> dict[str, float]:
+    """The study's sensitivity of every component: computed once (``n_windows`` windows of the
+    search text, seed + 1) and kept in the study, so restarts and other workers reuse it."""
     from mpqc.evaluate import sample_windows
 
-    if study.user_attrs.get("seeded"):
-        return
+    stored = study.user_attrs.get("sensitivity")
+    if stored is not None:
+        return stored
     windows = sample_windows(tokens, seq_len, n_windows, seed + 1, prefix)
     sens = sensitivity(qmodel, space, windows, progress=progress)
-    base = priorities_from_sensitivity(sens, space.sizes())
+    study.set_user_attr("sensitivity", sens)
+    return sens
+
+
+def seed_study(study, space: SearchSpace, sens: dict[str, float], *, n_seeded: int, seed: int) -> None:
+    """Enqueue the sensitivity ranking of the search variables and ``n_seeded - 1``
+    perturbations of it as first trials (once per study: a resumed or shared study is not
+    seeded again)."""
+    if study.user_attrs.get("seeded"):
+        return
+    sizes = space.sizes()
+    names = [c.name for c in space.variables()]
+    base = priorities_from_sensitivity({n: sens[n] for n in names}, {n: sizes[n] for n in names})
     rng = torch.Generator().manual_seed(seed)
     for k in range(n_seeded):
         noise = 0.0 if k == 0 else 0.05 * k
@@ -158,4 +170,3 @@ def seed_study(
         }
         study.enqueue_trial({f"p:{n}": v for n, v in pr.items()}, user_attrs={"seeded": True})
     study.set_user_attr("seeded", True)
-    study.set_user_attr("sensitivity", sens)

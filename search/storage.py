@@ -53,14 +53,14 @@ def _rdb_storage(url: str, heartbeat: int):
         return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **{key: retry})
 
 
-def open_study(storage, name: str, sampler, *, multi: bool, heartbeat: int) -> optuna.Study:
+def open_study(storage, name: str, sampler, *, multi: bool, heartbeat: int, pruner=None) -> optuna.Study:
     """Create the study, or load it when it exists (a resumed or shared search)."""
     rdb = open_storage(storage, heartbeat=heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["minimize", "maximize"] if multi else ["minimize"]
     try:
         return optuna.create_study(
-            storage=rdb, study_name=name, sampler=sampler, directions=directions, load_if_exists=True
+            storage=rdb, study_name=name, sampler=sampler, pruner=pruner, directions=directions, load_if_exists=True
         )
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"cannot create or load study {name!r} in {storage!r}: {e}") from e

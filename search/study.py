@@ -10,10 +10,12 @@ stored settings are opened by ``storage``; the result and its files come from ``
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import optuna
 import torch
+from optuna.pruners import NopPruner
 from tqdm.auto import tqdm
 
 from mpqc.compile import QuantizedModel, compile
@@ -22,10 +24,14 @@ from mpqc.graph import Graph
 
 from .budget import SearchSpace, low_precision
 from .config import SearchConfig
+from .decide import rescore
+from .knapsack import solve_knapsack
 from .objective import WindowPerplexity, check_objective
-from .results import SearchResult, best_result
+from .plan_samplers import PlanContext, PlanSampler
+from .pruning import IncumbentPruner
+from .results import SearchResult, best_result, search_cost
 from .samplers import MULTI_OBJECTIVE, make_sampler
-from .sensitivity import seed_study
+from .sensitivity import seed_study, study_sensitivity
 from .storage import check_settings, open_study
 from .trials import TrialRunner
 
@@ -56,7 +62,16 @@ def run(
     """
     config = _resolve_config(config, settings)
     low_p, high_p = low_precision(config.low, config.high, weights_only=config.weights_only)
-    space = SearchSpace(graph, config.granularity, low_p, high_p, config.budget, config.block_size, config.rounding)
+    space = SearchSpace(
+        graph,
+        config.granularity,
+        low_p,
+        high_p,
+        config.budget,
+        config.block_size,
+        config.rounding,
+        search_dominated=config.search_dominated,
+    )
     multi = config.sampler in MULTI_OBJECTIVE
     sampler = make_sampler(config.sampler, seed=config.effective_sampler_seed, kwargs=config.sampler_kwargs)
     _check_reachable(space)
@@ -66,31 +81,108 @@ def run(
         check_objective(objective)
         # Only a non-default objective adds the key: studies stored before it existed still resume.
         stored["objective"] = json.loads(json.dumps(objective.config()))
+    pruning = config.pruner is not None and objective is None and not multi
+    steps = min(config.prune_steps, -(-len(windows) // config.batch_size)) if pruning else 1  # chunks per trial
     study = open_study(
-        config.storage, config.default_study_name(stored), sampler, multi=multi, heartbeat=config.heartbeat
+        config.storage,
+        config.default_study_name(stored),
+        sampler,
+        multi=multi,
+        heartbeat=config.heartbeat,
+        pruner=make_pruner(config, steps) if steps > 1 else NopPruner(),
     )
     check_settings(study, stored)
     qmodel = _compiled(graph, space, qmodel)
     perplexity = WindowPerplexity(windows, config.batch_size, forward=_forward(qmodel, config, low_p, high_p))
-    runner = TrialRunner(qmodel, space, perplexity, objective=objective, multi=multi)
-    if config.sampler == "sensitivity":
-        seed_study(
-            study,
-            qmodel,
-            space,
-            tokens,
-            seq_len=config.seq_len,
-            n_windows=config.sensitivity_windows,
-            n_seeded=config.n_seeded,
-            seed=config.seed,
-            prefix=config.prefix,
-            progress=progress,
-        )
+    runner = TrialRunner(
+        qmodel,
+        space,
+        perplexity,
+        objective=objective,
+        multi=multi,
+        plan_sampler=isinstance(sampler, PlanSampler),
+        steps=steps,
+    )
+    _prepare_sampler(sampler, study, runner, tokens, config, progress)
     _optimize(study, runner, config.n_trials, multi=multi, progress=progress)
-    result = best_result(study, space, config.budget, multi=multi, objective=stored.get("objective"))
+    best, decided = None, None
+    if config.rescore > 1 and objective is None and not multi:
+        extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
+        best, decided = rescore(study, runner, extra, config.rescore)
+    result = best_result(study, space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
+    result.decided = decided
+    if config.baselines and not multi:
+        result.baselines = _baselines(study, runner, tokens, config, progress)
+    result.cost = search_cost(study, config, decided)
     if config.torch_compile:
         result.eager_perplexity = runner.evaluate_perplexity(result.plan, eager=True)
     return result
+
+
+def _baselines(study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool) -> dict:
+    """All high, all low, and the knapsack optimum of the Fisher scores at the same budget."""
+    space = runner.space
+    sens = study_sensitivity(
+        study,
+        runner.qmodel,
+        space,
+        tokens,
+        seq_len=config.seq_len,
+        n_windows=config.sensitivity_windows,
+        seed=config.seed,
+        prefix=config.prefix,
+        progress=progress,
+    )
+    knapsack = solve_knapsack({n: sens[n] for n in runner.names}, runner.sizes, runner.target)
+    return {
+        "all_high": space.plan([]),
+        "all_low": space.plan(runner.names),
+        "knapsack": space.plan(knapsack if knapsack is not None else runner.names),
+    }
+
+
+def make_pruner(config: SearchConfig, steps: int) -> optuna.pruners.BasePruner:
+    if isinstance(config.pruner, optuna.pruners.BasePruner):
+        return config.pruner
+    if config.pruner == "incumbent":
+        return IncumbentPruner(n_steps=steps)
+    raise ValueError(f"pruner is 'incumbent', None or an optuna pruner, got {config.pruner!r}")
+
+
+def _prepare_sampler(sampler, study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool) -> None:
+    """Give mpqc's samplers what they start from: the Fisher scores (once per study), and for
+    plan samplers the all-high plan's loss on the search windows."""
+    if config.sampler != "sensitivity" and not isinstance(sampler, PlanSampler):
+        return
+    sens = study_sensitivity(
+        study,
+        runner.qmodel,
+        runner.space,
+        tokens,
+        seq_len=config.seq_len,
+        n_windows=config.sensitivity_windows,
+        seed=config.seed,
+        prefix=config.prefix,
+        progress=progress,
+    )
+    if config.sampler == "sensitivity":
+        seed_study(study, runner.space, sens, n_seeded=config.n_seeded, seed=config.seed)
+        return
+    base = study.user_attrs.get("base_perplexity")
+    if base is None:
+        base = runner.evaluate_perplexity(runner.space.plan([]))
+        study.set_user_attr("base_perplexity", base)
+    layers = {c.name: c.layer for c in runner.space.variables()}
+    sampler.prepare(
+        PlanContext(
+            names=tuple(runner.names),
+            sizes=runner.sizes,
+            target=runner.target,
+            scores={n: sens[n] for n in runner.names},
+            layers=layers,
+            base_loss=math.log(base) if 0 < base < math.inf else None,
+        )
+    )
 
 
 def _resolve_config(config: SearchConfig | None, settings: dict) -> SearchConfig:

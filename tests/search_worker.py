@@ -1,6 +1,6 @@
 """A search worker in its own process, for the resume and multi-worker tests.
 
-python tests/search_worker.py STORAGE STUDY N_TRIALS [PAUSE_SECONDS]
+python tests/search_worker.py STORAGE STUDY N_TRIALS [PAUSE_SECONDS] [SAMPLER]
 """
 
 import os
@@ -20,6 +20,7 @@ TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(
 def main():
     storage, study, n_trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
     pause = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    sampler = sys.argv[5] if len(sys.argv) > 5 else "tpe"
     _, graph = captured("llama")
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
     if pause:  # slow each evaluation down so that a kill lands mid-search
@@ -29,7 +30,7 @@ def main():
         graph,
         TOKENS,
         ratio=0.6,
-        sampler="tpe",
+        sampler=sampler,
         n_trials=n_trials,
         seq_len=16,
         n_samples=2,

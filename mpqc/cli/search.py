@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
     common.add_block_size_arg(s)
     s.add_argument(
         "--sampler",
-        default="sensitivity",
-        help="sensitivity (default), random, tpe, cmaes, gp, qmc, nsga2, or package.module:Class",
+        default="refine",
+        help="refine (default: the knapsack plan refined with measured losses), knapsack (one evaluation), "
+        "sensitivity, random, tpe, cmaes, gp, qmc, nsga2, or package.module:Class",
     )
     s.add_argument("--sampler-kwargs", default=None, help="JSON keyword arguments for the sampler")
     s.add_argument("--n-trials", type=int, default=12)
@@ -31,7 +32,18 @@ def add_parser(sub) -> None:
         action="store_true",
         help="evaluate trials through torch.compile: one compile for the whole search, then faster trials",
     )
-    s.add_argument("--paper", action="store_true", help="the paper's setting: random, 50 trials, 1024 sequences")
+    s.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's setting: random, 50 trials, 1024 sequences, no pruning or re-scoring, every matmul searched",
+    )
+    s.add_argument("--no-prune", action="store_true", help="score every trial on all its windows")
+    s.add_argument("--rescore", type=int, default=3, help="re-score this many best plans on more windows (0: off)")
+    s.add_argument(
+        "--search-dominated",
+        action="store_true",
+        help="also search components that cannot pay for the budget (attention matmuls under a parameter budget)",
+    )
     s.add_argument("--text", default=None)
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--n-samples", type=int, default=8)
@@ -137,6 +149,9 @@ def _config(args, sampler_kwargs, prefix):
         block_size=args.block_size,
         torch_compile=args.torch_compile,
         prefix=prefix,
+        pruner=None if args.no_prune else "incumbent",
+        rescore=args.rescore,
+        search_dominated=args.search_dominated,
     )
 
 
@@ -146,11 +161,8 @@ def run(args) -> int:
     from mpqc.search import PAPER_SETTING, write_outputs
 
     if args.paper:
-        args.sampler, args.n_trials, args.n_samples = (
-            PAPER_SETTING["sampler"],
-            PAPER_SETTING["n_trials"],
-            PAPER_SETTING["n_samples"],
-        )
+        args.sampler, args.n_trials, args.n_samples = (PAPER_SETTING[k] for k in ("sampler", "n_trials", "n_samples"))
+        args.no_prune, args.rescore, args.search_dominated = True, 0, True
     sampler_kwargs = json.loads(args.sampler_kwargs) if args.sampler_kwargs else None
     _check_lm_eval(args)
     _, tokenizer, graph = common.load_and_capture(args.model, args.seq_len, args.device, args.dtype)
@@ -169,7 +181,8 @@ def run(args) -> int:
 
 
 def _report_holdout(result, graph, holdout, objective, args, prefix) -> None:
-    """The found plan against the all-high baseline, on held-out text the search never saw."""
+    """The found plan against its baselines (all high, all low, the knapsack plan at the same
+    budget), on held-out text the search never saw."""
     import mpqc
 
     kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed, prefix=prefix)
@@ -178,9 +191,14 @@ def _report_holdout(result, graph, holdout, objective, args, prefix) -> None:
     if objective is not None:
         # The task's documents are the ones the search scored: this baseline is not held out.
         result.objective["value_high"] = objective.evaluate(qmodel).value
+    for name in ("all_low", "knapsack"):
+        if result.baselines and name in result.baselines:
+            qmodel.set_plan(result.baselines[name])
+            result.holdout[f"perplexity_{name}"] = mpqc.evaluate.perplexity(qmodel, holdout, **kw, progress=False)
     result.holdout["perplexity_plan"] = mpqc.evaluate.perplexity(
         qmodel.set_plan(result.plan), holdout, **kw, progress=False
     )
+    result.holdout["windows"] = args.n_samples
 
 
 def _print_summary(result, objective, args, seconds: float) -> None:
@@ -205,6 +223,19 @@ def _print_summary(result, objective, args, seconds: float) -> None:
         f"held-out perplexity: all {args.high} {h['perplexity_high']:.3f} -> plan {h['perplexity_plan']:.3f} "
         f"({100 * (h['perplexity_plan'] / h['perplexity_high'] - 1):+.1f}%)"
     )
+    baselines = [(f"all {args.low}", "perplexity_all_low"), ("knapsack plan at this budget", "perplexity_knapsack")]
+    if any(key in h for _, key in baselines):
+        print(
+            "  against: "
+            + ", ".join(f"{label} {h[key]:.3f}" for label, key in baselines if key in h)
+            + f" ({h['windows']} held-out windows)"
+        )
+    if result.decided is not None:
+        d = result.decided
+        print(
+            f"  chosen among {len(d['contenders'])} contenders on {d['windows']} search windows; "
+            f"search cost {result.cost['total']:.1f} full evaluations"
+        )
     for note in result.notes:
         print(f"note: {note}")
     if result.pareto:

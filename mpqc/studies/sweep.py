@@ -413,6 +413,12 @@ def _search_config(config: SweepConfig, cell: Cell, key: str, prefix):
         storage=s["storage"] or None,
         study_name=f"sweep-{key}",
         prefix=prefix,
+        # A sweep measures each cell's plan on its own held-out windows: the search runs as
+        # the paper's did (every trial on all windows, the best trial as it is, every matmul).
+        pruner=None,
+        rescore=0,
+        baselines=False,
+        search_dominated=True,
     )
 
 

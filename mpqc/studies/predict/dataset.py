@@ -157,6 +157,11 @@ class CollectSetup:
             seed=self.seed,
             block_size=self.block_size,
             prefix=tuple(self.prefix),
+            # The trials are data: every one scored on all windows, as the data has always been.
+            pruner=None,
+            rescore=0,
+            baselines=False,
+            search_dominated=True,
         )
 
 
