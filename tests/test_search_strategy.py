@@ -181,7 +181,14 @@ def test_rescoring_uses_the_same_windows_for_every_contender(monkeypatch):
 
     def spy(self, plan, *, eager=False, windows=None):
         if windows is not None:
-            seen.append((frozenset(c for c in plan.graph.components('matmul') if plan.precision(c.name).weight.name == 'mxint4'), windows.clone()))
+            seen.append(
+                (
+                    frozenset(
+                        c for c in plan.graph.components("matmul") if plan.precision(c.name).weight.name == "mxint4"
+                    ),
+                    windows.clone(),
+                )
+            )
         return original(self, plan, eager=eager, windows=windows)
 
     monkeypatch.setattr(TrialRunner, "evaluate_perplexity", spy)
