@@ -105,11 +105,16 @@ def run(
     )
     _prepare_sampler(sampler, study, runner, tokens, config, progress)
     _optimize(study, runner, config.n_trials, multi=multi, progress=progress)
+    return _result(study, runner, tokens, config, stored, multi=multi, progress=progress)
+
+
+def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: dict, *, multi: bool, progress: bool):
+    """Name the best plan (after re-scoring the best few), with its baselines and cost."""
     best, decided = None, None
-    if config.rescore > 1 and objective is None and not multi:
+    if config.rescore > 1 and runner.objective is None and not multi:
         extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
         best, decided = rescore(study, runner, extra, config.rescore)
-    result = best_result(study, space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
+    result = best_result(study, runner.space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
     result.decided = decided
     if config.baselines and not multi:
         result.baselines = _baselines(study, runner, tokens, config, progress)
