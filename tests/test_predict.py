@@ -204,10 +204,13 @@ def test_features_of_a_plan_equal_those_of_its_low_components():
 # ---- a real collection on a trained tiny model --------------------------------------------------
 
 
-def train_briefly(model, tokens, *, steps, seq_len, generator, lr=3e-3):
-    """``steps`` AdamW steps on batches of 8 random windows of ``tokens``; the model, in eval mode."""
+def train_briefly(model, tokens, *, steps, seq_len, generator, lr=3e-3, cosine=False):
+    """``steps`` AdamW steps on batches of 8 random windows of ``tokens``; the model, in eval mode.
+    ``cosine``: the learning rate decays to zero over the steps (a cosine schedule), so that the
+    last steps settle into a minimum instead of jittering around it at the full rate."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     for _ in range(steps):
         starts = torch.randint(0, len(tokens) - seq_len - 1, (8,), generator=generator)
         x = tokens[starts[:, None] + torch.arange(seq_len)]
@@ -215,13 +218,22 @@ def train_briefly(model, tokens, *, steps, seq_len, generator, lr=3e-3):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
     return model.eval()
 
 
 @functools.cache
 def trained_tiny():
-    """A tiny Llama trained for 150 steps on a two-successor Markov chain (a few seconds): a model
-    at a minimum, so that quantization costs loss in proportion to where it lands."""
+    """A tiny Llama trained for 300 steps, the learning rate decaying to zero, on a two-successor
+    Markov chain (a few seconds): a model at a minimum, so that quantization costs loss in
+    proportion to where it lands.
+
+    At a constant rate (150 steps, as this was first) the model is not at one: held-out NLL 0.81
+    and still moving (floor ln 2 = 0.69), so on plan seed 0 17 of the 40 plans measured a loss
+    *fall*, and which seeds pass depended on the last bits of the training arithmetic (the same
+    torch on a CPU dispatching other kernels, ATEN_CPU_CAPABILITY=default: R^2 0.03 -> 0.69).
+    With the decay: held-out NLL 0.74, at most 5 of 40 plans at or below the baseline."""
     from transformers import AutoModelForCausalLM
 
     g = torch.Generator().manual_seed(0)
@@ -233,7 +245,7 @@ def trained_tiny():
     tokens = torch.tensor(stream)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    return train_briefly(model, tokens[:10000], steps=150, seq_len=32, generator=g), tokens
+    return train_briefly(model, tokens[:10000], steps=300, seq_len=32, generator=g, cosine=True), tokens
 
 
 def test_collection_fit_and_held_out_ranking_on_a_trained_tiny_model():
@@ -259,8 +271,9 @@ def test_collection_fit_and_held_out_ranking_on_a_trained_tiny_model():
     assert all(r["dnll"] == pytest.approx(math.log1p(r["delta_ppl"])) for r in rows)
     ours = predict.validate(rows, ["log(fisher_diag)"], by="plans", k=5)["overall"]
     ratio_only = predict.validate(rows, ["log(ratio)"], by="plans", k=5)["overall"]
-    # Measured over plan seeds 0-2 and 1-2 threads: R^2 0.56-0.81, Spearman 0.78-0.95, same-ratio
-    # pairs 0.74-0.84, where the ratio alone orders those pairs at chance or worse (0.28-0.45).
+    # Measured over plan seeds 0-2 (torch 2.13 CPU, AVX2 kernels; 1 and 2 threads give the same
+    # bits): R^2 0.57-0.75 (Q_r alone -0.20-0.50), Spearman 0.80-0.89, same-ratio pairs 0.66-0.80,
+    # where the ratio alone orders those pairs worse than chance (0.34-0.38).
     assert ours["r2_log"] > 0.4 and ours["r2_log"] > ratio_only["r2_log"]
     assert ours["spearman"] > 0.7
     assert ours["pairs_same_ratio"] > 0.6 and ours["n_pairs"] >= 20
