@@ -29,6 +29,8 @@ class TrialRunner:
     With ``multi`` (nsga2) the trial also searches its own target ratio. ``steps`` > 1 reports
     the running perplexity that many times per trial, for the study's pruner."""
 
+    gate = None  # a workers.TrialGate, set by run(): skips surplus trials and plans already measured
+
     def __init__(
         self,
         qmodel: QuantizedModel,
@@ -106,6 +108,8 @@ class TrialRunner:
     def __call__(self, trial: optuna.Trial):
         chosen, _ = self.choose(trial)
         plan = self.space.plan(chosen)
+        if self.gate is not None and (earlier := self.gate(trial, chosen)) is not None:
+            return tuple(earlier.values) if self.multi else earlier.value  # measured already: reused
         summary = plan.summary()
         attrs = {**summary, "achieved": self.space.achieved(plan), "low": chosen, "worker": self.worker}
         for key, value in attrs.items():
