@@ -25,8 +25,8 @@ from mpqc.graph import Graph
 from .budget import SearchSpace, low_precision
 from .config import SearchConfig
 from .decide import rescore
-from .knapsack import solve_knapsack
 from .identity import measured
+from .knapsack import solve_knapsack
 from .objective import WindowPerplexity, check_objective
 from .plan_samplers import PlanContext, PlanSampler
 from .pruning import IncumbentPruner

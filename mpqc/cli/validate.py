@@ -108,7 +108,10 @@ def search_text(args, tokenizer, config):
     prefix = text_prefix(tokenizer)
     for flag, n in (
         ("--n-samples", config.n_samples),
-        ("the re-scoring (2 x --n-samples more windows; --rescore 0 turns it off)", config.extra_windows * (config.rescore > 1)),
+        (
+            "the re-scoring (2 x --n-samples more windows; --rescore 0 turns it off)",
+            config.extra_windows * (config.rescore > 1),
+        ),
         ("the sensitivity pass", config.sensitivity_windows),
     ):
         _fit(flag, lambda n=n: check_windows_fit(search, args.seq_len, n, prefix, part=SEARCH_PART))
