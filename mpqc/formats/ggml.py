@@ -81,8 +81,19 @@ def sqrtf(x: torch.Tensor) -> torch.Tensor:
 
 
 def first_absmax(x: torch.Tensor) -> torch.Tensor:
-    """The signed value of largest magnitude, the first one on ties (C: ``if (amax < fabsf(v))``)."""
-    return x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))
+    """The signed value of largest magnitude, the first one on ties (C: ``if (amax < fabsf(v))``,
+    starting from +0, so a block of zeros of either sign gives +0)."""
+    top = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))
+    return torch.where(top == 0, 0.0, top)
+
+
+def first_min(x: torch.Tensor) -> torch.Tensor:
+    """C's ``if (v < min) min = v`` from FLT_MAX: the first minimal value (its zero's sign kept)."""
+    return x.gather(-1, x.argmin(dim=-1, keepdim=True))
+
+
+def first_max(x: torch.Tensor) -> torch.Tensor:
+    return x.gather(-1, x.argmax(dim=-1, keepdim=True))
 
 
 def seq_sum(terms: torch.Tensor) -> torch.Tensor:
@@ -98,6 +109,11 @@ def safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, rdiv(1.0, torch.where(d != 0, d, 1.0)), 0.0)
 
 
+def nan_where(bad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A NaN scale for the blocks that held NaN/Inf (the sign of a zero scale kept elsewhere)."""
+    return torch.where(bad, float("nan"), scale)
+
+
 def split_finite(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks with non-finite blocks zeroed, (rows, 1) mask of the blocks that held NaN/Inf)."""
     bad = ~torch.isfinite(blocks).all(dim=-1, keepdim=True)
@@ -111,7 +127,7 @@ def encode_q8_0(x: torch.Tensor) -> GgmlBlocks:
     x, bad = split_finite(x)
     d = x.abs().amax(dim=-1, keepdim=True) / 127.0
     q = roundf(x * safe_reciprocal(d)).to(torch.int32)
-    return GgmlBlocks("Q8_0", q, torch.where(bad, float("nan"), fp16(d)))
+    return GgmlBlocks("Q8_0", q, nan_where(bad, fp16(d)))
 
 
 def _symmetric(x: torch.Tensor, levels: int, type_name: str) -> GgmlBlocks:
@@ -120,7 +136,7 @@ def _symmetric(x: torch.Tensor, levels: int, type_name: str) -> GgmlBlocks:
     d = first_absmax(x) / float(-levels)
     v = x * safe_reciprocal(d) + (levels + 0.5)
     q = torch.trunc(v).to(torch.int32).clamp(max=2 * levels - 1)
-    return GgmlBlocks(type_name, q, torch.where(bad, float("nan"), fp16(d)))
+    return GgmlBlocks(type_name, q, nan_where(bad, fp16(d)))
 
 
 def encode_q4_0(x: torch.Tensor) -> GgmlBlocks:
@@ -134,13 +150,12 @@ def encode_q5_0(x: torch.Tensor) -> GgmlBlocks:
 def _with_min(x: torch.Tensor, nmax: int, type_name: str) -> GgmlBlocks:
     # Q4_1 (nmax 15) and Q5_1 (31): d = (max - min) / nmax, q = (x - min) id + 0.5 truncated
     x, bad = split_finite(x)
-    lo = x.amin(dim=-1, keepdim=True)
-    d = (x.amax(dim=-1, keepdim=True) - lo) / float(nmax)
+    lo = first_min(x)
+    d = (first_max(x) - lo) / float(nmax)
     q = torch.trunc((x - lo) * safe_reciprocal(d) + 0.5).to(torch.int32)
     # Q4_1 clamps with MIN(15, .); Q5_1 casts to uint8 and keeps 5 bits
     q = q.clamp(max=nmax) if nmax == 15 else q & 31
-    nan = torch.where(bad, float("nan"), 0.0)
-    return GgmlBlocks(type_name, q, fp16(d) + nan, fp16(lo) + nan)
+    return GgmlBlocks(type_name, q, nan_where(bad, fp16(d)), nan_where(bad, fp16(lo)))
 
 
 def encode_q4_1(x: torch.Tensor) -> GgmlBlocks:
@@ -202,8 +217,11 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
 
 def _kquant_scales(scales, mins):
     """Sub-block scales and mins of Q4_K/Q5_K to 6 bits under fp16 d and dmin."""
-    max_scale = scales.amax(dim=1, keepdim=True).clamp(min=0.0)
-    max_min = mins.amax(dim=1, keepdim=True).clamp(min=0.0)
+    # C: ``if (scale > max_scale) max_scale = scale`` from +0 (a -0 never replaces it)
+    max_scale = scales.amax(dim=1, keepdim=True)
+    max_scale = torch.where(max_scale > 0, max_scale, 0.0)
+    max_min = mins.amax(dim=1, keepdim=True)
+    max_min = torch.where(max_min > 0, max_min, 0.0)
     inv_scale = torch.where(max_scale > 0, rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
     inv_min = torch.where(max_min > 0, rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
     ls = (nearest_int(inv_scale * scales) & 255).clamp(max=63)  # uint8_t, then MIN(63, .)
@@ -223,8 +241,7 @@ def _encode_qk_min(x: torch.Tensor, nmax: int, rmin: float, nstep: int, type_nam
     dm_sub = (dmin * lm.to(torch.float32)).reshape(-1, 1)
     fresh = nearest_int((sub + dm_sub) / torch.where(d_sub != 0, d_sub, 1.0)).clamp(0, nmax)
     levels = torch.where(d_sub != 0, fresh, levels)  # C: ``if (!d) continue;`` keeps the first levels
-    nan = torch.where(bad, float("nan"), 0.0)
-    return GgmlBlocks(type_name, levels.reshape(rows, 256), d + nan, dmin + nan, ls, lm)
+    return GgmlBlocks(type_name, levels.reshape(rows, 256), nan_where(bad, d), nan_where(bad, dmin), ls, lm)
 
 
 def encode_q4_k(x: torch.Tensor) -> GgmlBlocks:
@@ -277,7 +294,7 @@ def encode_q6_k(x: torch.Tensor) -> GgmlBlocks:
     fresh = nearest_int(sub / torch.where(d_sub != 0, d_sub, 1.0)).clamp(-32, 31) + 32
     levels = torch.where(d_sub != 0, fresh, levels).reshape(rows, 256)
     levels = torch.where(empty, 0, levels)  # an empty block is all zero bytes
-    return GgmlBlocks("Q6_K", levels, d + torch.where(bad, float("nan"), 0.0), sc=sc)
+    return GgmlBlocks("Q6_K", levels, nan_where(bad, d), sc=sc)
 
 
 def encode_q8_k(x: torch.Tensor) -> GgmlBlocks:
@@ -287,7 +304,7 @@ def encode_q8_k(x: torch.Tensor) -> GgmlBlocks:
     iscale = rdiv(-127.0, torch.where(empty, 1.0, top))
     q = torch.where(empty, 0, nearest_int(iscale * x).clamp(max=127))
     d = torch.where(empty, 0.0, rdiv(1.0, iscale))
-    return GgmlBlocks("Q8_K", q, d + torch.where(bad, float("nan"), 0.0))
+    return GgmlBlocks("Q8_K", q, nan_where(bad, d))
 
 
 ENCODERS = {

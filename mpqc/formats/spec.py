@@ -163,7 +163,9 @@ class GgmlLayout:
 
     def __post_init__(self):
         if self.super_block % self.sub_block:
-            raise ValueError(f"{self.type_name}: sub-blocks of {self.sub_block} do not tile blocks of {self.super_block}")
+            raise ValueError(
+                f"{self.type_name}: sub-blocks of {self.sub_block} do not tile blocks of {self.super_block}"
+            )
 
     def check(self, element_bits: int) -> None:
         n_sub = self.super_block // self.sub_block
@@ -330,8 +332,9 @@ QK_K = 256
 
 
 def _ggml(name, element, layout: GgmlLayout) -> Format:
-    return Format(name, "ggml", element, FP16_SCALE if layout.type_name != "Q8_K" else FP32_SCALE,
-                  layout.super_block, ggml=layout)
+    return Format(
+        name, "ggml", element, FP16_SCALE if layout.type_name != "Q8_K" else FP32_SCALE, layout.super_block, ggml=layout
+    )
 
 
 # llama.cpp's block types (ggml-common.h). Bits per weight include every scale and minimum:
