@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from mpqc.formats import Format, get_format
 from mpqc.formats.spec import validate_block_size
 from mpqc.graph import Component, Granularity, Graph, Matmul
+from mpqc.targets import check_target, llamacpp_activation
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -67,7 +68,11 @@ class Precision:
 
 
 class Plan:
-    """Component name -> Precision, a default for the rest, a granularity, a block size and rounding."""
+    """Component name -> Precision, a default for the rest, a granularity, a block size and rounding.
+
+    ``target="llama.cpp"`` scores the plan as llama.cpp runs it: each matmul's activations are
+    what llama.cpp's CPU kernels turn them into for its weight type (``mpqc.targets``), whatever
+    the precisions' activation formats say; weights must then have GGUF types."""
 
     def __init__(
         self,
@@ -80,8 +85,10 @@ class Plan:
         block_size=None,
         rounding: str = "nearest",
         high: str = "bf16",
+        target: str | None = None,
     ):
         self.graph = graph
+        self.target = check_target(target)
         self.granularity = granularity
         self.components: tuple[Component, ...] = graph.components(granularity)
         self._component_of = {m.name: c.name for c in self.components for m in c.matmuls}
@@ -112,6 +119,9 @@ class Plan:
             for fmt in (p.weight, p.activation):
                 if fmt is not None and fmt.family != "cast":
                     fmt.with_block(block_size)
+        if self.target is not None:
+            for m in graph.matmuls:  # raises for a weight format llama.cpp cannot run
+                self.activation_format(m)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -129,6 +139,7 @@ class Plan:
             granularity=self.granularity,
             block_size=self.block_size,
             rounding=self.rounding,
+            target=self.target,
         )
 
     @property
@@ -149,6 +160,8 @@ class Plan:
         return fmt if fmt.family == "cast" else fmt.with_block(self.block_size)
 
     def activation_format(self, matmul: Matmul) -> Format | None:
+        if self.target is not None:
+            return llamacpp_activation(self.weight_format(matmul) if matmul.has_weight else None)
         fmt = self.precision_of(matmul).activation
         return fmt if fmt is None or fmt.family == "cast" else fmt.with_block(self.block_size)
 
@@ -197,6 +210,7 @@ class Plan:
             "granularity": self.granularity_label,
             "block_size": self.block_size,
             "rounding": self.rounding,
+            **({"target": self.target} if self.target is not None else {}),
             "default": self.default.to_dict(),
             "components": {name: p.to_dict() for name, p in self.assignments.items()},
             "summary": self.summary(),
@@ -222,6 +236,7 @@ class Plan:
             granularity=granularity,
             block_size=data.get("block_size"),
             rounding=data.get("rounding", "nearest"),
+            target=data.get("target"),
         )
 
     @classmethod
@@ -235,6 +250,7 @@ class Plan:
             and self.granularity_label == other.granularity_label
             and self.block_size == other.block_size
             and self.rounding == other.rounding
+            and self.target == other.target
             and all(self.precision(c.name) == other.precision(c.name) for c in self.components)
         )
 

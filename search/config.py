@@ -30,7 +30,11 @@ class SearchConfig:
     ``seed``) seeds it apart from the evaluation windows. ``n_trials`` counts completed trials
     in the study, including earlier runs on the same storage. ``prefix``: token ids every
     window starts with (the tokenizer's BOS). ``torch_compile``: True or a torch.compile
-    backend evaluates trials through one compile of the model.
+    backend evaluates trials through one compile of the model. ``target="llama.cpp"`` scores
+    every plan with the activations llama.cpp's CPU kernels compute with for each weight type
+    (``mpqc.targets``); ``low`` and ``high`` must then have GGUF types (q4_0, q8_0, mxfp4 ...).
+    ``keep_high``: components that stay at ``high`` and are not searched (a tied lm_head that
+    should keep sharing the embedding's bytes in a GGUF file, say).
     """
 
     budget: Budget
@@ -55,11 +59,14 @@ class SearchConfig:
     heartbeat: int = 10
     torch_compile: Any = False
     prefix: tuple[int, ...] = ()
+    target: str | None = None
+    keep_high: tuple[str, ...] = ()
 
     def __post_init__(self):
         budget = self.budget if isinstance(self.budget, Budget) else Budget(*self.budget)
         object.__setattr__(self, "budget", budget)  # normalized once, here
         object.__setattr__(self, "prefix", tuple(int(t) for t in self.prefix))
+        object.__setattr__(self, "keep_high", tuple(str(c) for c in self.keep_high))
         if not isinstance(self.n_trials, int) or isinstance(self.n_trials, bool) or self.n_trials < 1:
             raise ValueError(f"n_trials must be a positive int, got {self.n_trials!r}")
 
@@ -102,6 +109,10 @@ class SearchConfig:
         }
         if self.prefix:
             settings["prefix"] = list(self.prefix)
+        if self.target is not None:
+            settings["target"] = self.target
+        if self.keep_high:
+            settings["keep_high"] = list(self.keep_high)
         return settings
 
     def default_study_name(self, settings: dict) -> str:

@@ -56,7 +56,17 @@ def run(
     """
     config = _resolve_config(config, settings)
     low_p, high_p = low_precision(config.low, config.high, weights_only=config.weights_only)
-    space = SearchSpace(graph, config.granularity, low_p, high_p, config.budget, config.block_size, config.rounding)
+    space = SearchSpace(
+        graph,
+        config.granularity,
+        low_p,
+        high_p,
+        config.budget,
+        config.block_size,
+        config.rounding,
+        config.target,
+        config.keep_high,
+    )
     multi = config.sampler in MULTI_OBJECTIVE
     sampler = make_sampler(config.sampler, seed=config.effective_sampler_seed, kwargs=config.sampler_kwargs)
     _check_reachable(space)
