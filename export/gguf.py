@@ -197,6 +197,8 @@ def to_gguf(qmodel, path, *, source=None, tokenizer=None, verify: bool = True) -
     reproduces the source's ``token_embd`` exactly. Atomic: nothing is left at ``path`` on error."""
     import gguf  # the demo/llamacpp extras
 
+    if source is None:
+        _check_hf_exportable(qmodel.graph, tokenizer)
     planned = plan_tensors(qmodel)
     if source is not None:
         reader = gguf.GGUFReader(str(source))
@@ -290,17 +292,19 @@ def _tied_output(reader, planned_output, tensors):
     return out
 
 
-def _from_hf(qmodel, planned, tokenizer):
-    """Tensors and metadata of a Llama-family Hugging Face model, from its config."""
-    graph = qmodel.graph
-    config = graph.config
-    if graph.model_class not in LLAMA_FAMILY or config is None:
+def _check_hf_exportable(graph, tokenizer) -> None:
+    if graph.model_class not in LLAMA_FAMILY or graph.config is None:
         raise UnsupportedExport(
             f"GGUF export without a source GGUF supports {', '.join(LLAMA_FAMILY)}; {graph.model_class} needs "
             "source= (the GGUF it was loaded from), or convert it with llama.cpp's convert_hf_to_gguf.py first"
         )
     if tokenizer is None:
         raise UnsupportedExport("GGUF export from a Hugging Face model needs its tokenizer (tokenizer=...)")
+
+
+def _from_hf(qmodel, planned, tokenizer):
+    """Tensors and metadata of a Llama-family Hugging Face model, from its config."""
+    config = qmodel.graph.config
     tensors = []
     for name, p in qmodel.module.state_dict().items():
         gname = gguf_tensor_name(name)

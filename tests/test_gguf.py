@@ -176,8 +176,9 @@ def test_llama_quantize_args_and_q4_k_m_recipe():
     # Q4_K_M on SmolLM2's shapes: 576-wide rows cannot hold 256-blocks, so q4_k falls back to q5_0
     # and q6_k to q8_0; the tied output is q8_0; ffn_down (1536 wide) keeps q4_k / q6_k.
     assert q4_k_m_type("q_proj", 5, 30, 576) == "q5_0"
-    assert q4_k_m_type("v_proj", 0, 30, 576) == "q8_0" and q4_k_m_type("v_proj", 5, 30, 576) == "q5_0"
-    assert q4_k_m_type("down_proj", 5, 30, 1536) == "q4_k" and q4_k_m_type("down_proj", 6, 30, 1536) == "q6_k"
+    # use_more_bits(i, 30): i < 3, i >= 26, or (i - 3) % 3 == 2
+    assert q4_k_m_type("v_proj", 0, 30, 576) == "q8_0" and q4_k_m_type("v_proj", 4, 30, 576) == "q5_0"
+    assert q4_k_m_type("down_proj", 4, 30, 1536) == "q4_k" and q4_k_m_type("down_proj", 5, 30, 1536) == "q6_k"
     assert q4_k_m_type("lm_head", None, 30, 576) == "q8_0" and q4_k_m_type("lm_head", None, 30, 2048) == "q6_k"
     recipe = q4_k_m_plan(graph)  # 256-wide: every tensor keeps its k-quant
     assert {recipe.weight_format(m).name for m in graph.matmuls if m.has_weight} <= {"q4_k", "q6_k"}
