@@ -204,3 +204,12 @@ def test_smollm2_from_its_gguf_runs_in_llamacpp_with_the_emulated_perplexity(tmp
     emulated = mpqc.evaluate.perplexity(qmodel, windows=windows, batch_size=1, progress=False)
     measured = LlamaCppLM(tmp_path / "smollm2.gguf", threads=2).perplexity(windows=windows)
     assert abs(measured / emulated - 1) < 0.005, (measured, emulated)
+
+
+def test_command_line_takes_gguf_and_target():
+    from mpqc.cli import build_parser
+
+    args = build_parser().parse_args(["export", "--gguf", "out.gguf", "--llama-quantize-args", "--format", "q4_0"])
+    assert args.gguf == "out.gguf" and args.llama_quantize_args
+    args = build_parser().parse_args(["search", "--target", "llama.cpp", "--low", "q4_0", "--high", "q8_0"])
+    assert args.target == "llama.cpp"
