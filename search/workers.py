@@ -35,7 +35,9 @@ from .samplers import make_sampler
 COMPLETE, RUNNING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
 DUPLICATE_PATIENCE = 10  # proposals in a row that repeat measured plans: the space is exhausted
 POLL_SECONDS = 0.5  # how often a worker waiting for the others' last trials looks again
-_NOT_COPIED = {"worker", "seeded", "plan_key", "skipped", "duplicate_of"}
+# Of an earlier trial's attributes, what a repeat does not take over: who ran it, how it was
+# proposed, and the windows it evaluated (a repeat evaluates none: search_cost counts windows).
+_NOT_COPIED = {"worker", "seeded", "plan_key", "skipped", "duplicate_of", "windows", "perplexity_partial"}
 
 
 def _worker_label() -> str:
@@ -122,6 +124,7 @@ class TrialGate:
                 if name not in _NOT_COPIED:
                     trial.set_user_attr(name, value)
         trial.set_user_attr("duplicate_of", earlier.number)
+        trial.set_user_attr("windows", 0)
         if self.exhausted and earlier.state == COMPLETE:
             return earlier
         raise optuna.TrialPruned(f"the plan of trial {earlier.number}")
