@@ -271,9 +271,11 @@ def test_collection_fit_and_held_out_ranking_on_a_trained_tiny_model():
     assert all(r["dnll"] == pytest.approx(math.log1p(r["delta_ppl"])) for r in rows)
     ours = predict.validate(rows, ["log(fisher_diag)"], by="plans", k=5)["overall"]
     ratio_only = predict.validate(rows, ["log(ratio)"], by="plans", k=5)["overall"]
-    # Measured over plan seeds 0-2 (torch 2.13 CPU, AVX2 kernels; 1 and 2 threads give the same
-    # bits): R^2 0.57-0.75 (Q_r alone -0.20-0.50), Spearman 0.80-0.89, same-ratio pairs 0.66-0.80,
-    # where the ratio alone orders those pairs worse than chance (0.34-0.38).
+    # Measured over plan seeds 0-2, torch 2.13 CPU with its AVX2 and its default kernels (the
+    # decayed model lands on the same held-out NLL, 0.7427, under both): R^2 0.57-0.75 (Q_r alone
+    # -0.20-0.50), Spearman 0.80-0.89, same-ratio pairs 0.65-0.82, where the ratio alone orders
+    # those pairs worse than chance (0.34-0.38). Another init seed (1) is a different model:
+    # there plan seed 1 has Spearman 0.62, the others pass.
     assert ours["r2_log"] > 0.4 and ours["r2_log"] > ratio_only["r2_log"]
     assert ours["spearman"] > 0.7
     assert ours["pairs_same_ratio"] > 0.6 and ours["n_pairs"] >= 20
