@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["nll", "perplexity", "running_nll", "sample_windows"]
+__all__ = ["check_windows_fit", "max_windows", "nll", "perplexity", "running_nll", "sample_windows"]
 
 # math.exp overflows (OverflowError) past ~709.78: code that exponentiates a loss or a loss
 # difference caps its argument at, or compares it with, this one constant.
@@ -45,6 +45,24 @@ def _check_stream(tokens) -> torch.Tensor:
     if tokens.dtype != torch.long:
         raise TypeError(f"tokens must have dtype torch.long (int64), got {tokens.dtype}")
     return tokens
+
+
+def max_windows(n_tokens: int, seq_len: int, prefix_len: int = 0) -> int:
+    """How many non-overlapping windows of ``seq_len`` tokens (``prefix_len`` of them a fixed
+    prefix, the rest from the stream) a stream of ``n_tokens`` holds: what ``sample_windows`` can draw."""
+    body = seq_len - prefix_len
+    return n_tokens // body if body > 0 else 0
+
+
+def check_windows_fit(tokens: torch.Tensor, seq_len: int, n_samples: int, prefix: Sequence[int] = (), *, part: str):
+    """Raise a ValueError naming the largest count that fits when ``n_samples`` windows do not fit
+    in ``tokens`` (``part``: which text it is, e.g. "the search part (the first 90%) of the text")."""
+    fits = max_windows(int(tokens.numel()), seq_len, len(prefix))
+    if n_samples > fits:
+        raise ValueError(
+            f"{n_samples} windows of {seq_len} tokens do not fit in {part} ({tokens.numel():,} tokens): "
+            f"at most {fits} fit; ask for at most {fits}, a shorter window, or more text"
+        )
 
 
 def sample_windows(

@@ -23,6 +23,8 @@ from pathlib import Path
 __all__ = [
     "atomic_file",
     "atomic_files",
+    "check_output_dir",
+    "check_output_file",
     "installed_file",
     "json_safe",
     "parse_cell",
@@ -110,6 +112,52 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+# ---- checks of output paths, before the work that ends in writing them ---------------------------
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _check_creatable_in(directory: str, what: str, path) -> None:
+    """``directory`` (the nearest existing ancestor of ``path``) must be a directory we can write in."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{what} {path}: {directory} is a file, not a directory; name a path under a directory")
+    try:  # os.access says yes to root even on a read-only mount: try it for real
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".mpqc-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(
+            f"{what} {path}: cannot write in {directory} ({e.strerror or e}); name a writable place"
+        ) from None
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> None:
+    """A ValueError now, not after the work, when ``path`` cannot become a directory of outputs:
+    an existing file, or under a place that cannot be written. Creates nothing."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path} is an existing file, not a directory; name a directory (made if missing)")
+    _check_creatable_in(_nearest_existing(path), what, path)
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> None:
+    """A ValueError now, not after the work, when ``path`` cannot be written as a file: an existing
+    directory, or a place that cannot be written (files are replaced by a rename, so the directory
+    decides). Creates nothing."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory; name a file (one inside it, or elsewhere)")
+    _check_creatable_in(_nearest_existing(os.path.dirname(os.path.abspath(path))), what, path)
 
 
 # ---- typed CSV tables ----------------------------------------------------------------------------

@@ -25,9 +25,19 @@ from pathlib import Path
 
 import torch
 
+from mpqc import model_files
 from mpqc.io import installed_file
+from mpqc.model_files import ModelFileError
 
-__all__ = ["DEFAULT_MODEL", "ModelSource", "load_model", "resolve_model", "smollm2_gguf_path"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelFileError",
+    "ModelSource",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model",
+    "smollm2_gguf_path",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,6 +112,7 @@ def resolve_model(spec: str | Path | None = None) -> ModelSource:
 
 
 _CACHE: dict[tuple, tuple] = {}
+_TOKENIZERS: dict[tuple, object] = {}
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -120,6 +131,60 @@ def parse_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def _require_gguf_packages() -> None:
+    for module, pip in (("gguf", "pip install gguf"), ("accelerate", "pip install accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"loading a GGUF model needs the `{module}` package: `{pip}`")
+
+
+def _from_pretrained_kwargs(source: ModelSource) -> dict:
+    kwargs = {"local_files_only": True}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    return kwargs
+
+
+def _loading(source: ModelSource, what: str, load):
+    """``load()``, with a failure turned into an error naming the file and what is wrong with it."""
+    try:
+        return load()
+    except (KeyboardInterrupt, ModuleNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - loaders raise struct.error, OSError, SafetensorError, ...
+        if isinstance(e, OSError) and source.kind == "hub-cache":
+            raise FileNotFoundError(
+                f"model {source.spec!r} is not in the local Hugging Face cache, and nothing can "
+                f"be downloaded here; {_ACCEPTED}"
+            ) from e
+        problem = model_files.diagnose(source)
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if problem:
+            raise ModelFileError(f"cannot load the {what} of model {source.spec!r}: {problem} ({detail})") from e
+        raise ModelFileError(f"cannot load the {what} of model {source.spec!r} from {source.path}: {detail}") from e
+
+
+def load_tokenizer(spec: str | Path | None = None, *, cache: bool = True):
+    """The tokenizer of a model spec, without the model (seconds, where the model takes a minute).
+
+    ``load_model`` returns the same (cached) tokenizer, so a command can check its text
+    against the settings before the model loads."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    key = (source.path, source.gguf_file)
+    if cache and key in _TOKENIZERS:
+        return _TOKENIZERS[key]
+    if source.gguf_file:
+        _require_gguf_packages()
+    model_files.check(source)
+    tokenizer = _loading(
+        source, "tokenizer", lambda: AutoTokenizer.from_pretrained(source.path, **_from_pretrained_kwargs(source))
+    )
+    if cache:
+        _TOKENIZERS[key] = tokenizer
+    return tokenizer
+
+
 def load_model(
     spec: str | Path | None = None,
     *,
@@ -136,9 +201,10 @@ def load_model(
     long the load took. With ``cache=True`` the first load in a process is kept
     and later calls return a deep copy of it (about a second for 135M params,
     against 15-20 s for a GGUF load), so callers may modify their copy freely;
-    the tokenizer is shared.
+    the tokenizer is shared. A file that is truncated, not a GGUF, or a directory
+    without weights is a ``ModelFileError`` naming the file and what to do.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
@@ -149,26 +215,16 @@ def load_model(
         model, tokenizer = _CACHE[key]
         return copy.deepcopy(model), tokenizer
 
-    if source.gguf_file:
-        for module, pip in (("gguf", "pip install gguf"), ("accelerate", "pip install accelerate")):
-            if importlib.util.find_spec(module) is None:
-                raise ModuleNotFoundError(f"loading a GGUF model needs the `{module}` package: `{pip}`")
-    kwargs = {"local_files_only": True}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
     start = time.perf_counter()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
+    tokenizer = load_tokenizer(spec, cache=cache)
+    kwargs = _from_pretrained_kwargs(source)
+    model = _loading(
+        source,
+        "weights",
+        lambda: AutoModelForCausalLM.from_pretrained(
             source.path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-        )
-    except OSError as e:
-        if source.kind != "hub-cache":
-            raise
-        raise FileNotFoundError(
-            f"model {source.spec!r} is not in the local Hugging Face cache, and nothing can "
-            f"be downloaded here; {_ACCEPTED}"
-        ) from e
+        ),
+    )
     model.to(device).eval()
     source = dataclasses.replace(source, load_seconds=time.perf_counter() - start)
     model.mpqc_source = source

@@ -17,11 +17,14 @@ import difflib
 import json
 from collections.abc import Mapping
 
+from mpqc import fingerprint
 from mpqc.formats import Format, get_format
 from mpqc.formats.spec import validate_block_size
 from mpqc.graph import Component, Granularity, Graph, Matmul
 
 PLAN_SCHEMA_VERSION = 1
+PLAN_KEYS = ("mpqc_plan", "granularity", "default")  # what every plan file holds (and "components")
+SUMMARY_TOLERANCE = 1e-9  # a stored Q_r further than this from the recomputed one is refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +197,7 @@ class Plan:
         return {
             "mpqc_plan": PLAN_SCHEMA_VERSION,
             "model_class": self.graph.model_class,
+            "model": model_identity(self.graph),
             "granularity": self.granularity_label,
             "block_size": self.block_size,
             "rounding": self.rounding,
@@ -207,15 +211,16 @@ class Plan:
 
     @classmethod
     def from_dict(cls, graph: Graph, data: Mapping, *, granularity: Granularity | None = None) -> Plan:
-        version = data.get("mpqc_plan")
-        if version != PLAN_SCHEMA_VERSION:
-            raise ValueError(f"not an mpqc plan of schema version {PLAN_SCHEMA_VERSION} (mpqc_plan = {version!r})")
+        """The plan ``data`` describes, on ``graph``; refused when it was made for another model
+        (``data["model"]``) or when its stored summary (Q_r) differs from the recomputed one."""
+        _check_plan_data(data)
         stored = data["granularity"]
         if granularity is None:
             if stored.startswith("custom:"):
                 raise ValueError(f"the plan was made at granularity {stored!r}; pass granularity= the same callable")
             granularity = stored
-        return cls(
+        _check_model(graph, data)
+        plan = cls(
             graph,
             data.get("components", {}),
             default=data["default"],
@@ -223,10 +228,27 @@ class Plan:
             block_size=data.get("block_size"),
             rounding=data.get("rounding", "nearest"),
         )
+        _check_summary(plan, data.get("summary"))
+        return plan
 
     @classmethod
     def from_json(cls, graph: Graph, text: str, *, granularity: Granularity | None = None) -> Plan:
-        return cls.from_dict(graph, json.loads(text), granularity=granularity)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"a plan is JSON, and this text is not: {e}") from None
+        return cls.from_dict(graph, data, granularity=granularity)
+
+    @classmethod
+    def from_file(cls, graph: Graph, path, *, granularity: Granularity | None = None) -> Plan:
+        """The plan in the JSON file ``path``; every error names the file."""
+        data = read_plan_file(path)
+        try:
+            return cls.from_dict(graph, data, granularity=granularity)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"plan file {path}: {e}") from None
+        except KeyError as e:
+            raise KeyError(f"plan file {path}: {e.args[0]}") from None
 
     def __eq__(self, other) -> bool:
         return (
@@ -243,4 +265,95 @@ class Plan:
             f"Plan({self.graph.model_class}, {self.granularity_label}, default={self.default}, "
             f"assigned={len(self.assignments)}, Q_r={self.quantization_ratio():.3f}, "
             f"avg_bits={self.average_bits():.2f})"
+        )
+
+
+# ---- checks of a stored plan ----------------------------------------------------------------
+
+
+def model_identity(graph: Graph) -> dict:
+    """What a plan records of the model it was made for: its structure, not its weights, so a
+    plan applies to every checkpoint of one architecture (and to any dtype or device)."""
+    return {
+        "class": graph.model_class,
+        "matmuls": len(graph.matmuls),
+        "matmul_params": graph.total_params,
+        "structure": fingerprint.structure(graph),
+    }
+
+
+def read_plan_file(path) -> dict:
+    """The JSON of a plan file, checked for the keys every plan has (no model needed); errors
+    name the file and the missing or wrong key."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"plan file {path}: cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"plan file {path}: not a text file (a plan is JSON from Plan.to_json)") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"plan file {path}: not valid JSON ({e})") from None
+    try:
+        _check_plan_data(data)
+    except ValueError as e:
+        raise ValueError(f"plan file {path}: {e}") from None
+    return data
+
+
+def _describe(model: Mapping) -> str:
+    params = model.get("matmul_params")
+    params = f"{params:,}" if isinstance(params, int) else "?"
+    return f"{model.get('class')} with {model.get('matmuls')} matmuls ({params} matmul parameters)"
+
+
+def _check_plan_data(data) -> None:
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"a plan is a JSON object with keys {', '.join(PLAN_KEYS)} (as Plan.to_json writes it), "
+            f"got {type(data).__name__ if data is not None else 'null'}"
+        )
+    version = data.get("mpqc_plan")
+    if version != PLAN_SCHEMA_VERSION:
+        raise ValueError(f"not an mpqc plan of schema version {PLAN_SCHEMA_VERSION} (mpqc_plan = {version!r})")
+    missing = [k for k in PLAN_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"the plan lacks key(s) {', '.join(map(repr, missing))}; a plan has {', '.join(PLAN_KEYS)}")
+    if not isinstance(data["granularity"], str):
+        raise ValueError(f"plan key 'granularity' is a name such as 'matmul', got {data['granularity']!r}")
+    if not isinstance(data.get("components", {}), Mapping):
+        raise ValueError(
+            "plan key 'components' maps component names to precisions (a JSON object), "
+            f"got {type(data['components']).__name__}"
+        )
+    for key in ("model", "summary"):
+        if key in data and not isinstance(data[key], Mapping):
+            raise ValueError(f"plan key {key!r} is a JSON object, got {type(data[key]).__name__}")
+
+
+def _check_model(graph: Graph, data: Mapping) -> None:
+    here = model_identity(graph)
+    stored = data.get("model")
+    if stored is None:  # plans written before plans carried the model: the class is all there is
+        stored = {"class": data.get("model_class", here["class"])}
+        if stored["class"] != here["class"]:
+            raise ValueError(f"the plan was made for a {stored['class']}, this model is {_describe(here)}")
+        return
+    if stored.get("structure") != here["structure"] or stored.get("class") != here["class"]:
+        raise ValueError(
+            f"the plan was made for {_describe(stored)}, this model is {_describe(here)}: "
+            "a plan applies only to the architecture it was made for; search or write one for this model"
+        )
+
+
+def _check_summary(plan: Plan, summary: Mapping | None) -> None:
+    if not summary or "quantization_ratio_params" not in summary:
+        return
+    stated, actual = summary["quantization_ratio_params"], plan.quantization_ratio("params")
+    if not isinstance(stated, (int, float)) or abs(stated - actual) > SUMMARY_TOLERANCE:
+        raise ValueError(
+            f"the plan states Q_r {stated!r} but gives Q_r {actual:.6f} on this model: it was made for another "
+            "model, or edited without its summary; fix or drop its 'summary'"
         )

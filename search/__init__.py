@@ -12,7 +12,9 @@
 Modules: ``config`` (SearchConfig), ``budget`` (budgets, the search space, the priority
 encoding), ``samplers``, ``sensitivity`` (the Fisher estimate and the seeded first trials),
 ``objective`` (the objective protocol, window perplexity), ``trials`` (one trial),
-``storage`` (opening a study, its stored settings), ``results`` (the result and its files),
+``storage`` (opening a study, its stored settings), ``identity`` (what a stored study's numbers
+depend on), ``workers`` (several workers on one study: seeds, distinct trials, claims),
+``results`` (the result and its files),
 ``study`` (``run``: the orchestration), ``lm_eval_adapter`` (the lm-eval objective).
 """
 

@@ -9,13 +9,14 @@ settings is refused rather than mixed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import optuna
 
+from mpqc import fingerprint
 from mpqc.graph import Graph
 
+from . import identity
 from .budget import Budget
 
 # The paper's setting (Cao et al. 2024): random search, 50 trials, 1024 sampled sequences, every
@@ -95,6 +96,7 @@ class SearchConfig:
             raise ValueError(f"pruner is 'incumbent', None or an optuna pruner, got {self.pruner!r}")
         if not isinstance(self.rescore, int) or self.rescore < 0:
             raise ValueError(f"rescore must be an int >= 0 (0: no re-scoring), got {self.rescore!r}")
+        _seed_from_sampler_kwargs(self)
 
     @property
     def extra_windows(self) -> int:
@@ -145,7 +147,8 @@ class SearchConfig:
         return settings
 
     def default_study_name(self, settings: dict) -> str:
-        name = f"mpqc-{settings['graph']}-{self.budget.kind}{self.budget.value:g}-{settings['granularity']}-{self.low}"
+        # The digest covers the whole identity (weights, text, dtype ...: search/identity.py).
+        name = f"mpqc-{identity.digest(settings)}-{self.budget.kind}{self.budget.value:g}-{settings['granularity']}-{self.low}"
         objective = settings.get("objective")
         if objective is not None:
             name += f"-{objective.get('kind', 'objective')}-{objective.get('task', '')}"
@@ -153,5 +156,17 @@ class SearchConfig:
 
 
 def graph_fingerprint(graph: Graph) -> str:
-    names = "\n".join(f"{m.name}:{m.params}" for m in graph.matmuls)
-    return hashlib.sha256(f"{graph.model_class}\n{names}".encode()).hexdigest()[:16]
+    return fingerprint.structure(graph)  # the model class and every matmul's name and size
+
+
+def _seed_from_sampler_kwargs(config: SearchConfig) -> None:
+    """``sampler_kwargs={"seed": 7}`` is the sampler's seed: it becomes ``sampler_seed``."""
+    kwargs = config.sampler_kwargs
+    if not isinstance(kwargs, dict) or "seed" not in kwargs:
+        return
+    if config.sampler_seed is not None and config.sampler_seed != kwargs["seed"]:
+        raise ValueError(
+            f"two sampler seeds: sampler_seed={config.sampler_seed} and sampler_kwargs seed={kwargs['seed']}"
+        )
+    object.__setattr__(config, "sampler_seed", kwargs["seed"])
+    object.__setattr__(config, "sampler_kwargs", {k: v for k, v in kwargs.items() if k != "seed"} or None)

@@ -200,7 +200,7 @@ def search_cost(study: optuna.Study, config, decided: dict | None) -> dict:
     for t in study.get_trials(deepcopy=False):
         windows = t.user_attrs.get("windows")
         if t.state == optuna.trial.TrialState.COMPLETE:
-            trials += (windows or n) / n
+            trials += (n if windows is None else windows) / n  # a repeat of a measured plan: 0 windows
         elif t.state == optuna.trial.TrialState.PRUNED:
             pruned += (windows or 0) / n
     cost = {

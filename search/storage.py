@@ -9,11 +9,14 @@ search with other settings is refused rather than mixed into it.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 import warnings
 
 import optuna
+
+from . import identity
 
 SETTINGS_ATTR = "mpqc_config"  # the study user attribute holding its settings
 
@@ -31,7 +34,8 @@ def open_storage(storage, *, heartbeat: int):
             return _rdb_storage(url, heartbeat)
         except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds
             last_error = e
-            if "IntegrityError" not in type(e).__name__ and "UniqueViolation" not in str(e):
+            racing = "IntegrityError" in type(e).__name__ or "UniqueViolation" in str(e) or "already exists" in str(e)
+            if not racing:
                 break
             time.sleep(0.5 * (attempt + 1))
     e = last_error
@@ -53,6 +57,18 @@ def _rdb_storage(url: str, heartbeat: int):
         return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **{key: retry})
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C with a traceback; the caller gets the interrupt anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+_OPTIMIZE_LOGGER = logging.getLogger("optuna.study._optimize")
+if not any(isinstance(f, _NoInterruptTraceback) for f in _OPTIMIZE_LOGGER.filters):
+    _OPTIMIZE_LOGGER.addFilter(_NoInterruptTraceback())
+
+
 def open_study(storage, name: str, sampler, *, multi: bool, heartbeat: int, pruner=None) -> optuna.Study:
     """Create the study, or load it when it exists (a resumed or shared search)."""
     rdb = open_storage(storage, heartbeat=heartbeat)
@@ -67,25 +83,25 @@ def open_study(storage, name: str, sampler, *, multi: bool, heartbeat: int, prun
 
 
 def check_settings(study: optuna.Study, settings: dict) -> None:
-    """Store ``settings`` in a new study; refuse a stored study that was made with others."""
+    """Store ``settings`` in a new study; refuse a stored study that was made with others,
+    naming each differing field (``identity.differences``)."""
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
         return
     if stored == settings:
         return
-    diff = {
-        k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings) if stored.get(k) != settings.get(k)
-    }
     what = ""
-    if "objective" in diff:
+    if stored.get("objective") != settings.get("objective"):
         what = (
             f" It was made with objective {objective_label(stored.get('objective'))}, "
             f"asked {objective_label(settings.get('objective'))}."
         )
+    differing = "; ".join(identity.differences(stored, settings))
     raise ValueError(
-        f"study {study.study_name!r} was created for another search;{what} differing settings "
-        f"(stored, asked): {diff}. Use another study_name or the same settings."
+        f"study {study.study_name!r} was created for another search;{what} differing: {differing}. "
+        "Use another study_name (or leave it out: the default name follows the model, text and settings), "
+        "or the same model, text and settings."
     )
 
 

@@ -25,6 +25,7 @@ from mpqc.graph import Graph
 from .budget import SearchSpace, low_precision
 from .config import SearchConfig
 from .decide import rescore
+from .identity import measured
 from .knapsack import solve_knapsack
 from .objective import WindowPerplexity, check_objective
 from .plan_samplers import PlanContext, PlanSampler
@@ -34,6 +35,7 @@ from .samplers import MULTI_OBJECTIVE, make_sampler
 from .sensitivity import seed_study, study_sensitivity
 from .storage import check_settings, open_study
 from .trials import TrialRunner
+from .workers import TrialGate, worker_number, worker_sampler
 
 
 def run(
@@ -77,6 +79,7 @@ def run(
     _check_reachable(space)
     windows = sample_windows(tokens, config.seq_len, config.n_samples, config.seed, config.prefix)
     stored = config.study_settings(graph, space.plan([]).granularity_label, str(low_p), str(high_p), multi)
+    stored.update(measured(graph, tokens))  # the weights, text, dtype and device the numbers depend on
     if objective is not None:
         check_objective(objective)
         # Only a non-default objective adds the key: studies stored before it existed still resume.
@@ -92,6 +95,8 @@ def run(
         pruner=make_pruner(config, steps) if steps > 1 else NopPruner(),
     )
     check_settings(study, stored)
+    worker = worker_number(study, stored=config.storage is not None)  # a restart or a second machine: 1, 2, ...
+    sampler = study.sampler = worker_sampler(sampler, config, worker)
     qmodel = _compiled(graph, space, qmodel)
     perplexity = WindowPerplexity(windows, config.batch_size, forward=_forward(qmodel, config, low_p, high_p))
     runner = TrialRunner(
@@ -103,7 +108,8 @@ def run(
         plan_sampler=isinstance(sampler, PlanSampler),
         steps=steps,
     )
-    _prepare_sampler(sampler, study, runner, tokens, config, progress)
+    runner.gate = TrialGate(config.n_trials)  # no surplus trial, no plan measured twice
+    _prepare_sampler(sampler, study, runner, tokens, config, progress, seeds=worker == 0)
     _optimize(study, runner, config.n_trials, multi=multi, progress=progress)
     return _result(study, runner, tokens, config, stored, multi=multi, progress=progress)
 
@@ -115,6 +121,7 @@ def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: di
         extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
         best, decided = rescore(study, runner, extra, config.rescore)
     result = best_result(study, runner.space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
+    result.notes.extend(runner.gate.notes())
     result.decided = decided
     if config.baselines and not multi:
         result.baselines = _baselines(study, runner, tokens, config, progress)
@@ -154,9 +161,12 @@ def make_pruner(config: SearchConfig, steps: int) -> optuna.pruners.BasePruner:
     raise ValueError(f"pruner is 'incumbent', None or an optuna pruner, got {config.pruner!r}")
 
 
-def _prepare_sampler(sampler, study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool) -> None:
+def _prepare_sampler(
+    sampler, study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool, *, seeds: bool = True
+) -> None:
     """Give mpqc's samplers what they start from: the Fisher scores (once per study), and for
-    plan samplers the all-high plan's loss on the search windows."""
+    plan samplers the all-high plan's loss on the search windows. ``seeds``: this worker may
+    enqueue the sensitivity sampler's seeded trials (worker 0 of a study does)."""
     if config.sampler != "sensitivity" and not isinstance(sampler, PlanSampler):
         return
     sens = study_sensitivity(
@@ -171,7 +181,8 @@ def _prepare_sampler(sampler, study, runner: TrialRunner, tokens, config: Search
         progress=progress,
     )
     if config.sampler == "sensitivity":
-        seed_study(study, runner.space, sens, n_seeded=config.n_seeded, seed=config.seed)
+        if seeds:
+            seed_study(study, runner.space, sens, n_seeded=config.n_seeded, seed=config.seed)
         return
     base = study.user_attrs.get("base_perplexity")
     if base is None:
@@ -244,6 +255,6 @@ def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int, *, multi:
     stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        while _n_complete(study) < n_trials:
-            study.optimize(runner, n_trials=n_trials - _n_complete(study), callbacks=[on_trial, stop])
+        while (asked := runner.gate.remaining(study)) > 0:  # waits while other workers finish the last ones
+            study.optimize(runner, n_trials=asked, callbacks=[on_trial, stop, runner.gate.after_trial])
     bar.close()

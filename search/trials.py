@@ -29,6 +29,8 @@ class TrialRunner:
     With ``multi`` (nsga2) the trial also searches its own target ratio. ``steps`` > 1 reports
     the running perplexity that many times per trial, for the study's pruner."""
 
+    gate = None  # a workers.TrialGate, set by run(): skips surplus trials and plans already measured
+
     def __init__(
         self,
         qmodel: QuantizedModel,
@@ -54,11 +56,9 @@ class TrialRunner:
         self.qmodel.set_plan(plan)
         if eager or windows is not None:
             w = self.perplexity.windows if windows is None else windows
-            return (
-                WindowPerplexity(w, self.perplexity.batch_size, None if eager else self.perplexity.forward)
-                .evaluate(self.qmodel)
-                .value
-            )
+            # batches shaped like the search's own, so a compiled forward is not compiled again
+            batch = min(self.perplexity.batch_size, len(self.perplexity.windows))
+            return WindowPerplexity(w, batch, None if eager else self.perplexity.forward).evaluate(self.qmodel).value
         return self.perplexity.evaluate(self.qmodel).value
 
     def measure(self, plan: Plan, trial: optuna.Trial | None = None) -> tuple[float, dict]:
@@ -106,6 +106,8 @@ class TrialRunner:
     def __call__(self, trial: optuna.Trial):
         chosen, _ = self.choose(trial)
         plan = self.space.plan(chosen)
+        if self.gate is not None and (earlier := self.gate(trial, chosen)) is not None:
+            return tuple(earlier.values) if self.multi else earlier.value  # measured already: reused
         summary = plan.summary()
         attrs = {**summary, "achieved": self.space.achieved(plan), "low": chosen, "worker": self.worker}
         for key, value in attrs.items():

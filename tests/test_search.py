@@ -204,8 +204,11 @@ def test_custom_sampler_instance_and_import_path():
     _, graph = captured("llama")
     CountingSampler.calls = 0
     mpqc.search.run(graph, TOKENS, ratio=0.5, sampler=CountingSampler(seed=0), n_trials=2, **FAST)
-    n_components = len(graph.components("matmul"))
-    assert CountingSampler.calls == 2 * n_components
+    # one parameter per search variable: zero-size components are not searched (issue 14)
+    low, high = low_precision("mxint4", "bf16", weights_only=False)
+    n_variables = len(SearchSpace(graph, "matmul", low, high, Budget("params", 0.5)).variables())
+    assert 0 < n_variables < len(graph.components("matmul"))
+    assert CountingSampler.calls == 2 * n_variables
     result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="test_search:CountingSampler", n_trials=2, **FAST)
     assert isinstance(result.study.sampler, CountingSampler)
 

@@ -95,3 +95,91 @@ def test_two_workers_share_one_study(postgres_url):
     seen = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in complete}
     assert seen == pids  # both did work
     assert len({t.number for t in complete}) == len(complete)
+
+
+# ---- distinct trials and shared sweeps (issue 17) ------------------------------------------------
+
+
+def _search_cli(model_dir, text, storage, n_trials, out):
+    """`mpqc search` in its own process, the same command on every worker."""
+    code = "import sys; from mpqc.cli import main; sys.exit(main())"
+    argv = [sys.executable, "-c", code, "search", str(model_dir), "--text", str(text), "--seq-len", "16"]
+    argv += ["--n-samples", "4", "--ratio", "0.5", "--storage", storage, "--study-name", "cli"]
+    argv += ["--n-trials", str(n_trials), "--out", str(out)]
+    return subprocess.Popen(argv, cwd=os.path.dirname(HERE), stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_and_a_restart_give_distinct_plans_and_exactly_n_trials(postgres_url, tmp_path):
+    from test_sweep import save_tiny_llama, write_text
+
+    save_tiny_llama(tmp_path / "tiny", hidden=32, layers=2)
+    write_text(tmp_path / "text.txt")
+    workers = [
+        _search_cli(tmp_path / "tiny", tmp_path / "text.txt", postgres_url, 6, tmp_path / f"w{i}") for i in range(2)
+    ]
+    for w in workers:
+        assert w.wait(timeout=600) == 0, w.stderr.read()
+    restart = _search_cli(tmp_path / "tiny", tmp_path / "text.txt", postgres_url, 9, tmp_path / "r")
+    assert restart.wait(timeout=600) == 0, restart.stderr.read()
+    study = optuna.load_study(study_name="cli", storage=postgres_url)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 9  # exactly --n-trials: the workers did not overshoot
+    assert len({frozenset(t.user_attrs["low"]) for t in complete}) == 9  # no plan scored twice
+    assert not any(t.user_attrs.get("seeded") for t in study.trials)  # the default (refine) enqueues none
+    assert not [t for t in study.trials if t.state.name in ("WAITING", "RUNNING")]
+    assert len(optuna.load_study(study_name="cli:workers", storage=postgres_url).trials) == 3
+
+
+SWEEP = """
+out = "{out}"
+text = "text.txt"
+models = ["tiny"]
+
+[grid]
+granularity = ["matmul"]
+ratio = [0.3, 0.5, 0.7, 0.9]
+formats = ["mxint4"]
+
+[search]
+sampler = "random"
+n_trials = 3
+seq_len = 16
+n_samples = 8
+storage = "{storage}"
+
+[eval]
+n_samples = 4
+"""
+
+
+def test_a_sweep_of_four_cells_on_two_workers_runs_each_cell_once(postgres_url, tmp_path):
+    from test_sweep import save_tiny_llama, write_text
+
+    from mpqc.studies import sweep
+
+    save_tiny_llama(tmp_path / "tiny", hidden=32, layers=2)
+    write_text(tmp_path / "text.txt")
+    code = "import sys; from mpqc.cli import main; sys.exit(main())"
+    procs = []
+    for i in range(2):
+        (tmp_path / f"w{i}.toml").write_text(SWEEP.format(out=f"results-{i}.csv", storage=postgres_url))
+        argv = [sys.executable, "-c", code, "sweep", str(tmp_path / f"w{i}.toml"), "--quiet"]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    ran = 0
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+        ran += int(out.split("sweep: ran ")[1].split()[0])
+    assert ran == 4  # every cell run by exactly one of the two workers
+    config = sweep.load_config(str(tmp_path / "w0.toml"))
+    for cell in config.cells():
+        key = config.key(cell)
+        claims = optuna.load_study(study_name=f"sweep-{key}:cell", storage=postgres_url)
+        assert sum(t.state.name == "COMPLETE" for t in claims.trials) == 1
+        search = optuna.load_study(study_name=f"sweep-{key}", storage=postgres_url)
+        assert sum(t.state.name == "COMPLETE" for t in search.trials) == 3
+    # Each worker wrote the complete table, the same one.
+    tables = [(tmp_path / f"results-{i}.csv").read_text() for i in range(2)]
+    assert tables[0] == tables[1]
+    rows = sweep.read_results(str(tmp_path / "results-0.csv"))
+    assert sorted(r["ratio"] for r in rows) == [0.3, 0.5, 0.7, 0.9] and len({r["key"] for r in rows}) == 4

@@ -21,7 +21,11 @@ import argparse
 import sys
 
 from . import compile as compile_cmd
-from . import export, formats, inspect, predict, search, studies
+from . import export, formats, inspect, predict, search, studies, validate
+
+# An interrupted command exits like a shell's Ctrl-C: 128 + SIGINT.
+EXIT_INTERRUPTED = 130
+EXIT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,12 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command: its errors are one line naming what is wrong (exit 2), Ctrl-C says what
+    was kept and how to resume (exit 130); the output paths are checked before any work."""
     args = build_parser().parse_args(argv)
+    name = validate.command_name(args)
     try:
+        validate.before_work(args)
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        print(f"mpqc {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\nmpqc {name}: interrupted; {validate.interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, KeyError, TypeError, OSError, ImportError) as e:
+        print(f"mpqc {name}: error: {_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])  # str() of a KeyError quotes its message
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 if __name__ == "__main__":

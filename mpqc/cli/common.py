@@ -67,8 +67,7 @@ def plan_from_args(graph, args):
     import mpqc
 
     if args.plan:
-        with open(args.plan) as f:
-            return mpqc.Plan.from_json(graph, f.read())
+        return mpqc.Plan.from_file(graph, args.plan)  # errors name the file and the key
     return mpqc.Plan.uniform(
         graph, args.format, granularity="matmul", activations=not args.weights_only, block_size=args.block_size
     )

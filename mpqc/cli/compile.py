@@ -7,7 +7,7 @@ import time
 
 from mpqc.io import write_json_atomic
 
-from . import common
+from . import common, validate
 
 
 def add_parser(sub) -> None:
@@ -24,18 +24,14 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import mpqc
-    from mpqc.data import load_tokens, split_tokens, text_prefix
 
+    for flag in ("seq_len", "n_samples", "batch_size"):
+        validate.positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+    # The windows are checked against the text (report on text the search never sees) before the model loads.
+    holdout, prefix = validate.holdout_text(args, mpqc.models.load_tokenizer(args.model))
     _, tokenizer, graph = common.load_and_capture(args.model, args.seq_len, args.device, args.dtype)
     plan = common.plan_from_args(graph, args)
-    _, holdout = split_tokens(load_tokens(tokenizer, args.text))  # report on text the search never sees
-    kw = dict(
-        seq_len=args.seq_len,
-        n_samples=args.n_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        prefix=text_prefix(tokenizer),
-    )
+    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed, prefix=prefix)
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "fp32"))
     base, t_base = _timed(lambda: mpqc.evaluate.perplexity(qmodel, holdout, **kw))
     qmodel.set_plan(plan)

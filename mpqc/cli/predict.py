@@ -268,7 +268,7 @@ def cmd_plan(args) -> int:
         with open(path) as f:
             texts[path] = f.read()
     _, tokenizer, graph = common.load_and_capture(args.model, s["seq_len"], args.device, args.dtype)
-    plans = {path: mpqc.Plan.from_json(graph, text) for path, text in texts.items()}
+    plans = {path: mpqc.Plan.from_file(graph, path) for path in texts}  # errors name the file
     low_p, high_p = low_precision(s["low"], s["high"], weights_only=bool(s["weights_only"]))
     space = SearchSpace(
         graph, s["granularity"], low_p, high_p, Budget("params", 0.0), parse_block_size(s["block_size"])

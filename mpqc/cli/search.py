@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 
-from . import common
+from . import common, validate
 
 
 def add_parser(sub) -> None:
@@ -47,8 +46,20 @@ def add_parser(sub) -> None:
     s.add_argument("--text", default=None)
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--n-samples", type=int, default=8)
+    s.add_argument(
+        "--holdout-samples",
+        type=int,
+        default=None,
+        help="windows of the held-out report (default: --n-samples, or as many as the held-out text holds)",
+    )
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--sampler-seed",
+        type=int,
+        default=None,
+        help="the sampler's seed (default --seed); each further worker or restart of a stored study adds 1",
+    )
     s.add_argument("--storage", default=None, help="SQLite file or database URL: resumable, shareable by workers")
     s.add_argument("--study-name", default=None)
     s.add_argument("--out", default="mpqc-search", help="directory for best_plan.json, trials.csv, result.json")
@@ -144,6 +155,7 @@ def _config(args, sampler_kwargs, prefix):
         n_samples=args.n_samples,
         batch_size=args.batch_size,
         seed=args.seed,
+        sampler_seed=args.sampler_seed,
         storage=args.storage,
         study_name=args.study_name,
         block_size=args.block_size,
@@ -157,24 +169,29 @@ def _config(args, sampler_kwargs, prefix):
 
 def run(args) -> int:
     import mpqc
-    from mpqc.data import load_tokens, split_tokens, text_prefix
+    from mpqc.io import write_json_atomic
     from mpqc.search import PAPER_SETTING, write_outputs
 
     if args.paper:
         args.sampler, args.n_trials, args.n_samples = (PAPER_SETTING[k] for k in ("sampler", "n_trials", "n_samples"))
         args.no_prune, args.rescore, args.search_dominated = True, 0, True
-    sampler_kwargs = json.loads(args.sampler_kwargs) if args.sampler_kwargs else None
+    sampler_kwargs = validate.sampler_kwargs(args.sampler_kwargs)
     _check_lm_eval(args)
+    config = _config(args, sampler_kwargs, ())
+    validate.search_settings(config, args)  # before anything loads: formats, sampler, storage ...
+    tokenizer = mpqc.models.load_tokenizer(args.model)  # seconds; the model takes a minute
+    search_tokens, holdout, prefix = validate.search_text(args, tokenizer, config)
     _, tokenizer, graph = common.load_and_capture(args.model, args.seq_len, args.device, args.dtype)
-    search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     objective = _objective(args, tokenizer)
     t0 = time.perf_counter()
-    result = mpqc.search.run(
-        graph, search_tokens, _config(args, sampler_kwargs, text_prefix(tokenizer)), objective=objective
-    )
+    result = mpqc.search.run(graph, search_tokens, config.replace(prefix=prefix), objective=objective)
     seconds = time.perf_counter() - t0
-    _report_holdout(result, graph, holdout, objective, args, text_prefix(tokenizer))
+    _report_holdout(result, graph, holdout, objective, args, prefix)
+    result.holdout["n_samples"] = args.holdout_samples
     paths = write_outputs(result, args.out)
+    if args.json:
+        write_json_atomic(args.json, result.to_dict())
+        paths["json"] = args.json
     _print_summary(result, objective, args, seconds)
     print("wrote " + ", ".join(paths.values()))
     return 0
@@ -185,7 +202,9 @@ def _report_holdout(result, graph, holdout, objective, args, prefix) -> None:
     budget), on held-out text the search never saw."""
     import mpqc
 
-    kw = dict(seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed, prefix=prefix)
+    kw = dict(
+        seq_len=args.seq_len, n_samples=args.holdout_samples, batch_size=args.batch_size, seed=args.seed, prefix=prefix
+    )
     qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, args.high))
     result.holdout = {"perplexity_high": mpqc.evaluate.perplexity(qmodel, holdout, **kw, progress=False)}
     if objective is not None:
@@ -210,7 +229,7 @@ def _print_summary(result, objective, args, seconds: float) -> None:
     eager = "" if result.eager_perplexity is None else f", {result.eager_perplexity:.3f} eagerly"
     print(
         f"{result.budget}: {best}{result.perplexity:.3f} (search windows{eager}) at {result.achieved:.4f}, "
-        f"average bits {result.plan.average_bits():.3f}, after {len(result.study.trials)} trials "
+        f"average bits {result.plan.average_bits():.3f}, after {sum(t.state.name == 'COMPLETE' for t in result.study.trials)} trials "
         f"in {seconds:.0f} s"
     )
     if objective is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from mpqc.io import check_output_file
+
 
 def add_parsers(sub) -> None:
     sw = sub.add_parser("sweep", help="run a scaling-law sweep from a TOML config (resumable)")
@@ -26,10 +28,11 @@ def run_sweep(args) -> int:
     config = sweep.load_config(args.config)
     if args.out:
         config = dataclasses.replace(config, out=args.out)
+    check_output_file(config.out, "the results file (out)")  # before any model loads
     if args.dry_run:  # list the cells and which are done, run nothing
-        done = sweep.finished_keys(config.out)
+        states = sweep.cell_states(config)  # from the storage too, when the sweep has one
         for cell in config.cells():
-            state = "done" if config.key(cell) in done else "todo"
+            state = states[config.key(cell)]
             print(
                 f"{state}  {cell.model.name} {cell.granularity} Q_r>={cell.ratio:g} {cell.low}"
                 f"{' weights-only' if cell.weights_only else ''} block {cell.block_size} seed {cell.seed}"

@@ -25,13 +25,14 @@ import time
 import tomllib
 import torch
 
-from mpqc.io import read_csv, typed_rows, write_csv_atomic
+from mpqc.io import json_safe, read_csv, typed_rows, write_csv_atomic
 
 __all__ = [
     "COLUMNS",
     "Cell",
     "ModelEntry",
     "SweepConfig",
+    "cell_states",
     "config_from_dict",
     "finished_keys",
     "load_config",
@@ -227,7 +228,7 @@ def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep con
         raise ValueError(f"{where}: search.dtype must be 'float32', 'bfloat16' or 'float16', got {search['dtype']!r}")
     if not isinstance(search["device"], str) or not search["device"]:
         raise ValueError(f"{where}: search.device must be 'cpu', 'cuda' or 'cuda:N', got {search['device']!r}")
-    if search["storage"]:
+    if search["storage"] and "://" not in search["storage"]:  # a URL (PostgreSQL) as written, a path relative
         search["storage"] = _resolve(search["storage"], base_dir)
     return SweepConfig(
         out=_resolve(data["out"], base_dir),
@@ -339,7 +340,13 @@ def _log(msg: str) -> None:
 
 
 def run(config: SweepConfig, *, progress: bool = True) -> SweepSummary:
-    """Run every cell not yet in ``config.out``; returns how many ran and were skipped."""
+    """Run every cell not yet in ``config.out``; returns how many ran and were skipped.
+
+    With a ``storage`` in ``[search]``, workers on several machines share the sweep: each cell
+    is claimed through the storage and run by one worker, and each writes the complete table
+    (``_run_shared``)."""
+    if config.search["storage"]:
+        return _run_shared(config, progress)
     t_start = time.perf_counter()
     rows = _read_raw(config.out)
     done = {r["key"] for r in rows}
@@ -472,3 +479,102 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         f"({100 * row['delta_ppl']:+.2f}%) in {row['seconds']:.1f} s"
     )
     return row
+
+
+# ---- several workers on one storage -------------------------------------------------------------
+
+CLAIM_HEARTBEAT = 10  # seconds between a claim's heartbeats; a claim 2x this old is a killed worker's
+WAIT_SECONDS = 2.0  # how often a worker with nothing to claim looks again
+
+
+class _SharedCells:
+    """The cells of a sweep as claims in its storage: each cell run by one worker, its row kept there."""
+
+    def __init__(self, config: SweepConfig):
+        from mpqc.search.storage import open_storage
+
+        self.storage = open_storage(config.search["storage"], heartbeat=CLAIM_HEARTBEAT)
+        self._claims = {}
+
+    def claim(self, key: str):
+        from mpqc.search.workers import Claim
+
+        if key not in self._claims:
+            self._claims[key] = Claim(self.storage, f"sweep-{key}:cell", heartbeat=CLAIM_HEARTBEAT)
+        return self._claims[key]
+
+    def row(self, key: str) -> dict | None:
+        return self.claim(key).result()
+
+    def state(self, key: str) -> str:
+        """ "done", "running" or "todo", without creating anything in the storage (a dry run)."""
+        import optuna
+
+        try:
+            optuna.load_study(study_name=f"sweep-{key}:cell", storage=self.storage)
+        except KeyError:
+            return "todo"
+        claim = self.claim(key)
+        return "done" if claim.result() is not None else "running" if claim.busy() else "todo"
+
+
+def _run_shared(config: SweepConfig, progress: bool) -> SweepSummary:
+    """Claim and run cells until every cell is done by some worker, then write the whole table."""
+    t_start = time.perf_counter()
+    local = _read_raw(config.out)  # rows already here (an earlier run) count as done
+    done_here = {r["key"] for r in local}
+    shared, cells, ran = _SharedCells(config), config.cells(), 0
+    while True:
+        pending = [c for c in cells if config.key(c) not in done_here and shared.row(config.key(c)) is None]
+        if not pending:
+            break
+        n = _run_claimable(config, shared, pending, local, progress)
+        ran += n
+        if n == 0:  # every pending cell is another worker's: wait for it, or for its claim to lapse
+            _log(f"sweep: {len(pending)} cells are running on other workers; waiting")
+            time.sleep(WAIT_SECONDS)
+    _write_shared(config, shared, local)
+    return SweepSummary(ran=ran, skipped=len(cells) - ran, out=config.out, seconds=time.perf_counter() - t_start)
+
+
+def _run_claimable(config: SweepConfig, shared: _SharedCells, pending: list[Cell], local, progress: bool) -> int:
+    """Run each pending cell this worker can claim (a model loads at its first claimed cell)."""
+    ran = 0
+    for model in config.models:
+        bench = None
+        for cell in [c for c in pending if c.model == model]:
+            claim = shared.claim(config.key(cell))
+            if not claim.acquire():
+                continue
+            try:
+                bench = bench or _Bench(config, model)
+                row = _run_cell(config, bench, cell)
+            except BaseException:
+                claim.release()  # another worker may take the cell
+                raise
+            claim.done(json_safe(row))
+            ran += 1
+            _write_shared(config, shared, local)
+    return ran
+
+
+def _write_shared(config: SweepConfig, shared: _SharedCells, local: list[dict]) -> None:
+    """The table every worker writes: rows of other cells kept, then this sweep's cells in order."""
+    keys = [config.key(c) for c in config.cells()]
+    here = {r["key"]: r for r in local}
+    mine = set(keys)
+    rows = [r for r in local if r["key"] not in mine]
+    rows += [row for key in keys if (row := shared.row(key) or here.get(key)) is not None]
+    _write_raw(config.out, rows)
+
+
+def cell_states(config: SweepConfig) -> dict[str, str]:
+    """Each cell's key -> "done", "running" (claimed by a worker) or "todo"; from the storage when
+    the sweep has one, else from its results CSV."""
+    done = finished_keys(config.out)
+    shared = _SharedCells(config) if config.search["storage"] else None
+    states = {}
+    for cell in config.cells():
+        key = config.key(cell)
+        states[key] = "done" if key in done else shared.state(key) if shared else "todo"
+    return states
