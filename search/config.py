@@ -38,9 +38,9 @@ class SearchConfig:
 
     ``low``/``high``: the two precisions (``weights_only`` keeps activations at ``high``).
     ``sampler``: a name, "module:Class" or an Optuna sampler; ``sampler_seed`` (default
-    ``seed``) seeds it apart from the evaluation windows. ``n_trials`` counts completed trials
-    in the study, including earlier runs on the same storage. ``prefix``: token ids every
-    window starts with (the tokenizer's BOS). ``torch_compile``: True or a torch.compile
+    ``seed``) seeds it apart from the evaluation windows. ``n_trials`` counts measured trials
+    (completed, or pruned part way) in the study, including earlier runs on the same storage.
+    ``prefix``: token ids every window starts with (the tokenizer's BOS). ``torch_compile``: True or a torch.compile
     backend evaluates trials through one compile of the model.
 
     ``search_dominated``: also search components that cannot pay for the budget (no weights

@@ -13,6 +13,7 @@ from mpqc.plan import Plan
 
 from .budget import Budget, SearchSpace
 from .storage import objective_label
+from .workers import measured
 
 REACH_TOLERANCE = 0.01  # an achieved budget further than this from the asked one is reported
 
@@ -69,6 +70,7 @@ class SearchResult:
             "budget": dataclasses.asdict(self.budget),
             "study_name": self.study.study_name,
             "n_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in self.study.trials),
+            "n_pruned": sum(measured(t) and t.state != optuna.trial.TrialState.COMPLETE for t in self.study.trials),
             "notes": self.notes,
             "plan": self.plan.to_dict(),
             "pareto": self.pareto,

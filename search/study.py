@@ -35,7 +35,7 @@ from .samplers import MULTI_OBJECTIVE, make_sampler
 from .sensitivity import seed_study, study_sensitivity
 from .storage import check_settings, open_study
 from .trials import TrialRunner
-from .workers import TrialGate, worker_number, worker_sampler
+from .workers import TrialGate, n_measured, worker_number, worker_sampler
 
 
 def run(
@@ -235,24 +235,24 @@ def _forward(qmodel: QuantizedModel, config: SearchConfig, low_p, high_p):
     return qmodel.torch_compile(backend=config.torch_compile)
 
 
-def _n_complete(study: optuna.Study) -> int:
-    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-
-
 def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int, *, multi: bool, progress: bool) -> None:
-    """Run trials until the study holds ``n_trials`` completed ones (earlier runs' count too)."""
+    """Run trials until the study holds ``n_trials`` measured ones (completed or pruned; earlier
+    runs' count too)."""
     bar = tqdm(
-        total=n_trials, initial=min(_n_complete(study), n_trials), desc="search", unit="trial", disable=not progress
+        total=n_trials, initial=min(n_measured(study), n_trials), desc="search", unit="trial", disable=not progress
     )
 
     def on_trial(study_, trial_):
-        bar.n = min(_n_complete(study_), n_trials)
+        bar.n = min(n_measured(study_), n_trials)
         if not multi and any(t.state == optuna.trial.TrialState.COMPLETE for t in study_.trials):
             best_trial = study_.best_trial  # with an objective, its raw metric rather than the loss
             bar.set_postfix(best=f"{best_trial.user_attrs.get('metric', best_trial.value):.3f}")
         bar.refresh()
 
-    stop = optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))
+    def stop(study_, trial_):
+        if n_measured(study_) >= n_trials:
+            study_.stop()
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         while (asked := runner.gate.remaining(study)) > 0:  # waits while other workers finish the last ones

@@ -1,5 +1,8 @@
 """Several processes on one stored study: distinct trials, exactly ``n_trials`` of them.
 
+A trial counts toward ``n_trials`` when it measured its plan: completed, or stopped by the
+pruner part way (``measured``), so pruning makes a search cheaper, not longer.
+
 - ``worker_number``: every process that opens a stored study draws the next number of a
   counter kept in the storage (one trial per process in the companion study
   ``"<study>:workers"``; trial numbers are atomic). The first process is worker 0, a second
@@ -32,7 +35,11 @@ import optuna
 
 from .samplers import make_sampler
 
-COMPLETE, RUNNING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+COMPLETE, RUNNING, PRUNED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.RUNNING,
+    optuna.trial.TrialState.PRUNED,
+)
 DUPLICATE_PATIENCE = 10  # proposals in a row that repeat measured plans: the space is exhausted
 POLL_SECONDS = 0.5  # how often a worker waiting for the others' last trials looks again
 # Of an earlier trial's attributes, what a repeat does not take over: who ran it, how it was
@@ -82,6 +89,18 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def measured(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward ``n_trials``: completed, or stopped by the pruner after
+    part of its windows. A trial the gate skipped (surplus, a repeated plan) measured nothing."""
+    if trial.state == COMPLETE:
+        return True
+    return trial.state == PRUNED and "skipped" not in trial.user_attrs and "duplicate_of" not in trial.user_attrs
+
+
+def n_measured(study: optuna.Study) -> int:
+    return sum(measured(t) for t in study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED)))
+
+
 def plan_key(low_components) -> str:
     """The identity of a plan within a study: the set of components that go low."""
     return hashlib.sha256("\n".join(sorted(low_components)).encode()).hexdigest()[:16]
@@ -102,7 +121,7 @@ class TrialGate:
         key = plan_key(low_components)
         trial.set_user_attr("plan_key", key)  # first, so a concurrent worker sees it (see below)
         trials = trial.study.get_trials(deepcopy=False)
-        ahead = sum(t.state == COMPLETE or (t.state == RUNNING and t.number < trial.number) for t in trials)
+        ahead = sum(measured(t) or (t.state == RUNNING and t.number < trial.number) for t in trials)
         if ahead >= self.n_trials:
             self.surplus = True
             trial.set_user_attr("skipped", "surplus: the study holds or is finishing its n_trials")
@@ -144,11 +163,10 @@ class TrialGate:
         self.surplus = False
         while True:
             _fail_stale(study)  # a killed worker's trial stops counting
-            trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING))
-            complete = sum(t.state == COMPLETE for t in trials)
-            if complete >= self.n_trials:
+            done = n_measured(study)
+            if done >= self.n_trials:
                 return 0
-            open_ = self.n_trials - len(trials)
+            open_ = self.n_trials - done - len(study.get_trials(deepcopy=False, states=(RUNNING,)))
             if open_ > 0:
                 return open_
             time.sleep(POLL_SECONDS)

@@ -309,6 +309,7 @@ def test_cli_search_with_an_lm_eval_task(tmp_path, monkeypatch, capsys):
 
     _, graph = captured("llama")
     monkeypatch.setattr(cli.common, "load_and_capture", lambda spec, seq_len, device, dtype: (None, TOK, graph))
+    monkeypatch.setattr(mpqc.models, "load_tokenizer", lambda spec, **kw: TOK)  # the text is checked first
     text = tmp_path / "text.txt"
     text.write_text(" ".join(json.loads(line)["text"] for line in open(os.path.join(DATA, "short_texts.jsonl"))) * 6)
     out = tmp_path / "out"

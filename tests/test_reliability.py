@@ -62,7 +62,10 @@ def _search(saved, *extra):
 
 
 def _complete(study):
-    return [t for t in study.trials if t.state.name == "COMPLETE"]
+    """The trials that count toward n_trials: completed, or stopped early by the pruner."""
+    from mpqc.search.workers import measured
+
+    return [t for t in study.trials if measured(t)]
 
 
 def _plans(trials):

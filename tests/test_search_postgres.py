@@ -16,6 +16,8 @@ import tempfile
 import optuna
 import pytest
 
+from mpqc.search.workers import measured
+
 HERE = os.path.dirname(__file__)
 
 
@@ -87,7 +89,7 @@ def test_two_workers_share_one_study(postgres_url):
     for w in workers:
         assert w.wait(timeout=300) == 0
     study = optuna.load_study(study_name="pg", storage=postgres_url)
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    complete = [t for t in study.trials if measured(t)]
     # Each worker stops once the study holds 10 complete trials; one finishing its last
     # trial as the other reaches 10 can add one more.
     assert 10 <= len(complete) <= 11
@@ -122,7 +124,7 @@ def test_two_workers_and_a_restart_give_distinct_plans_and_exactly_n_trials(post
     restart = _search_cli(tmp_path / "tiny", tmp_path / "text.txt", postgres_url, 9, tmp_path / "r")
     assert restart.wait(timeout=600) == 0, restart.stderr.read()
     study = optuna.load_study(study_name="cli", storage=postgres_url)
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    complete = [t for t in study.trials if measured(t)]  # completed, or stopped early by the pruner
     assert len(complete) == 9  # exactly --n-trials: the workers did not overshoot
     assert len({frozenset(t.user_attrs["low"]) for t in complete}) == 9  # no plan scored twice
     assert not any(t.user_attrs.get("seeded") for t in study.trials)  # the default (refine) enqueues none

@@ -19,6 +19,7 @@ from mpqc.search.budget import Budget, low_precision
 from mpqc.search.knapsack import solve_knapsack
 from mpqc.search.pruning import IncumbentPruner
 from mpqc.search.trials import TrialRunner
+from mpqc.search.workers import measured
 
 HERE = os.path.dirname(__file__)
 TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(0))
@@ -166,7 +167,8 @@ def test_a_pruned_trial_is_recorded_as_pruned_and_never_becomes_the_best():
     states = [t.state for t in result.study.trials]
     pruned = [t for t in result.study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, "a tolerance of 0 prunes every trial worse than the incumbent at its first chunk"
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 8
+    # n_trials counts measured trials: the pruned ones too (pruning makes a search cheaper, not longer)
+    assert states.count(optuna.trial.TrialState.COMPLETE) + len(pruned) == 8 == len(states)
     best_numbers = {c["trial"] for c in result.decided["contenders"]}
     assert not best_numbers & {t.number for t in pruned}
     for t in pruned:
@@ -216,7 +218,7 @@ def test_two_workers_with_the_refine_sampler_give_distinct_complete_trials(tmp_p
     for p in procs:
         assert p.wait(timeout=600) == 0
     study = optuna.load_study(study_name="w", storage=f"sqlite:///{db}")
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    complete = [t for t in study.trials if measured(t)]
     assert len(complete) >= 6
     assert study.user_attrs["sensitivity"]  # computed once, shared through the study
 
@@ -232,7 +234,7 @@ def test_refine_resumes_after_sigkill_without_losing_or_repeating_a_plan(tmp_pat
 
     def complete():
         try:
-            return [t for t in optuna.load_study(study_name="r", storage=storage).trials if t.state.name == "COMPLETE"]
+            return [t for t in optuna.load_study(study_name="r", storage=storage).trials if measured(t)]
         except KeyError:
             return []
 

@@ -229,8 +229,7 @@ def _print_summary(result, objective, args, seconds: float) -> None:
     eager = "" if result.eager_perplexity is None else f", {result.eager_perplexity:.3f} eagerly"
     print(
         f"{result.budget}: {best}{result.perplexity:.3f} (search windows{eager}) at {result.achieved:.4f}, "
-        f"average bits {result.plan.average_bits():.3f}, after {sum(t.state.name == 'COMPLETE' for t in result.study.trials)} trials "
-        f"in {seconds:.0f} s"
+        f"average bits {result.plan.average_bits():.3f}, after {_trials_text(result)} in {seconds:.0f} s"
     )
     if objective is not None:
         print(
@@ -262,3 +261,9 @@ def _print_summary(result, objective, args, seconds: float) -> None:
             "Pareto front (perplexity, Q_r):",
             ", ".join(f"({p['perplexity']:.2f}, {p['quantization_ratio_params']:.3f})" for p in result.pareto),
         )
+
+
+def _trials_text(result) -> str:
+    counts = result.to_dict()
+    pruned = f" ({counts['n_pruned']} stopped early by the pruner)" if counts["n_pruned"] else ""
+    return f"{counts['n_complete'] + counts['n_pruned']} trials{pruned}"
