@@ -34,7 +34,9 @@ def _sample(t: torch.Tensor) -> bytes:
     flat = t.detach().reshape(-1)
     n = flat.numel()
     if n > SAMPLES_PER_TENSOR:
-        flat = flat[torch.linspace(0, n - 1, SAMPLES_PER_TENSOR, device=flat.device).round().long()]
+        # evenly spaced, in integers: float32 positions round past the end of large tensors
+        step = torch.arange(SAMPLES_PER_TENSOR, dtype=torch.int64, device=flat.device)
+        flat = flat[step * (n - 1) // (SAMPLES_PER_TENSOR - 1)]
     flat = flat.cpu().contiguous()
     return (flat.to(torch.uint8) if flat.dtype == torch.bool else flat).view(torch.uint8).numpy().tobytes()
 

@@ -134,9 +134,9 @@ class TrialGate:
         ]
         if not same:
             return None
-        measured = [t for t in same if t.state == COMPLETE]
+        finished = [t for t in same if t.state == COMPLETE]
         earlier = next(
-            (t for t in measured if "duplicate_of" not in t.user_attrs), measured[0] if measured else same[0]
+            (t for t in finished if "duplicate_of" not in t.user_attrs), finished[0] if finished else same[0]
         )
         if earlier.state == COMPLETE:  # the stored measurement stands for this trial too
             for name, value in earlier.user_attrs.items():

@@ -215,6 +215,17 @@ def test_a_second_checkpoint_of_the_same_architecture_is_refused_by_the_stored_s
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials) == 2  # nothing mixed in
 
 
+def test_the_weights_hash_samples_large_tensors_up_to_their_last_element():
+    # SmolLM2's embedding (28,311,552 elements): float32 positions rounded one past its end
+    from mpqc.fingerprint import weights
+
+    module = torch.nn.Module()
+    module.register_buffer("big", torch.zeros(28_311_552, dtype=torch.int8))
+    before = weights(module)
+    module.big[-1] = 1
+    assert weights(module) != before
+
+
 def test_the_identity_holds_weights_text_dtype_device_and_names_the_field():
     from mpqc.search import identity
 
