@@ -264,6 +264,9 @@ def _print_summary(result, objective, args, seconds: float) -> None:
 
 
 def _trials_text(result) -> str:
-    counts = result.to_dict()
-    pruned = f" ({counts['n_pruned']} stopped early by the pruner)" if counts["n_pruned"] else ""
-    return f"{counts['n_complete'] + counts['n_pruned']} trials{pruned}"
+    from mpqc.search.workers import measured
+
+    counted = [t for t in result.study.trials if measured(t)]  # not result.to_dict(): it serializes every plan
+    n_pruned = sum(t.state.name == "PRUNED" for t in counted)
+    pruned = f" ({n_pruned} stopped early by the pruner)" if n_pruned else ""
+    return f"{len(counted)} trials{pruned}"
