@@ -85,7 +85,7 @@ def run(
         # Only a non-default objective adds the key: studies stored before it existed still resume.
         stored["objective"] = json.loads(json.dumps(objective.config()))
     pruning = config.pruner is not None and objective is None and not multi
-    steps = min(config.prune_steps, -(-len(windows) // config.batch_size)) if pruning else 1  # chunks per trial
+    steps, batch_size = _chunks(config, len(windows), pruning=pruning)
     study = open_study(
         config.storage,
         config.default_study_name(stored),
@@ -98,7 +98,7 @@ def run(
     worker = worker_number(study, stored=config.storage is not None)  # a restart or a second machine: 1, 2, ...
     sampler = study.sampler = worker_sampler(sampler, config, worker)
     qmodel = _compiled(graph, space, qmodel)
-    perplexity = WindowPerplexity(windows, config.batch_size, forward=_forward(qmodel, config, low_p, high_p))
+    perplexity = WindowPerplexity(windows, batch_size, forward=_forward(qmodel, config, low_p, high_p))
     runner = TrialRunner(
         qmodel,
         space,
@@ -151,6 +151,17 @@ def _baselines(study, runner: TrialRunner, tokens, config: SearchConfig, progres
         "all_low": space.plan(runner.names),
         "knapsack": space.plan(knapsack if knapsack is not None else runner.names),
     }
+
+
+def _chunks(config: SearchConfig, n_windows: int, *, pruning: bool) -> tuple[int, int]:
+    """(chunks each trial reports, windows per batch). A pruned search reports up to ``prune_steps``
+    times; batches shrink to the chunk size where there are fewer batches than chunks (8
+    windows in batches of 8 would give the pruner nothing to act on). Every evaluation of the
+    search uses these batches, so its numbers agree with each other to the bit."""
+    if not pruning:
+        return 1, config.batch_size
+    batch = min(config.batch_size, -(-n_windows // min(config.prune_steps, n_windows)))
+    return min(config.prune_steps, -(-n_windows // batch)), batch  # running_nll's own count
 
 
 def make_pruner(config: SearchConfig, steps: int) -> optuna.pruners.BasePruner:

@@ -179,6 +179,20 @@ def test_a_pruned_trial_is_recorded_as_pruned_and_never_becomes_the_best():
     assert 0 < result.cost["pruned"] < len(pruned)  # partial evaluations, counted as such
 
 
+def test_a_search_on_one_batch_of_windows_still_reports_every_chunk():
+    # 8 windows in one batch of 8 would give the pruner a single value, at the last step,
+    # where it never prunes: the batches shrink to the chunk size instead, and the score of
+    # a finished trial is still the full evaluation's, to the bit.
+    _, graph = captured("llama")
+    fast = {**FAST, "batch_size": 8}
+    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=3, rescore=0, **fast)
+    completed = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert completed and all(sorted(t.intermediate_values) == [0, 1, 2, 3] for t in completed)
+    windows = mpqc.evaluate.sample_windows(TOKENS, 16, 8, 0)
+    qmodel = mpqc.compile(graph, result.plan)
+    assert result.perplexity == mpqc.evaluate.perplexity(qmodel, windows=windows, batch_size=8, progress=False)
+
+
 def test_rescoring_uses_the_same_windows_for_every_contender(monkeypatch):
     _, graph = captured("llama")
     seen = []
