@@ -67,7 +67,14 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True) -> 
         reference_batch_size=batch,
         reference_seq_len=seq,
     )
-    return Graph(ep, module, reference_seq_len=seq, reference_batch_size=batch, model_class=type(model).__name__)
+    return Graph(
+        ep,
+        module,
+        reference_seq_len=seq,
+        reference_batch_size=batch,
+        model_class=type(model).__name__,
+        config=getattr(model, "config", None),
+    )
 
 
 def _example_input_ids(example_inputs) -> torch.Tensor:

@@ -224,8 +224,10 @@ class Graph:
         reference_seq_len: int,
         reference_batch_size: int,
         model_class: str,
+        config=None,
     ):
         self.exported_program = exported_program
+        self.config = config  # the model's Hugging Face config (None for other modules): what exports read
         self.module = module
         self.reference_seq_len = reference_seq_len
         self.reference_batch_size = reference_batch_size

@@ -21,6 +21,7 @@ from mpqc import fingerprint
 from mpqc.formats import Format, get_format
 from mpqc.formats.spec import validate_block_size
 from mpqc.graph import Component, Granularity, Graph, Matmul
+from mpqc.targets import check_target, llamacpp_activation
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_KEYS = ("mpqc_plan", "granularity", "default")  # what every plan file holds (and "components")
@@ -70,7 +71,11 @@ class Precision:
 
 
 class Plan:
-    """Component name -> Precision, a default for the rest, a granularity, a block size and rounding."""
+    """Component name -> Precision, a default for the rest, a granularity, a block size and rounding.
+
+    ``target="llama.cpp"`` scores the plan as llama.cpp runs it: each matmul's activations are
+    what llama.cpp's CPU kernels turn them into for its weight type (``mpqc.targets``), whatever
+    the precisions' activation formats say; weights must then have GGUF types."""
 
     def __init__(
         self,
@@ -83,8 +88,10 @@ class Plan:
         block_size=None,
         rounding: str = "nearest",
         high: str = "bf16",
+        target: str | None = None,
     ):
         self.graph = graph
+        self.target = check_target(target)
         self.granularity = granularity
         self.components: tuple[Component, ...] = graph.components(granularity)
         self._component_of = {m.name: c.name for c in self.components for m in c.matmuls}
@@ -115,6 +122,9 @@ class Plan:
             for fmt in (p.weight, p.activation):
                 if fmt is not None and fmt.family != "cast":
                     fmt.with_block(block_size)
+        if self.target is not None:
+            for m in graph.matmuls:  # raises for a weight format llama.cpp cannot run
+                self.activation_format(m)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -132,6 +142,7 @@ class Plan:
             granularity=self.granularity,
             block_size=self.block_size,
             rounding=self.rounding,
+            target=self.target,
         )
 
     @property
@@ -152,6 +163,8 @@ class Plan:
         return fmt if fmt.family == "cast" else fmt.with_block(self.block_size)
 
     def activation_format(self, matmul: Matmul) -> Format | None:
+        if self.target is not None:
+            return llamacpp_activation(self.weight_format(matmul) if matmul.has_weight else None)
         fmt = self.precision_of(matmul).activation
         return fmt if fmt is None or fmt.family == "cast" else fmt.with_block(self.block_size)
 
@@ -201,6 +214,7 @@ class Plan:
             "granularity": self.granularity_label,
             "block_size": self.block_size,
             "rounding": self.rounding,
+            **({"target": self.target} if self.target is not None else {}),
             "default": self.default.to_dict(),
             "components": {name: p.to_dict() for name, p in self.assignments.items()},
             "summary": self.summary(),
@@ -227,6 +241,7 @@ class Plan:
             granularity=granularity,
             block_size=data.get("block_size"),
             rounding=data.get("rounding", "nearest"),
+            target=data.get("target"),
         )
         _check_summary(plan, data.get("summary"))
         return plan
@@ -257,6 +272,7 @@ class Plan:
             and self.granularity_label == other.granularity_label
             and self.block_size == other.block_size
             and self.rounding == other.rounding
+            and self.target == other.target
             and all(self.precision(c.name) == other.precision(c.name) for c in self.components)
         )
 

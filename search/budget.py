@@ -59,10 +59,19 @@ class SearchSpace:
     # Search components that cannot pay for the budget (size zero) or that the low precision
     # would not narrow; by default they stay high and are no search variable.
     search_dominated: bool = False
+    runtime: str | None = None  # a Plan target ("llama.cpp": scored with llama.cpp's activations)
+    keep_high: tuple[str, ...] = ()  # components that stay high: not searched
+
+    def __post_init__(self):
+        known = {c.name for c in self.graph.components(self.granularity)}
+        unknown = sorted(set(self.keep_high) - known)
+        if unknown:
+            raise ValueError(f"keep_high names components {unknown} that this granularity does not have")
 
     @property
     def components(self) -> tuple[Component, ...]:
-        return self.graph.components(self.granularity)
+        """The components the search chooses among (all but ``keep_high``)."""
+        return tuple(c for c in self.graph.components(self.granularity) if c.name not in self.keep_high)
 
     def variables(self) -> tuple[Component, ...]:
         """The components a search chooses for: each one's low choice changes the plan and pays
@@ -91,16 +100,17 @@ class SearchSpace:
             granularity=self.granularity,
             block_size=self.block_size,
             rounding=self.rounding,
+            target=self.runtime,
         )
 
     def sizes(self) -> dict[str, float]:
         """Each component's contribution to the budget when it goes low (same unit as target)."""
-        comps = self.components
+        comps, every = self.components, self.graph.components(self.granularity)
         if self.budget.kind == "params":
-            total = sum(c.params for c in comps)
+            total = sum(c.params for c in every)
             return {c.name: c.params / total for c in comps}
         if self.budget.kind == "macs":
-            total = sum(c.macs for c in comps)
+            total = sum(c.macs for c in every)
             return {c.name: c.macs / total for c in comps}
         # bits saved per component, over all matmul parameters: average bits fall by this much
         all_high = self.plan([])

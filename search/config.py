@@ -53,6 +53,11 @@ class SearchConfig:
     their windows wins; 0 takes the best trial as it is. ``baselines``: also name the plans a
     result is judged against (all high, all low, the knapsack plan at the same budget; the
     last needs the Fisher pass, which the default strategy makes anyway).
+    ``target="llama.cpp"`` scores every plan with the activations llama.cpp's CPU kernels compute
+    with for each weight type (``mpqc.targets``); ``low`` and ``high`` must then have GGUF types
+    (q4_0, q8_0, mxfp4 ...).
+    ``keep_high``: components that stay at ``high`` and are not searched (a tied lm_head that
+    should keep sharing the embedding's bytes in a GGUF file, say).
     """
 
     budget: Budget
@@ -83,11 +88,14 @@ class SearchConfig:
     rescore: int = 3
     rescore_windows: int | None = None
     baselines: bool = True
+    target: str | None = None
+    keep_high: tuple[str, ...] = ()
 
     def __post_init__(self):
         budget = self.budget if isinstance(self.budget, Budget) else Budget(*self.budget)
         object.__setattr__(self, "budget", budget)  # normalized once, here
         object.__setattr__(self, "prefix", tuple(int(t) for t in self.prefix))
+        object.__setattr__(self, "keep_high", tuple(str(c) for c in self.keep_high))
         for name in ("n_trials", "prune_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -144,6 +152,10 @@ class SearchConfig:
             settings["prefix"] = list(self.prefix)
         if self.search_dominated:  # only then: studies stored before the switch existed resume
             settings["search_dominated"] = True
+        if self.target is not None:
+            settings["target"] = self.target
+        if self.keep_high:
+            settings["keep_high"] = list(self.keep_high)
         return settings
 
     def default_study_name(self, settings: dict) -> str:

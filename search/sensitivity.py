@@ -75,7 +75,7 @@ def window_gradients(
     for aq in qmodel.activation_quantizers:
         lows = [low_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
         highs = [high_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
-        comps = [component_of[n] for n in aq.consumers]
+        comps = [component_of.get(n) for n in aq.consumers]  # None: a component kept high
 
         def hook(mod, inputs, outs, lows=lows, highs=highs, comps=comps):
             x = inputs[0]

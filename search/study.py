@@ -73,6 +73,8 @@ def run(
         config.block_size,
         config.rounding,
         search_dominated=config.search_dominated,
+        runtime=config.target,
+        keep_high=config.keep_high,
     )
     multi = config.sampler in MULTI_OBJECTIVE
     sampler = make_sampler(config.sampler, seed=config.effective_sampler_seed, kwargs=config.sampler_kwargs)

@@ -160,10 +160,12 @@ def test_the_cycle_finder_finds_one():
 def test_import_mpqc_is_light_and_the_layers_load_on_use():
     code = (
         "import sys, mpqc\n"
-        "heavy = [m for m in ('optuna', 'onnx', 'onnxruntime', 'onnxscript', 'lm_eval') if m in sys.modules]\n"
+        "heavy = [m for m in ('optuna', 'onnx', 'onnxruntime', 'onnxscript', 'lm_eval', 'xllamacpp', 'gguf')\n"
+        "         if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert callable(mpqc.export.to_onnx) and callable(mpqc.search.run)\n"
         "assert 'optuna' in sys.modules and 'onnx' in sys.modules and 'lm_eval' not in sys.modules\n"
+        "assert callable(mpqc.export.to_gguf) and 'xllamacpp' not in sys.modules and 'gguf' not in sys.modules\n"
         "import mpqc.studies.laws\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

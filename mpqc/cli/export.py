@@ -17,6 +17,18 @@ def add_parser(sub) -> None:
     common.add_plan_args(parser)
     parser.add_argument("-o", "--output", default="model.onnx", help="the ONNX file to write (default model.onnx)")
     parser.add_argument(
+        "--gguf",
+        default=None,
+        metavar="OUT.gguf",
+        help="write a GGUF file for llama.cpp instead of ONNX: every matmul weight in its plan's type, the rest "
+        "(metadata, tokenizer, other tensors) as the source GGUF has it",
+    )
+    parser.add_argument(
+        "--llama-quantize-args",
+        action="store_true",
+        help="print the llama-quantize --tensor-type arguments that choose the plan's types on your own f16 GGUF",
+    )
+    parser.add_argument(
         "--fp-weights",
         default="table",
         choices=["table", "standard"],
@@ -33,13 +45,51 @@ def add_parser(sub) -> None:
     parser.set_defaults(func=run)
 
 
+def run_gguf(args, model, tokenizer, qmodel) -> int:
+    from mpqc.export import llama_quantize_args, to_gguf
+
+    if args.llama_quantize_args:
+        print(" ".join(llama_quantize_args(qmodel)))
+        if not args.gguf:
+            return 0
+    source = getattr(model, "mpqc_source", None)
+    gguf_source = None
+    if source is not None and source.gguf_file:
+        from pathlib import Path
+
+        gguf_source = Path(source.path) / source.gguf_file
+    result = to_gguf(qmodel, args.gguf, source=gguf_source, tokenizer=tokenizer)
+    counts = {}
+    for t in result.tensor_types.values():
+        counts[t] = counts.get(t, 0) + 1
+    s = qmodel.plan.summary()
+    print(
+        f"wrote {result.path} ({result.bytes / 2**20:.2f} MiB): {len(result.tensor_types)} tensors "
+        f"({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}); Q_r {s['quantization_ratio_params']:.3f}, "
+        f"average bits {s['average_bits']:.3f}"
+    )
+    if args.json:
+        write_json_atomic(
+            args.json,
+            {
+                "plan": json.loads(qmodel.plan.to_json()),
+                "path": result.path,
+                "bytes": result.bytes,
+                "tensor_types": result.tensor_types,
+            },
+        )
+    return 0
+
+
 def run(args) -> int:
     import mpqc
     from mpqc.export import to_onnx
 
-    _, _, graph = common.load_and_capture(args.model, 64, args.device, args.dtype)
+    model, tokenizer, graph = common.load_and_capture(args.model, 64, args.device, args.dtype)
     plan = common.plan_from_args(graph, args)
     qmodel = mpqc.compile(graph, plan)
+    if args.gguf or args.llama_quantize_args:
+        return run_gguf(args, model, tokenizer, qmodel)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     result = to_onnx(qmodel, args.output, opset=args.opset, fp_weights=args.fp_weights, external_data=external)
     s = plan.summary()

@@ -17,6 +17,13 @@ def add_parser(sub) -> None:
     s.add_argument("--low", default="mxint4")
     s.add_argument("--high", default="bf16")
     s.add_argument("--weights-only", action="store_true", help="activations stay at --high")
+    s.add_argument(
+        "--target",
+        default=None,
+        choices=["llama.cpp"],
+        help="score plans as this runtime runs them: llama.cpp turns activations into Q8_0/Q8_K/fp16 "
+        "per weight type (then --low/--high need GGUF types such as q4_0, q4_k, q8_0, mxfp4)",
+    )
     common.add_block_size_arg(s)
     s.add_argument(
         "--sampler",
@@ -164,6 +171,7 @@ def _config(args, sampler_kwargs, prefix):
         pruner=None if args.no_prune else "incumbent",
         rescore=args.rescore,
         search_dominated=args.search_dominated,
+        target=args.target,
     )
 
 

@@ -70,7 +70,25 @@ def resolve(x, fmt, block_size, axis, rounding) -> tuple[Format, object, int]:
     block = fmt.block_size if block_size is None else block_size
     validate_block_size(block)
     fmt.with_block(block)  # raises for combinations a format does not have
+    if fmt.family == "ggml":
+        check_ggml_call(x, fmt, axis % ndim, rounding)
     return fmt, block, axis % ndim
+
+
+def check_ggml_call(x, fmt: Format, axis: int, rounding: str) -> None:
+    """llama.cpp's types round as ggml's reference does, over whole blocks of a row."""
+    if rounding != "nearest":
+        raise ValueError(
+            f"format {fmt.name!r} rounds as llama.cpp's reference quantizer does; rounding={rounding!r} does not "
+            "apply to it (use the default, 'nearest')"
+        )
+    length = x.shape[axis] if x.dim() else 1
+    if length % fmt.block_size:
+        raise ValueError(
+            f"format {fmt.name!r} ({fmt.ggml.type_name}) quantizes rows in blocks of {fmt.block_size}, and this "
+            f"tensor's axis {axis} has {length} elements, not a multiple; llama.cpp cannot store it either "
+            "(llama-quantize falls back to q5_0 for q4_k, q5_1 for q5_k, q8_0 for q6_k)"
+        )
 
 
 # ---- the custom op ------------------------------------------------------------------------------

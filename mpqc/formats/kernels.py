@@ -112,8 +112,9 @@ def quantize_compiled(x: torch.Tensor, fmt: Format, block_size, axis: int, round
 
 
 def _fusable(x: torch.Tensor, fmt: Format, block_size) -> bool:
-    # a cast has nothing to fuse; one block over everything: nothing to fuse per row
-    return fmt.family != "cast" and block_size != "tensor" and x.dim() > 0
+    # a cast has nothing to fuse; one block over everything: nothing to fuse per row; llama.cpp's
+    # types follow ggml's reference step by step (sums element by element), which stays eager
+    return fmt.family not in ("cast", "ggml") and block_size != "tensor" and x.dim() > 0
 
 
 def quantize_with_triton(x: torch.Tensor, fmt: Format, block_size, axis: int, rounding: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ggml
 from .spec import ElementType, Format
 
 # ---- exact power-of-two helpers -----------------------------------------------------------
@@ -197,5 +198,8 @@ def quantize_reference(x: torch.Tensor, fmt: Format, block_size, axis: int, roun
     if x.numel() == 0:
         return x.clone()
     blocks, info = to_blocks(x.to(torch.float32), block_size, axis)
+    if fmt.family == "ggml":
+        values = ggml.decode(ggml.ENCODERS[fmt.ggml.type_name](blocks.reshape(-1, info.block)))
+        return from_blocks(values.reshape(blocks.shape), info).to(x.dtype)
     enc = ENCODERS[fmt.family](blocks, fmt.element, rounding)
     return from_blocks(decode(enc.elements, enc.scale), info).to(x.dtype)
