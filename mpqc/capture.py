@@ -4,14 +4,19 @@
     graph.module(other_input_ids)          # logits, any batch size and sequence length
 
 Steps: ``torch.export.export(model, (input_ids,), kwargs={"use_cache": False},
-strict=False)`` with the batch and sequence dims dynamic; a runnable GraphModule
-that maps input_ids to the logits tensor; DecomposeAttention (fused SDPA -> two
-matmuls); the analysis passes. The example input fixes the reference batch size and
-sequence length that attention MACs are counted at.
+strict=False)`` with the batch and sequence dims dynamic (and ``config.use_cache`` off
+meanwhile); a check that export kept them dynamic, both in the input's shape and in the
+program's shape guards (a loop over positions or a one-chunk scan fixes or bounds the
+length: such a graph is refused, naming the dimension, rather than failing or computing
+wrong logits later); a runnable GraphModule that maps input_ids to the logits tensor;
+DecomposeAttention (fused SDPA -> two matmuls); the analysis passes, the last of which
+refuses any parameter that reaches a matmul other than as its weight. The example input
+fixes the reference batch size and sequence length that attention MACs are counted at.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import traceback
@@ -54,12 +59,14 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True) -> 
         auto = torch.export.Dim.AUTO
         dynamic_shapes = {input_name: {0: auto, 1: auto}, **{k: None for k in kwargs}}
     try:
-        ep = torch.export.export(model, (trace_ids,), kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        with _no_cache(model):
+            ep = torch.export.export(model, (trace_ids,), kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:
         raise CaptureError(explain_export_failure(model, e)) from e
     module = _logits_module(ep, model)
     if dynamic:
         _check_dims_dynamic(module, model)
+        _check_guards(ep, model, (batch, seq))
     DecomposeAttention()(module)
     run_analysis(
         module,
@@ -107,6 +114,23 @@ def _forward_signature(model: torch.nn.Module) -> tuple[str, dict]:
     # A KV cache is state export cannot return as a tensor; the graph computes logits only.
     kwargs = {"use_cache": False} if "use_cache" in params else {}
     return positional[0], kwargs
+
+
+@contextlib.contextmanager
+def _no_cache(model: torch.nn.Module):
+    """``use_cache = False`` in the model's config (and its text config) while exporting: some
+    models build a KV cache from the config even when forward gets use_cache=False, and export
+    cannot return one. The settings are restored afterwards."""
+    config = getattr(model, "config", None)
+    configs = [config, getattr(config, "text_config", None)]
+    saved = [(c, c.use_cache) for c in configs if c is not None and isinstance(getattr(c, "use_cache", None), bool)]
+    for c, _ in saved:
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c, before in saved:
+            c.use_cache = before
 
 
 def _at_least_two(ids: torch.Tensor) -> torch.Tensor:
@@ -157,15 +181,89 @@ def _logits_module(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> 
     return module
 
 
+def _is_symbolic(size) -> bool:
+    """A size export kept symbolic: a SymInt whose expression is not a constant."""
+    return isinstance(size, torch.SymInt) and not size.node.expr.is_number
+
+
 def _check_dims_dynamic(module: torch.fx.GraphModule, model: torch.nn.Module) -> None:
     shape = module.graph.find_nodes(op="placeholder")[0].meta["val"].shape
     for dim, size in zip(("batch", "sequence"), shape):
-        if not isinstance(size, torch.SymInt):
+        if not _is_symbolic(size):
             raise CaptureError(
                 f"{type(model).__name__}: torch.export specialized the {dim} dimension of input_ids to {size}: "
                 f"the model's code fixes it, so the graph would only run at {dim} size {size}. "
                 "Capture with dynamic=False to accept that, or remove what fixes the size"
             )
+
+
+# Sizes at which the exported program's shape guards are evaluated: around powers of two
+# (where chunked and blocked code changes its number of pieces), small and large.
+GUARD_PROBE_SIZES = (2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 1000, 1025, 4097)
+
+
+def _guard_failure(guards: torch.nn.Module, inputs: list, shape: tuple[int, int]) -> str | None:
+    """The guard the exported program fails at input_ids of ``shape``, or None if it passes them all."""
+    ids = torch.empty(shape, dtype=torch.int64, device="meta")
+    try:
+        guards(ids, *inputs[1:])
+    except AssertionError as e:
+        return str(e).splitlines()[0].removeprefix("Guard failed: ")
+    return None
+
+
+# Config keys that bound the sequence length a model is built for (its position table).
+_MAX_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "n_ctx")
+
+
+def _max_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's config declares, or None: guards beyond it are the model's own limit."""
+    config = getattr(model, "config", None)
+    for c in (config, getattr(config, "text_config", None)):
+        for key in _MAX_LENGTH_KEYS:
+            value = getattr(c, key, None) if c is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return value
+    return None
+
+
+def _check_guards(ep: torch.export.ExportedProgram, model: torch.nn.Module, example: tuple[int, int]) -> None:
+    """Refuse a graph whose shape guards (conditions the model's code put on the sizes) exclude other shapes.
+
+    torch.export keeps a dim symbolic yet records guards such as ``input_ids.size()[1] == 8``
+    (a Python loop over positions) or ``size()[1] <= 8`` (a chunked scan traced with one
+    chunk); the graph then fails, or computes wrong values, at other sizes. The guards are
+    evaluated on meta tensors at GUARD_PROBE_SIZES, varying one dim at a time. Sequence
+    lengths are probed up to half the longest the config declares: near the end of its
+    position table a model has limits of its own (a padding offset, n-gram streams), which
+    HF's forward shares."""
+    guarded = ep.module() if "check_guards" in inspect.signature(ep.module).parameters else None
+    guards = getattr(guarded, "_guards_fn", None)
+    if guards is None:  # torch before 2.9 checks guards another way; nothing to evaluate here
+        return
+    (call,) = guarded.graph.find_nodes(op="call_module", target="_guards_fn")
+    inputs = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in call.args]
+    longest = _max_length(model)
+    failed = []
+    for i, dim in enumerate(("batch", "sequence")):
+        sizes = GUARD_PROBE_SIZES
+        if i == 1 and longest is not None:
+            sizes = tuple(s for s in sizes if s <= longest // 2)
+        for size in sizes:
+            shape = tuple(size if j == i else example[j] for j in range(2))
+            guard = _guard_failure(guards, inputs, shape)
+            if guard is not None:
+                failed.append(f"{dim} size {size} fails `{guard}`")
+                break
+    if failed:
+        raise CaptureError(
+            f"{type(model).__name__}: torch.export kept the input's sizes symbolic, but the exported program only "
+            f"holds for some of them: {'; '.join(failed)} (example shape {example}). The model's code fixes or "
+            "limits that size (a Python loop over positions, a branch on the length, a chunked scan traced with "
+            "one chunk), so the graph would fail or compute wrong logits at other sizes. Capture with "
+            "dynamic=False to accept a graph for the example's shape only, try a longer example input, "
+            "or change what fixes the size"
+        )
 
 
 def _base_model_prefix(model: torch.nn.Module) -> str | None:

@@ -1,7 +1,9 @@
 """Analysis passes: each writes facts into ``node.meta["mpqc"]`` and changes nothing else.
 
 Order (each pass's ``requires`` checks that the earlier ones ran):
-FindMatmuls -> AssignLayers -> AssignRoles -> NameMatmuls -> ComputeCosts -> AssignComponents.
+FindMatmuls -> AssignLayers -> AssignRoles -> NameMatmuls -> ComputeCosts -> AssignComponents
+-> CheckWeightOperands (writes nothing: it raises unless every weight that reaches a matmul
+is that matmul's weight operand, and the matmuls' parameters add up).
 The resulting keys on every matmul node are listed in ``mpqc.graph.MATMUL_META_KEYS``.
 """
 
@@ -16,6 +18,7 @@ from .find_matmuls import FindMatmuls
 from .layers import AssignLayers
 from .names import NameMatmuls
 from .roles import AssignRoles
+from .weight_operands import CheckWeightOperands, WeightOperandError
 
 __all__ = [
     "AnalysisError",
@@ -23,9 +26,11 @@ __all__ = [
     "AssignComponents",
     "AssignLayers",
     "AssignRoles",
+    "CheckWeightOperands",
     "ComputeCosts",
     "FindMatmuls",
     "NameMatmuls",
+    "WeightOperandError",
     "analysis_passes",
     "matmul_nodes",
     "run_analysis",
@@ -46,6 +51,7 @@ def analysis_passes(
         NameMatmuls(prefix),
         ComputeCosts(reference_batch_size, reference_seq_len),
         AssignComponents(),
+        CheckWeightOperands(),
     ]
 
 

@@ -26,8 +26,8 @@ def layer_component_name(matmul_name: str, layer_path: str | None) -> str:
     parts = layer_path.split(".")
     for i in range(len(parts)):
         tail = ".".join(parts[i:])
-        if matmul_name.startswith(tail + "."):
-            return tail
+        if matmul_name == tail or matmul_name.startswith(tail + "."):
+            return tail  # equal: the indexed module is the matmul itself (a ModuleList of Linear)
     raise ValueError(f"matmul name {matmul_name!r} does not start with (a tail of) its layer path {layer_path!r}")
 
 
