@@ -170,6 +170,11 @@ def _is_identity(fmt: Format | None, dtype: torch.dtype) -> bool:
 
 
 def _check_preset(fmt: Format, where: str) -> None:
+    if fmt.family == "ggml":
+        raise UnsupportedExport(
+            f"{where}: {fmt.name} is a llama.cpp block format, which has no ONNX form here; "
+            "write it to GGUF instead (mpqc.export.to_gguf, or `mpqc export --gguf OUT.gguf`)"
+        )
     try:
         preset = get_format(fmt.name)
     except ValueError:
