@@ -183,6 +183,7 @@ def plan_metadata(qmodel) -> dict[str, str | float]:
         "mpqc.plan": plan.to_json(),
         "mpqc.quantization_ratio": float(plan.quantization_ratio("params")),
         "mpqc.quantization_ratio_macs": float(plan.quantization_ratio("macs")),
+        "mpqc.q_r_definition": plan.q_r_definition,
         "mpqc.average_bits": float(plan.average_bits()),
     }
 

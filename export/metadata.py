@@ -9,6 +9,9 @@ Model ``metadata_props`` (every value a string; JSON where structured), schema v
     mpqc.granularity           "matmul", "layer" or "custom:<name>"
     mpqc.quantization_ratio    Q_r by parameters (the paper's definition)
     mpqc.quantization_ratio_macs
+    mpqc.q_r_definition        which parameters Q_r counts: "params of all matmuls", or all but
+                               the plan's kept-high components (optional: files written before
+                               it existed count all matmuls)
     mpqc.average_bits          bits per matmul weight, scale overhead included
     mpqc.components            JSON: every component -> its precision and matmuls
     mpqc.weight_storage        JSON: how float-element weights are stored ("table" or "standard"), opset
@@ -38,6 +41,8 @@ import os
 
 import onnx
 
+from mpqc.plan import Q_R_ALL
+
 SCHEMA_VERSION = 1
 PREFIX = "mpqc."
 MODEL_KEYS = (
@@ -52,6 +57,7 @@ MODEL_KEYS = (
     "mpqc.components",
     "mpqc.weight_storage",
 )
+OPTIONAL_MODEL_KEYS = {"mpqc.q_r_definition": Q_R_ALL}  # key -> its value in files written before it
 NODE_KEYS = (
     "mpqc.kind",
     "mpqc.format",
@@ -104,6 +110,7 @@ def model_metadata(qmodel, *, fp_weights: str, opset: int) -> dict[str, str]:
         "mpqc.granularity": plan.granularity_label,
         "mpqc.quantization_ratio": repr(summary["quantization_ratio_params"]),
         "mpqc.quantization_ratio_macs": repr(summary["quantization_ratio_macs"]),
+        "mpqc.q_r_definition": summary["q_r_definition"],
         "mpqc.average_bits": repr(summary["average_bits"]),
         "mpqc.components": json.dumps(component_table(plan)),
         "mpqc.weight_storage": json.dumps({"fp_weights": fp_weights, "opset": opset}),
@@ -158,7 +165,7 @@ def read_metadata(model) -> dict:
     """The mpqc metadata of an exported model (a path or an onnx.ModelProto), parsed.
 
     Returns {"schema_version", "version", "model_class", "plan" (dict), "granularity",
-    "quantization_ratio", "quantization_ratio_macs", "average_bits", "components" (dict),
+    "quantization_ratio", "quantization_ratio_macs", "q_r_definition", "average_bits", "components" (dict),
     "weight_storage" (dict), "nodes": [{"name", "op_type", "domain", <mpqc.* keys without the
     prefix, JSON parsed>}]}. Raises ValueError for a file without mpqc metadata or of a newer
     schema than this reader knows."""
@@ -182,6 +189,8 @@ def read_metadata(model) -> dict:
         elif name == "schema_version":
             value = int(value)
         out[name] = value
+    for key, before in OPTIONAL_MODEL_KEYS.items():
+        out[key[len(PREFIX) :]] = props.get(key, before)
     nodes = []
     for node in proto.graph.node:
         meta = {p.key: p.value for p in node.metadata_props if p.key.startswith(PREFIX)}

@@ -3,6 +3,7 @@
     plan = mpqc.Plan.uniform(graph, "mxint4", granularity="matmul")
     plan = mpqc.Plan(graph, {"layers.0.mlp.down_proj": "bf16"}, default="mxint4")
     plan.quantization_ratio(by="params"); plan.average_bits(); plan.to_json()
+    plan = mpqc.Plan(graph, {...}, default="bf16", keep_high=("lm_head",))  # Q_r without the lm_head
 
 A precision is a weight format and an activation format. One name stands for both; a pair
 (weight, activation) or a dict {"weight": ..., "activation": ...} sets them apart; an
@@ -15,17 +16,62 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mpqc import fingerprint
 from mpqc.formats import Format, get_format
 from mpqc.formats.spec import validate_block_size
-from mpqc.graph import Component, Granularity, Graph, Matmul
+from mpqc.graph import ROLES, Component, Granularity, Graph, Matmul
 from mpqc.targets import check_target, llamacpp_activation
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_KEYS = ("mpqc_plan", "granularity", "default")  # what every plan file holds (and "components")
 SUMMARY_TOLERANCE = 1e-9  # a stored Q_r further than this from the recomputed one is refused
+Q_R_ALL = "params of all matmuls"  # the definition of Q_r when nothing is kept high (and before keep_high)
+
+
+def q_r_definition(keep_high: Sequence[str] = ()) -> str:
+    """The words that say which parameters Q_r counts (results, plan summaries, reports)."""
+    if not keep_high:
+        return Q_R_ALL
+    return "params of matmuls excluding kept-high: " + ", ".join(keep_high)
+
+
+def keep_high_entries(keep_high) -> tuple[str, ...]:
+    """``keep_high`` as a tuple of names: a sequence of component names or roles, not one string."""
+    if isinstance(keep_high, str) or not all(isinstance(k, str) and k for k in keep_high):
+        raise TypeError(f"keep_high is a list of component names or roles such as ['lm_head'], got {keep_high!r}")
+    return tuple(keep_high)
+
+
+def resolve_keep_high(graph: Graph, granularity: Granularity, keep_high: Sequence[str]) -> tuple[str, ...]:
+    """The component names ``keep_high`` stands for at ``granularity``: each entry a component
+    name, or else a role (``mpqc.graph.ROLES``) naming every component whose matmuls all have it."""
+    keep_high = keep_high_entries(keep_high)
+    if not keep_high:
+        return ()
+    components = graph.components(granularity)
+    names = [c.name for c in components]
+    resolved: list[str] = []
+    for entry in keep_high:
+        if entry in names:
+            found = [entry]
+        elif entry in ROLES:
+            found = [c.name for c in components if all(m.role == entry for m in c.matmuls)]
+            if not found:
+                raise ValueError(
+                    f"keep_high role {entry!r} is no whole component at this granularity of {graph.model_class}: "
+                    "no component has only matmuls of that role; name components instead, or use the matmul granularity"
+                )
+        else:
+            close = difflib.get_close_matches(entry, names, n=3, cutoff=0.5)
+            raise ValueError(
+                f"keep_high names {entry!r}, which is neither a component of this granularity of "
+                f"{graph.model_class}{' (closest: ' + ', '.join(close) + ')' if close else ''} nor a role "
+                f"({', '.join(ROLES)})"
+            )
+        resolved += [n for n in found if n not in resolved]
+    return tuple(resolved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +135,7 @@ class Plan:
         rounding: str = "nearest",
         high: str = "bf16",
         target: str | None = None,
+        keep_high: Sequence[str] = (),
     ):
         self.graph = graph
         self.target = check_target(target)
@@ -125,6 +172,20 @@ class Plan:
         if self.target is not None:
             for m in graph.matmuls:  # raises for a weight format llama.cpp cannot run
                 self.activation_format(m)
+        self._set_keep_high(keep_high)
+
+    def _set_keep_high(self, keep_high: Sequence[str]) -> None:
+        """Components at the default (the high precision) and outside Q_r, numerator and denominator."""
+        self.keep_high: tuple[str, ...] = keep_high_entries(keep_high)
+        self.kept_high: tuple[str, ...] = resolve_keep_high(self.graph, self.granularity, self.keep_high)
+        assigned = sorted(n for n in self.kept_high if n in self.assignments and self.assignments[n] != self.default)
+        if assigned:
+            raise ValueError(
+                f"components {assigned} are kept high (keep_high={list(self.keep_high)}) but assigned another "
+                f"precision than the plan's default {self.default}; a kept-high component stays at the default"
+            )
+        kept = set(self.kept_high)
+        self._counted = tuple(m for c in self.components if c.name not in kept for m in c.matmuls)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -143,6 +204,7 @@ class Plan:
             block_size=self.block_size,
             rounding=self.rounding,
             target=self.target,
+            keep_high=self.keep_high,
         )
 
     @property
@@ -178,13 +240,20 @@ class Plan:
 
     def quantization_ratio(self, by: str = "params") -> float:
         """Q_r: low-precision parameters over all matmul parameters (by="params", the paper's
-        definition), or low-precision multiply-accumulates over all (by="macs")."""
+        definition), or low-precision multiply-accumulates over all (by="macs"). Components kept
+        high (``keep_high``) are left out of both counts: Q_r is then the share of the searchable
+        matmuls that is low (``q_r_definition`` says which)."""
         if by not in ("params", "macs"):
             raise ValueError(f"quantization_ratio(by=...) takes 'params' or 'macs', got {by!r}")
         size = (lambda m: m.params) if by == "params" else (lambda m: m.macs_per_token)
-        total = sum(size(m) for m in self.graph.matmuls)
-        low = sum(size(m) for m in self.graph.matmuls if self._is_low(m))
+        total = sum(size(m) for m in self._counted)
+        low = sum(size(m) for m in self._counted if self._is_low(m))
         return low / total if total else 0.0
+
+    @property
+    def q_r_definition(self) -> str:
+        """Which parameters Q_r counts: "params of all matmuls", or all but the kept-high ones."""
+        return q_r_definition(self.keep_high)
 
     def weight_bits(self) -> int:
         """Exact bits to store every matmul weight (each once): codes, block and tensor scales."""
@@ -203,6 +272,7 @@ class Plan:
             "quantization_ratio_params": self.quantization_ratio("params"),
             "quantization_ratio_macs": self.quantization_ratio("macs"),
             "average_bits": self.average_bits(),
+            "q_r_definition": self.q_r_definition,
         }
 
     # ---- serialization -----------------------------------------------------------------------
@@ -215,6 +285,7 @@ class Plan:
             "block_size": self.block_size,
             "rounding": self.rounding,
             **({"target": self.target} if self.target is not None else {}),
+            **({"keep_high": list(self.keep_high)} if self.keep_high else {}),
             "default": self.default.to_dict(),
             "components": {name: p.to_dict() for name, p in self.assignments.items()},
             "summary": self.summary(),
@@ -242,6 +313,7 @@ class Plan:
             block_size=data.get("block_size"),
             rounding=data.get("rounding", "nearest"),
             target=data.get("target"),
+            keep_high=data.get("keep_high", ()),
         )
         _check_summary(plan, data.get("summary"))
         return plan
@@ -273,6 +345,7 @@ class Plan:
             and self.block_size == other.block_size
             and self.rounding == other.rounding
             and self.target == other.target
+            and self.kept_high == other.kept_high
             and all(self.precision(c.name) == other.precision(c.name) for c in self.components)
         )
 
@@ -372,4 +445,10 @@ def _check_summary(plan: Plan, summary: Mapping | None) -> None:
         raise ValueError(
             f"the plan states Q_r {stated!r} but gives Q_r {actual:.6f} on this model: it was made for another "
             "model, or edited without its summary; fix or drop its 'summary'"
+        )
+    stated = summary.get("q_r_definition", plan.q_r_definition)
+    if stated != plan.q_r_definition:
+        raise ValueError(
+            f"the plan's summary defines Q_r as {stated!r} but its keep_high gives {plan.q_r_definition!r}; "
+            "fix its 'keep_high' or drop its 'summary'"
         )

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from mpqc.formats import get_format
 from mpqc.graph import Component, Graph
-from mpqc.plan import Plan, Precision
+from mpqc.plan import Plan, Precision, keep_high_entries, resolve_keep_high
 
 BUDGET_KINDS = ("params", "macs", "bits")
 
@@ -60,18 +60,18 @@ class SearchSpace:
     # would not narrow; by default they stay high and are no search variable.
     search_dominated: bool = False
     runtime: str | None = None  # a Plan target ("llama.cpp": scored with llama.cpp's activations)
-    keep_high: tuple[str, ...] = ()  # components that stay high: not searched
+    # Components (names or roles) that stay high: not searched, and outside Q_r (the plans'
+    # ``keep_high``), so a ratio budget is a share of the searchable matmuls.
+    keep_high: tuple[str, ...] = ()
 
     def __post_init__(self):
-        known = {c.name for c in self.graph.components(self.granularity)}
-        unknown = sorted(set(self.keep_high) - known)
-        if unknown:
-            raise ValueError(f"keep_high names components {unknown} that this granularity does not have")
+        object.__setattr__(self, "keep_high", keep_high_entries(self.keep_high))
+        object.__setattr__(self, "kept_high", resolve_keep_high(self.graph, self.granularity, self.keep_high))
 
     @property
     def components(self) -> tuple[Component, ...]:
-        """The components the search chooses among (all but ``keep_high``)."""
-        return tuple(c for c in self.graph.components(self.granularity) if c.name not in self.keep_high)
+        """The components the search chooses among (all but the kept-high ones)."""
+        return tuple(c for c in self.graph.components(self.granularity) if c.name not in self.kept_high)
 
     def variables(self) -> tuple[Component, ...]:
         """The components a search chooses for: each one's low choice changes the plan and pays
@@ -101,17 +101,18 @@ class SearchSpace:
             block_size=self.block_size,
             rounding=self.rounding,
             target=self.runtime,
+            keep_high=self.keep_high,
         )
 
     def sizes(self) -> dict[str, float]:
         """Each component's contribution to the budget when it goes low (same unit as target)."""
-        comps, every = self.components, self.graph.components(self.granularity)
-        if self.budget.kind == "params":
-            total = sum(c.params for c in every)
-            return {c.name: c.params / total for c in comps}
-        if self.budget.kind == "macs":
-            total = sum(c.macs for c in every)
-            return {c.name: c.macs / total for c in comps}
+        comps = self.components
+        if self.budget.kind != "bits":
+            size = (lambda c: c.params) if self.budget.kind == "params" else (lambda c: c.macs)
+            total = sum(size(c) for c in comps)  # Q_r's denominator: every component but the kept-high ones
+            if not total:
+                raise ValueError(f"{self.budget} counts nothing: keep_high={list(self.keep_high)} keeps all there is")
+            return {c.name: size(c) / total for c in comps}
         # bits saved per component, over all matmul parameters: average bits fall by this much
         all_high = self.plan([])
         saved = {}

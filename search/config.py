@@ -15,6 +15,7 @@ import optuna
 
 from mpqc import fingerprint
 from mpqc.graph import Graph
+from mpqc.plan import keep_high_entries, q_r_definition
 
 from . import identity
 from .budget import Budget
@@ -56,8 +57,11 @@ class SearchConfig:
     ``target="llama.cpp"`` scores every plan with the activations llama.cpp's CPU kernels compute
     with for each weight type (``mpqc.targets``); ``low`` and ``high`` must then have GGUF types
     (q4_0, q8_0, mxfp4 ...).
-    ``keep_high``: components that stay at ``high`` and are not searched (a tied lm_head that
-    should keep sharing the embedding's bytes in a GGUF file, say).
+    ``keep_high``: components (names, or roles such as "lm_head") that stay at ``high``, are not
+    searched and are left out of Q_r, numerator and denominator: a ratio budget is then the
+    share of the searchable matmuls' parameters (the paper's Q_r with the lm_head kept high;
+    a tied lm_head that should keep sharing the embedding's bytes in a GGUF file, say). The
+    result's ``q_r_definition`` says which parameters Q_r counted.
     """
 
     budget: Budget
@@ -95,7 +99,7 @@ class SearchConfig:
         budget = self.budget if isinstance(self.budget, Budget) else Budget(*self.budget)
         object.__setattr__(self, "budget", budget)  # normalized once, here
         object.__setattr__(self, "prefix", tuple(int(t) for t in self.prefix))
-        object.__setattr__(self, "keep_high", tuple(str(c) for c in self.keep_high))
+        object.__setattr__(self, "keep_high", keep_high_entries(self.keep_high))
         for name in ("n_trials", "prune_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -156,6 +160,8 @@ class SearchConfig:
             settings["target"] = self.target
         if self.keep_high:
             settings["keep_high"] = list(self.keep_high)
+            # Studies made before kept-high components left Q_r recorded Q_r over all matmuls.
+            settings["q_r_definition"] = q_r_definition(self.keep_high)
         return settings
 
     def default_study_name(self, settings: dict) -> str:

@@ -68,6 +68,8 @@ class SearchResult:
             "objective": self.objective,
             "achieved": self.achieved,
             "budget": dataclasses.asdict(self.budget),
+            "q_r_definition": self.plan.q_r_definition,
+            "keep_high": list(self.plan.keep_high),
             "study_name": self.study.study_name,
             "n_complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in self.study.trials),
             "n_pruned": sum(measured(t) and t.state != optuna.trial.TrialState.COMPLETE for t in self.study.trials),

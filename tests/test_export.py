@@ -173,6 +173,7 @@ def check_metadata(path, qmodel):
     assert meta["schema_version"] == md.SCHEMA_VERSION
     assert mpqc.Plan.from_json(qmodel.graph, json.dumps(meta["plan"])) == plan
     assert meta["quantization_ratio"] == pytest.approx(plan.quantization_ratio("params"), abs=0)
+    assert meta["q_r_definition"] == plan.q_r_definition
     assert meta["average_bits"] == pytest.approx(plan.average_bits(), abs=0)
     # Every component is listed, with its precision and matmuls.
     assert set(meta["components"]) == {c.name for c in plan.components}

@@ -123,6 +123,7 @@ def test_round_trip_every_tensor_decodes_to_the_compiled_model(tmp_path):
     stored = json.loads(reader.fields["mpqc.plan"].contents())
     assert stored["components"]["layers.0.mlp.down_proj"]["weight"] == "q4_k" and stored["target"] == "llama.cpp"
     assert float(reader.fields["mpqc.average_bits"].contents()) == pytest.approx(plan.average_bits())
+    assert reader.fields["mpqc.q_r_definition"].contents() == plan.q_r_definition == "params of all matmuls"
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
 
 

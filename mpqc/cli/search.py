@@ -46,6 +46,12 @@ def add_parser(sub) -> None:
     s.add_argument("--no-prune", action="store_true", help="score every trial on all its windows")
     s.add_argument("--rescore", type=int, default=3, help="re-score this many best plans on more windows (0: off)")
     s.add_argument(
+        "--keep-high",
+        default="",
+        metavar="NAMES",
+        help="comma-separated components or roles (e.g. lm_head) kept at --high, not searched and left out of Q_r",
+    )
+    s.add_argument(
         "--search-dominated",
         action="store_true",
         help="also search components that cannot pay for the budget (attention matmuls under a parameter budget)",
@@ -172,6 +178,7 @@ def _config(args, sampler_kwargs, prefix):
         rescore=args.rescore,
         search_dominated=args.search_dominated,
         target=args.target,
+        keep_high=tuple(n.strip() for n in args.keep_high.split(",") if n.strip()),
     )
 
 
@@ -236,7 +243,8 @@ def _print_summary(result, objective, args, seconds: float) -> None:
     )
     eager = "" if result.eager_perplexity is None else f", {result.eager_perplexity:.3f} eagerly"
     print(
-        f"{result.budget}: {best}{result.perplexity:.3f} (search windows{eager}) at {result.achieved:.4f}, "
+        f"{result.budget} (Q_r: {result.plan.q_r_definition}): {best}{result.perplexity:.3f} "
+        f"(search windows{eager}) at {result.achieved:.4f}, "
         f"average bits {result.plan.average_bits():.3f}, after {_trials_text(result)} in {seconds:.0f} s"
     )
     if objective is not None:
