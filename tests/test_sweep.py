@@ -50,6 +50,8 @@ def write_text(path, n_words=3000):
     path.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
 
 
+KEPT_HEAD = "params of matmuls excluding kept-high: lm_head"
+
 CONFIG = """
 out = "results.csv"
 text = "text.txt"
@@ -133,6 +135,10 @@ def test_sweep_writes_one_row_per_cell(first_run):
         assert r["params"] > r["matmul_params"] > 0
     sizes = {r["model"]: r["params"] for r in rows}
     assert sizes["tiny-b"] > sizes["tiny-a"]
+    # sweeps keep the lm_head high by default: Q_r counts the decoder layers, and every row says so
+    assert {r["q_r_definition"] for r in rows} == {KEPT_HEAD}
+    # tiny-a has one decoder layer: at layer granularity any budget puts all of it low
+    assert {r["achieved"] for r in rows if r["model"] == "tiny-a" and r["granularity"] == "layer"} == {1.0}
 
 
 def test_rerun_skips_finished_cells_and_runs_only_new_ones(first_run, tmp_path, monkeypatch):
@@ -183,6 +189,8 @@ def test_config_errors_name_the_problem(tmp_path):
         sweep.config_from_dict({"models": ["m"], "grid": {"ratio": [0.5]}})
     with pytest.raises(ValueError, match="search.dtype must be 'float32', 'bfloat16' or 'float16', got 'int8'"):
         sweep.config_from_dict({**base, "search": {"dtype": "int8"}})
+    with pytest.raises(ValueError, match=r"search.keep_high is a list of component names or roles.*got \[3\]"):
+        sweep.config_from_dict({**base, "search": {"keep_high": [3]}})
     (tmp_path / "bad.toml").write_text("out = \n")
     with pytest.raises(ValueError, match="not valid TOML"):
         sweep.load_config(str(tmp_path / "bad.toml"))
@@ -200,6 +208,47 @@ def test_device_never_and_dtype_only_off_its_default_change_a_cells_key():
         config = sweep.config_from_dict({**base, "search": search})
         keys[name] = config.key(config.cells()[0])
     assert keys["old"] == keys["cpu"] == keys["gpu"] != keys["bf16"]
+
+
+def test_keep_high_joins_a_cells_key_only_when_something_is_kept_high():
+    base = {"out": "r.csv", "models": ["m"], "grid": {"ratio": [0.5]}}
+    keys = {}
+    for name, search in (("default", {}), ("head", {"keep_high": ["lm_head"]}), ("none", {"keep_high": []})):
+        config = sweep.config_from_dict({**base, "search": search})
+        keys[name] = config.key(config.cells()[0])
+    assert config.search["keep_high"] == [] and sweep.config_from_dict(base).search["keep_high"] == ["lm_head"]
+    # keep_high = [] is what sweeps did before the key existed: the cell's key then (commit 86b1022)
+    assert keys["none"] == "b7228a0cad8395cd" != keys["default"] == keys["head"]
+
+
+def test_a_results_file_from_before_q_r_definition_is_read_and_extended(first_run, tmp_path, monkeypatch):
+    config_path, rows, _ = first_run
+    old = tmp_path / "old.csv"
+    with open(config_path.parent / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    old_columns = [c for c in sweep.COLUMNS if c != "q_r_definition"]
+    with open(old, "w", newline="") as f:  # the table as sweeps wrote it before the column existed
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
+    assert {r["q_r_definition"] for r in sweep.read_results(str(old))} == {"params of all matmuls"}
+    monkeypatch.setenv("MPQC_CACHE", str(tmp_path / "cache"))
+    one_more = sweep.config_from_dict(
+        {
+            "out": str(old),
+            "text": str(config_path.parent / "text.txt"),
+            "models": [str(config_path.parent / "tiny-a")],
+            "grid": {"granularity": "matmul", "ratio": [0.6], "formats": ["mxint4"]},
+            "search": {"sampler": "random", "n_trials": 1, "seq_len": 16, "n_samples": 2},
+            "eval": {"n_samples": 4},
+        }
+    )
+    assert sweep.run(one_more, progress=False).ran == 1
+    with open(old, newline="") as f:
+        reader = csv.DictReader(f)
+        written = list(reader)
+    assert tuple(reader.fieldnames) == sweep.COLUMNS and len(written) == len(rows) + 1
+    assert [r["q_r_definition"] for r in written] == ["params of all matmuls"] * len(rows) + [KEPT_HEAD]
 
 
 # ---- mpqc fit -----------------------------------------------------------------------------------
@@ -291,18 +340,38 @@ def test_fit_recovers_laws_written_into_a_results_table(tmp_path):
     from mpqc.studies import report
 
     path = tmp_path / "results.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+    with open(path, "w", newline="") as f:  # without q_r_definition, as results were written before it
+        writer = csv.DictWriter(f, fieldnames=[c for c in sweep.COLUMNS if c != "q_r_definition"])
         writer.writeheader()
         writer.writerows(synthetic_rows())
     paths = report.write_report(str(path), str(tmp_path / "fit"))
     data = json.loads(open(paths["json"]).read())
-    law1 = next(e for e in data["law1"] if e["budget"] == 0.1 and e["setting"] == "matmul-wise, mxint4 W+A, block 32")
+    assert data["q_r_definitions"] == ["params of all matmuls"]
+    setting = "matmul-wise, mxint4 W+A, block 32; Q_r: params of all matmuls"
+    law1 = next(e for e in data["law1"] if e["budget"] == 0.1 and e["setting"] == setting)
     # Exact data: the fit is exact up to float rounding of the interpolation.
     assert law1["fit"]["k"] == pytest.approx(-12, rel=1e-9) and law1["fit"]["c"] == pytest.approx(20, rel=1e-9)
     (law2,) = [e for e in data["law2"] if e["fit"]]
     assert law2["fit"]["k"] == pytest.approx(0.45, rel=1e-9) and law2["fit"]["A"] == pytest.approx(0.002, rel=1e-9)
-    assert "| 10% | -12.00 ± 0.00 |" in open(paths["report"]).read()
+    report_text = open(paths["report"]).read()
+    assert "| 10% | -12.00 ± 0.00 |" in report_text and "Q_r counts" in report_text
+    assert "`params of all matmuls`" in report_text
+
+
+def test_rows_of_two_q_r_definitions_are_two_settings():
+    from mpqc.studies import report
+
+    rows = synthetic_rows()
+    kept = [{**r, "q_r_definition": KEPT_HEAD, "key": r["key"] + "k"} for r in rows]
+    rows = [{**r, "q_r_definition": "params of all matmuls"} for r in rows] + kept
+    data = report.analyze(rows)
+    assert data["q_r_definitions"] == ["params of all matmuls", KEPT_HEAD]
+    fitted = {e["setting"] for e in data["law1"] if e["fit"] and e["budget"] == 0.1}
+    assert fitted == {
+        "matmul-wise, mxint4 W+A, block 32; Q_r: params of all matmuls",
+        f"matmul-wise, mxint4 W+A, block 32; Q_r: {KEPT_HEAD}",
+    }
+    assert sorted(e["q_r_definition"] for e in data["law2"] if e["fit"]) == ["params of all matmuls", KEPT_HEAD]
 
 
 # ---- examples/train_family.py -------------------------------------------------------------------

@@ -26,6 +26,7 @@ import tomllib
 import torch
 
 from mpqc.io import json_safe, read_csv, typed_rows, write_csv_atomic
+from mpqc.plan import Q_R_ALL, keep_high_entries
 
 __all__ = [
     "COLUMNS",
@@ -55,6 +56,7 @@ COLUMNS = (
     "ppl_q",
     "delta_ppl",
     "achieved",
+    "q_r_definition",
     "average_bits",
     "total_bits",
     "search_ppl",
@@ -67,6 +69,8 @@ COLUMNS = (
     "notes",
     "key",
 )
+# Columns added after results files were first written -> what a file without them meant.
+_LEGACY_COLUMNS = {"q_r_definition": Q_R_ALL}  # before keep_high, Q_r counted every matmul
 _FLOAT = {"ratio", "ppl_base", "ppl_q", "delta_ppl", "achieved", "average_bits", "search_ppl", "seconds"}
 _INT = {"params", "matmul_params", "seed", "total_bits", "trials", "seq_len", "n_samples", "eval_samples"}
 
@@ -88,6 +92,10 @@ _SEARCH_DEFAULTS = {
     "storage": "",
     "device": "cpu",
     "dtype": "float32",
+    # Components or roles kept high and left out of Q_r: by default the lm_head, so Q_r counts
+    # the decoder layers as the paper's does (a tied lm_head is most of a small model's matmul
+    # parameters); [] counts every matmul, as sweeps did before.
+    "keep_high": ["lm_head"],
 }
 _EVAL_DEFAULTS = {"n_samples": 32, "seed": 1234}
 
@@ -145,12 +153,14 @@ class SweepConfig:
             "model": [cell.model.name, cell.model.spec],
             "text": self.text,
             **{f: getattr(cell, f) for f in ("granularity", "ratio", "low", "weights_only", "block_size", "seed")},
-            # device does not decide the numbers; dtype does, and joins the key when not the
-            # default, so the keys of sweeps made before it existed stay as they were.
+            # device does not decide the numbers; dtype and keep_high do, and join the key when not
+            # what sweeps made before them did (float32, nothing kept high), so those keys stay.
             "search": {
                 k: v
                 for k, v in self.search.items()
-                if k not in ("batch_size", "storage", "device") and not (k == "dtype" and v == "float32")
+                if k not in ("batch_size", "storage", "device")
+                and not (k == "dtype" and v == "float32")
+                and not (k == "keep_high" and not v)
             },
             "eval": self.eval,
         }
@@ -228,6 +238,7 @@ def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep con
         raise ValueError(f"{where}: search.dtype must be 'float32', 'bfloat16' or 'float16', got {search['dtype']!r}")
     if not isinstance(search["device"], str) or not search["device"]:
         raise ValueError(f"{where}: search.device must be 'cpu', 'cuda' or 'cuda:N', got {search['device']!r}")
+    search["keep_high"] = _keep_high(search["keep_high"], where)
     if search["storage"] and "://" not in search["storage"]:  # a URL (PostgreSQL) as written, a path relative
         search["storage"] = _resolve(search["storage"], base_dir)
     return SweepConfig(
@@ -242,6 +253,17 @@ def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep con
         search=search,
         eval=evaluation,
     )
+
+
+def _keep_high(value, where: str) -> list[str]:
+    """search.keep_high as a list of names (possibly empty: Q_r over every matmul)."""
+    try:
+        return list(keep_high_entries(value if isinstance(value, list) else [value]))
+    except TypeError:
+        raise ValueError(
+            f'{where}: search.keep_high is a list of component names or roles, e.g. ["lm_head"] '
+            f"([] counts every matmul in Q_r), got {value!r}"
+        ) from None
 
 
 def _check_keys(table: dict, valid, where: str, section: str = "") -> None:
@@ -296,14 +318,21 @@ def _model_entry(entry, base_dir: str, where: str) -> ModelEntry:
 
 
 def _read_raw(path: str) -> list[dict]:
+    """The rows of a results CSV; a file written before a column existed gets that column's
+    old meaning (``_LEGACY_COLUMNS``), so old results stay readable and a sweep resumes on them."""
     if not os.path.exists(path):
         return []
     header, rows = read_csv(path)
-    if tuple(header) != COLUMNS:
+    if tuple(header) != tuple(c for c in COLUMNS if c in header or c not in _LEGACY_COLUMNS):
         raise ValueError(
             f"results file {path} has columns {header}, not this sweep's {list(COLUMNS)}; point out = at a new file"
         )
-    return rows
+    return [_complete(r) for r in rows]
+
+
+def _complete(row: dict) -> dict:
+    """``row`` with the columns it was written without, at their old meaning."""
+    return {**{c: v for c, v in _LEGACY_COLUMNS.items() if c not in row}, **row}
 
 
 def _write_raw(path: str, rows: list[dict]) -> None:
@@ -419,6 +448,7 @@ def _search_config(config: SweepConfig, cell: Cell, key: str, prefix):
         block_size=cell.block_size,
         storage=s["storage"] or None,
         study_name=f"sweep-{key}",
+        keep_high=tuple(s["keep_high"]),
         prefix=prefix,
         # A sweep measures each cell's plan on its own held-out windows: the search runs as
         # the paper's did (every trial on all windows, the best trial as it is, every matmul).
@@ -460,6 +490,7 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         "ppl_q": ppl_q,
         "delta_ppl": (ppl_q - bench.ppl_base) / bench.ppl_base,
         "achieved": result.achieved,
+        "q_r_definition": result.plan.q_r_definition,
         "average_bits": result.plan.average_bits(),
         "total_bits": result.plan.weight_bits(),
         "search_ppl": result.perplexity,
@@ -564,7 +595,8 @@ def _write_shared(config: SweepConfig, shared: _SharedCells, local: list[dict]) 
     here = {r["key"]: r for r in local}
     mine = set(keys)
     rows = [r for r in local if r["key"] not in mine]
-    rows += [row for key in keys if (row := shared.row(key) or here.get(key)) is not None]
+    # a claim's row stored before a column existed gets the column's old meaning
+    rows += [_complete(row) for key in keys if (row := shared.row(key) or here.get(key)) is not None]
     _write_raw(config.out, rows)
 
 

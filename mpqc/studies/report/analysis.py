@@ -26,7 +26,8 @@ __all__ = [
 BUDGETS = (0.05, 0.10, 0.20)
 # Cao et al. 2024, as the project's design notes quote them (Qwen-1.5, matmul-wise).
 PAPER = {"law1_k": {"0.05": -11.7, "0.1": -11.3, "0.2": -12.8}, "law2_k_range": [0.3, 0.6]}
-SETTING_KEYS = ("granularity", "low", "weights_only", "block_size")
+# A setting is what one ratio curve holds fixed; rows of two Q_r definitions are two curves.
+SETTING_KEYS = ("granularity", "low", "weights_only", "block_size", "q_r_definition")
 
 
 def _setting(row) -> tuple:
@@ -34,8 +35,8 @@ def _setting(row) -> tuple:
 
 
 def setting_label(setting) -> str:
-    g, low, wo, bs = setting
-    return f"{g}-wise, {low} {'weights only' if wo else 'W+A'}, block {bs}"
+    g, low, wo, bs, q_r = setting
+    return f"{g}-wise, {low} {'weights only' if wo else 'W+A'}, block {bs}; Q_r: {q_r}"
 
 
 def _models(rows) -> list[tuple[str, int]]:
@@ -112,9 +113,10 @@ def law2_fits(rows) -> list[dict]:
     groups = defaultdict(list)
     for r in rows:
         if isinstance(r["block_size"], int):
-            groups[(r["model"], r["params"], r["granularity"], r["low"], r["weights_only"], r["ratio"])].append(r)
+            key = (r["model"], r["params"], r["granularity"], r["low"], r["weights_only"], r["ratio"])
+            groups[(*key, r["q_r_definition"])].append(r)
     fits = []
-    for (model, params, g, low, wo, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0]))):
+    for (model, params, g, low, wo, ratio, q_r), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0]))):
         blocks = sorted({r["block_size"] for r in rs})
         if len(blocks) < 2:
             continue  # one block size is no block-size sweep
@@ -126,6 +128,7 @@ def law2_fits(rows) -> list[dict]:
             "low": low,
             "weights_only": wo,
             "ratio": ratio,
+            "q_r_definition": q_r,
             "points": [{"block_size": r["block_size"], "delta_ppl": r["delta_ppl"], "seed": r["seed"]} for r in rs],
             "fit": None,
             "note": "",
@@ -184,6 +187,7 @@ def analyze(rows, budgets=BUDGETS) -> dict:
             for m, p in _models(rows)
         ],
         "settings": sorted({setting_label(_setting(r)) for r in rows}),
+        "q_r_definitions": sorted({r["q_r_definition"] for r in rows}),
         "budgets": list(budgets),
         "max_ratio": mr,
         "law1": law1_fits(mr, budgets),

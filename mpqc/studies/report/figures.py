@@ -32,6 +32,15 @@ def _size_colors(rows):
     return {m: cmap(i / max(1, len(models) - 1) * 0.9) for i, (m, _) in enumerate(models)}
 
 
+def _title(label: str) -> str:
+    """A setting label on two lines: the setting, then which parameters its Q_r counts."""
+    return label.replace("; Q_r: ", "\nQ_r: ")
+
+
+def _definitions(analysis) -> str:
+    return "Q_r: " + " | ".join(analysis["q_r_definitions"])
+
+
 def _empty(ax, why: str) -> None:
     ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True, transform=ax.transAxes)
     ax.set_xticks([])
@@ -74,7 +83,7 @@ def fig_ratio_vs_delta(rows, budgets, path):
             ax.axhline(100 * b, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("quantization ratio Q_r (achieved)")
         ax.set_ylabel("delta perplexity (%)")
-        ax.set_title(setting_label(setting), fontsize=9)
+        ax.set_title(_title(setting_label(setting)), fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("delta_ppl against Q_r (dots: searches; lines: monotone envelope)", fontsize=10)
     _save(fig, path)
@@ -89,7 +98,7 @@ def fig_law1(analysis, path):
     for ax, setting in zip(axes, settings):
         entries = [e for e in analysis["law1"] if e["setting"] == setting]
         if not any(e["points"] for e in entries):
-            _empty(ax, f"{setting}\nno model reached a budget within its measured ratios:\nnothing to fit")
+            _empty(ax, f"{_title(setting)}\nno model reached a budget within its measured ratios:\nnothing to fit")
             continue
         for i, e in enumerate(entries):
             if not e["points"]:
@@ -106,9 +115,9 @@ def fig_law1(analysis, path):
                 label += " (not fitted)"
             ax.scatter(x, y, color=cmap(i), label=label)
         ax.set_yscale("log")
-        ax.set_xlabel("1 - Q_r,max (share of matmul parameters kept high)")
+        ax.set_xlabel("1 - Q_r,max (share of the parameters Q_r counts left high)")
         ax.set_ylabel("model parameters")
-        ax.set_title(setting, fontsize=9)
+        ax.set_title(_title(setting), fontsize=9)
         ax.legend(fontsize=7, title="loss budget", title_fontsize=7)
     fig.suptitle("Law 1: size = exp(k (1 - Q_r,max) + c)", fontsize=10)
     _save(fig, path)
@@ -141,7 +150,7 @@ def fig_law2(analysis, path):
         ax.set_xlabel("block size (elements per shared scale)")
         ax.set_ylabel("delta perplexity (%)")
         ax.legend(fontsize=7)
-    ax.set_title("Law 2: delta_ppl = A * block_size^k", fontsize=10)
+    ax.set_title(f"Law 2: delta_ppl = A * block_size^k\n{_definitions(analysis)}", fontsize=9)
     _save(fig, path)
 
 
@@ -174,7 +183,7 @@ def fig_bits(analysis, path):
         ax.set_yscale("log")
     ax.set_xlabel("total matmul weight bits (parameters x average bits, scales included)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title("Perplexity against model bits (stars: all high precision)", fontsize=10)
+    ax.set_title(f"Perplexity against model bits (stars: all high precision)\n{_definitions(analysis)}", fontsize=9)
     ax.legend(fontsize=7)
     _save(fig, path)
 
