@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from mpqc.studies.laws import fit_exponential, fit_power, max_ratio_at_budget, monotone_envelope
+from mpqc.studies.laws import (
+    fit_exponential,
+    fit_power,
+    implied_slope,
+    max_ratio_at_budget,
+    monotone_envelope,
+    slope_test,
+)
 
 SIGMA = 0.05  # multiplicative noise: ln y gets N(0, SIGMA^2)
 
@@ -131,3 +138,104 @@ def test_max_ratio_edge_cases():
         max_ratio_at_budget([0.5], [0.01], 0.0)
     with pytest.raises(ValueError, match="same length"):
         max_ratio_at_budget([0.5, 0.6], [0.01], 0.1)
+
+
+# ---- the slope test of Law 1 -------------------------------------------------------------------
+
+SIZES = np.geomspace(1e4, 1e6, 6)  # 6 sizes over 2 decades
+SLOPE = 0.1  # planted: Q_r,max rises 0.1 per decade
+
+
+def slope_data(seed, *, seeds=5, slope=SLOPE, cluster_sd=0.0, noise=0.05):
+    """Q_r,max per (size, seed): a line in log10(size) plus noise; each seed (a cluster) has its
+    own slope deviation of sd ``cluster_sd``, shared by all its sizes."""
+    rng = np.random.default_rng(seed)
+    sizes, q, clusters = [], [], []
+    for s in range(seeds):
+        own = slope + rng.normal(0, cluster_sd) if cluster_sd else slope
+        for size in SIZES:
+            sizes.append(size)
+            q.append(0.5 + own * math.log10(size / 1e5) + rng.normal(0, noise))
+            clusters.append(f"seed {s}")
+    return np.array(sizes), np.array(q), clusters
+
+
+def test_slope_test_recovers_a_planted_slope():
+    sizes, q, _ = slope_data(0)
+    t = slope_test(sizes, q)
+    u = np.log10(sizes)
+    se = 0.05 / math.sqrt(np.sum((u - u.mean()) ** 2))  # the OLS slope's standard error with known noise
+    assert abs(t.slope - SLOPE) < 3 * se and t.ci_low < SLOPE < t.ci_high
+    assert t.ci_high - t.ci_low == pytest.approx(2 * 1.96 * se, rel=0.35)  # a 30-point bootstrap of a known SE
+    assert t.p_value == 1 / 2001  # every resample's slope is positive: the smallest p-value there is
+    assert (t.n, t.n_sizes, t.n_clusters, t.n_boot) == (30, 6, 30, 2000)
+    exact = slope_test(sizes, 0.3 + 0.2 * np.log10(sizes), n_boot=200)  # a noiseless line: exact
+    assert exact.slope == pytest.approx(0.2, abs=1e-12) and exact.intercept == pytest.approx(0.3, abs=1e-12)
+    flat = slope_test(sizes, 0.5 + np.random.default_rng(3).normal(0, 0.05, sizes.size), n_boot=1000)
+    assert flat.ci_low < 0 < flat.ci_high and 0.05 < flat.p_value < 0.95  # no trend: not significant
+
+
+def test_95_percent_intervals_cover_the_planted_slope_at_the_nominal_rate():
+    # 200 seeded replicates; the percentile bootstrap of 30 points covers 92.5% of them here (it
+    # runs a little short at small n); [0.90, 0.99] is the nominal rate give or take about two
+    # standard errors of a 200-replicate coverage (1.5 points), and fails an interval that is
+    # too narrow or too wide.
+    covered = [
+        (t := slope_test(*slope_data(seed)[:2], n_boot=400, seed=seed)).ci_low <= SLOPE <= t.ci_high
+        for seed in range(200)
+    ]
+    assert 0.90 <= np.mean(covered) <= 0.99
+
+
+def test_the_cluster_bootstrap_covers_where_the_point_bootstrap_does_not():
+    # Each of 12 seeds has its own slope (sd 0.05): the points of a seed are not independent. The
+    # point bootstrap's intervals are too narrow (83.5% of these replicates covered); the cluster
+    # bootstrap's cover near the nominal rate (94%).
+    naive, clustered = [], []
+    for seed in range(200):
+        sizes, q, clusters = slope_data(seed, seeds=12, cluster_sd=0.05)
+        a = slope_test(sizes, q, n_boot=400, seed=seed)
+        b = slope_test(sizes, q, clusters=clusters, n_boot=400, seed=seed)
+        assert a.slope == b.slope and b.n_clusters == 12
+        naive.append(a.ci_low <= SLOPE <= a.ci_high)
+        clustered.append(b.ci_low <= SLOPE <= b.ci_high)
+    assert np.mean(naive) < 0.90 <= np.mean(clustered) <= 0.99
+
+
+def test_the_slope_test_is_seeded_and_reproducible():
+    sizes, q, clusters = slope_data(1, seeds=4, cluster_sd=0.03)
+    a = slope_test(sizes, q, clusters=clusters, n_boot=500, seed=7)
+    assert slope_test(sizes, q, clusters=clusters, n_boot=500, seed=7) == a
+    other = slope_test(sizes, q, clusters=clusters, n_boot=500, seed=8)
+    assert other.slope == a.slope and (other.ci_low, other.ci_high) != (a.ci_low, a.ci_high)
+    assert a.to_dict()["seed"] == 7
+
+
+def test_slope_test_bad_input_is_named():
+    sizes, q, clusters = slope_data(0, seeds=2)
+    with pytest.raises(ValueError, match="same length, got 12 and 11"):
+        slope_test(sizes, q[:-1])
+    with pytest.raises(ValueError, match="at least 3 distinct sizes.*got 2"):
+        slope_test([1e4, 1e4, 1e5, 1e5], [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match=r"sizes must be positive.*\[0.0, -5.0\]"):
+        slope_test([1e4, 0, -5, 1e5], [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="finite.*never-reached"):
+        slope_test([1e4, 1e5, 1e6], [0.1, math.nan, 0.3])
+    with pytest.raises(ValueError, match="one label per point \\(12\\), got 11"):
+        slope_test(sizes, q, clusters=clusters[:-1])
+    with pytest.raises(ValueError, match="at least 2 clusters, got 1"):
+        slope_test(sizes, q, clusters=["all"] * len(q))
+    with pytest.raises(ValueError, match="n_boot must be an int >= 100"):
+        slope_test(sizes, q, n_boot=10)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        slope_test(sizes, q, seed=1.5)
+
+
+def test_implied_slope_of_the_papers_law1():
+    assert implied_slope(-11.68) == pytest.approx(0.197, abs=5e-4)  # the issue's +0.197 per decade
+    # the paper's form and the slope agree: Q_r,max = 1 - (ln size - c) / k
+    k, c = -12.0, 20.0
+    q = [1 - (math.log(s) - c) / k for s in SIZES]
+    assert slope_test(SIZES, q, n_boot=100).slope == pytest.approx(implied_slope(k), rel=1e-12)
+    with pytest.raises(ValueError, match="non-zero exponent"):
+        implied_slope(0.0)

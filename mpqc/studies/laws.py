@@ -20,6 +20,14 @@ losses whose noise grows with their size. Standard errors come from the fit's co
 
 ``max_ratio_at_budget(ratios, delta_ppls, budget)`` turns one model's searched points into
 Q_r,max for a loss budget.
+
+Law 1 as a test (the stable direction: the noisy Q_r,max is the response, not the size):
+
+    test = slope_test(sizes, q_max, clusters=None, n_boot=2000, seed=0)
+    test.slope, test.ci_low, test.ci_high, test.p_value   # per decade of size; H1: slope > 0
+
+``implied_slope(k)`` is the slope per decade that the paper's exponential form with this k
+implies (k = -11.68 gives +0.197), the number a slope test's interval is read against.
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ __all__ = [
     "ExponentialFit",
     "MaxRatio",
     "PowerFit",
+    "SlopeTest",
     "fit_exponential",
     "fit_power",
+    "implied_slope",
     "max_ratio_at_budget",
     "monotone_envelope",
+    "slope_test",
 ]
 
 MIN_POINTS = 3  # two points fit any line exactly and leave no degree of freedom for an error
@@ -219,3 +230,136 @@ def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
     if not math.isfinite(d1):  # the next plan diverged: no slope to interpolate along
         return MaxRatio(float(r0), "interpolated")
     return MaxRatio(float(r0 + (budget - d0) * (r1 - r0) / (d1 - d0)), "interpolated")
+
+
+# ---- Law 1 as a slope test ----------------------------------------------------------------------
+
+CI_LEVEL = 0.95
+MIN_BOOT = 100  # fewer resamples cannot place a 2.5% percentile
+_REDRAWS = 100  # rounds of redrawing resamples whose sizes are all equal (no slope) before giving up
+
+
+@dataclasses.dataclass(frozen=True)
+class SlopeTest:
+    """OLS slope of Q_r,max on log10(size), with a 95% percentile-bootstrap interval and the
+    one-sided bootstrap p-value of "slope > 0". ``intercept`` is the line's Q_r,max at size 1
+    (log10 size = 0). ``n_clusters`` is the number of resampled units: the points themselves
+    (``n``) without clusters."""
+
+    slope: float
+    intercept: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n: int
+    n_sizes: int
+    n_clusters: int
+    n_boot: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def implied_slope(k: float) -> float:
+    """d Q_r,max / d log10(size) of Law 1, size = exp(k (1 - Q_r,max) + c): -ln(10) / k."""
+    if not (isinstance(k, (int, float)) and math.isfinite(k) and k != 0):
+        raise ValueError(f"k is Law 1's finite, non-zero exponent (the paper: about -11 to -13), got {k!r}")
+    return -math.log(10) / k
+
+
+def slope_test(sizes, q_max, clusters=None, n_boot: int = 2000, seed: int = 0) -> SlopeTest:
+    """Does Q_r,max grow with model size? The OLS slope of ``q_max`` on log10(``sizes``) per
+    decade, a 95% percentile-bootstrap interval, and the one-sided p-value of slope > 0.
+
+    Each point is one (model, training seed, search seed, ...) Q_r,max. Without ``clusters`` the
+    bootstrap resamples points; with ``clusters`` (one label per point, e.g. "train seed 1 x
+    search seed 2") it resamples whole clusters, so points that share a seed (and its noise)
+    move together and the interval is not made narrow by treating them as independent. The
+    p-value is (1 + resamples with slope <= 0) / (1 + n_boot): the level at which the
+    one-sided percentile bound reaches zero, never exactly 0. Seeded: the same inputs and
+    ``seed`` give the same numbers.
+    """
+    u, y, groups = _slope_points(sizes, q_max, clusters)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < MIN_BOOT:
+        raise ValueError(f"n_boot must be an int >= {MIN_BOOT} (resamples of the bootstrap), got {n_boot!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    line = _weighted_slopes(u, y, np.ones((1, u.size)))
+    slopes = _bootstrap_slopes(u, y, groups, n_boot, np.random.default_rng(seed))
+    tail = (1 - CI_LEVEL) / 2
+    low, high = np.quantile(slopes, [tail, 1 - tail])
+    slope = float(line[0])
+    return SlopeTest(
+        slope=slope,
+        intercept=float(np.mean(y) - slope * np.mean(u)),
+        ci_low=float(low),
+        ci_high=float(high),
+        p_value=float((1 + np.count_nonzero(slopes <= 0)) / (1 + n_boot)),
+        n=int(u.size),
+        n_sizes=int(np.unique(u).size),
+        n_clusters=int(np.unique(groups).size),
+        n_boot=n_boot,
+        seed=seed,
+    )
+
+
+def _slope_points(sizes, q_max, clusters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log10 sizes, q_max, cluster index per point), checked."""
+    what = "slope_test"
+    x = np.asarray(sizes, dtype=float).ravel()
+    y = np.asarray(q_max, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"{what}: sizes and q_max must have the same length, got {x.size} and {y.size}")
+    if not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
+        raise ValueError(
+            f"{what}: sizes and q_max must be finite (drop never-reached Q_r,max, which are NaN); "
+            f"got sizes={x.tolist()}, q_max={y.tolist()}"
+        )
+    _require_positive(x, name="sizes", what=what)
+    if np.unique(x).size < MIN_POINTS:
+        raise ValueError(
+            f"{what}: needs at least {MIN_POINTS} distinct sizes (two fit any line and leave no test), "
+            f"got {np.unique(x).size}: {sorted(set(x.tolist()))}"
+        )
+    if clusters is None:
+        return np.log10(x), y, np.arange(x.size)
+    labels = list(clusters)
+    if len(labels) != x.size:
+        raise ValueError(f"{what}: clusters must give one label per point ({x.size}), got {len(labels)}")
+    index = {label: i for i, label in enumerate(dict.fromkeys(labels))}
+    if len(index) < 2:
+        raise ValueError(f"{what}: a cluster bootstrap needs at least 2 clusters, got {len(index)}: {list(index)}")
+    return np.log10(x), y, np.array([index[label] for label in labels])
+
+
+def _weighted_slopes(u: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The OLS slope of y on u for each row of point weights ``w`` (how often a resample drew
+    each point); NaN where the drawn points have one size only."""
+    total = w.sum(axis=1, keepdims=True)
+    du = u - (w * u).sum(axis=1, keepdims=True) / total
+    dy = y - (w * y).sum(axis=1, keepdims=True) / total
+    sxx = (w * du * du).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # a spread far below float rounding of the sizes is no spread: no slope
+        return np.where(sxx > 1e-12 * max(1.0, float(np.max(u * u))), (w * du * dy).sum(axis=1) / sxx, np.nan)
+
+
+def _bootstrap_slopes(u, y, groups, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_boot`` slopes, each of the clusters (or points) drawn with replacement; a resample
+    with one size only has no slope and is drawn again."""
+    n_groups = int(groups.max()) + 1
+    slopes = np.full(n_boot, np.nan)
+    todo = np.arange(n_boot)
+    for _ in range(_REDRAWS):
+        draws = rng.integers(0, n_groups, size=(todo.size, n_groups))
+        counts = np.zeros((todo.size, n_groups))
+        np.add.at(counts, (np.arange(todo.size)[:, None], draws), 1.0)
+        slopes[todo] = _weighted_slopes(u, y, counts[:, groups])
+        todo = todo[np.isnan(slopes[todo])]
+        if todo.size == 0:
+            return slopes
+    raise ValueError(
+        f"slope_test: {todo.size} of {n_boot} resamples still held one size only after {_REDRAWS} redraws; "
+        "each cluster should span several sizes (e.g. cluster by seed, not by model)"
+    )
