@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from collections.abc import Mapping, Sequence
 
 from mpqc import fingerprint
@@ -266,6 +267,19 @@ class Plan:
     def average_bits(self) -> float:
         """Average bits per matmul weight, scale overhead included."""
         return self.weight_bits() / self.graph.total_params
+
+    def elements_per_scale(self) -> float:
+        """Average weight elements per shared scale over the low-precision weights: their elements
+        over their scales. Where Law 2 places per-vector and per-tensor blocks on the block-size
+        axis (Cao et al.: their average element count). NaN when no low weight has a scale."""
+        elements = scales = 0
+        for m in self.graph.matmuls:
+            if m.has_weight and m.params and self.precision_of(m).is_low:
+                fmt = self.weight_format(m)
+                n = fmt.n_blocks(m.weight_shape, axis=m.weight_reduction_axis)
+                if n:
+                    elements, scales = elements + m.params, scales + n
+        return elements / scales if scales else math.nan
 
     def summary(self) -> dict:
         return {

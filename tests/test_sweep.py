@@ -137,6 +137,11 @@ def test_sweep_writes_one_row_per_cell(first_run):
     assert sizes["tiny-b"] > sizes["tiny-a"]
     # sweeps keep the lm_head high by default: Q_r counts the decoder layers, and every row says so
     assert {r["q_r_definition"] for r in rows} == {KEPT_HEAD}
+    for r in rows:  # Law 2's axis: the found plan's weight elements per scale
+        if r["block_size"] == 32:  # hidden 16 and 32: a block of 32 holds 16 of a 16-wide reduction axis
+            assert 16 <= r["block_elements"] <= 32
+        else:  # per vector: one scale per row, between the narrowest and widest reduction axis
+            assert 16 <= r["block_elements"] <= 64
     # tiny-a has one decoder layer: at layer granularity any budget puts all of it low
     assert {r["achieved"] for r in rows if r["model"] == "tiny-a" and r["granularity"] == "layer"} == {1.0}
 

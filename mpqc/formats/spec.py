@@ -264,18 +264,24 @@ class Format:
         numel = math.prod(shape)
         if self.family == "cast":
             return numel * self.element_bits
-        axis = self.axis if axis is None else axis
-        length = shape[axis] if shape else 1
         if self.family == "ggml":
-            return (numel // max(length, 1)) * math.ceil(length / self.block_size) * 8 * self.ggml.block_bytes
-        if self.block_size == "tensor":
-            n_blocks = 1
-        elif self.block_size == "vector":
-            n_blocks = numel // max(length, 1)
-        else:
-            n_blocks = (numel // max(length, 1)) * math.ceil(length / self.block_size)
+            return self.n_blocks(shape, axis) * 8 * self.ggml.block_bytes
         tensor_scale_bits = 32 if self.family == "nvfp4" else 0
-        return numel * self.element.bits + n_blocks * self.scale.bits + tensor_scale_bits
+        return numel * self.element.bits + self.n_blocks(shape, axis) * self.scale.bits + tensor_scale_bits
+
+    def n_blocks(self, shape, axis: int | None = None) -> int:
+        """Shared scales of a tensor of ``shape`` blocked along ``axis`` (0 for a plain cast):
+        one per tensor, per vector along the axis, or per started block of it."""
+        shape = tuple(int(s) for s in shape)
+        if self.family == "cast":
+            return 0
+        numel = math.prod(shape)
+        length = shape[self.axis if axis is None else axis] if shape else 1
+        if self.block_size == "tensor":
+            return 1
+        if self.block_size == "vector":
+            return numel // max(length, 1)
+        return (numel // max(length, 1)) * math.ceil(length / self.block_size)
 
 
 def validate_block_size(block_size, what: str = "block_size") -> None:

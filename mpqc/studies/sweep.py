@@ -51,6 +51,7 @@ COLUMNS = (
     "high",
     "weights_only",
     "block_size",
+    "block_elements",
     "seed",
     "ppl_base",
     "ppl_q",
@@ -70,8 +71,21 @@ COLUMNS = (
     "key",
 )
 # Columns added after results files were first written -> what a file without them meant.
-_LEGACY_COLUMNS = {"q_r_definition": Q_R_ALL}  # before keep_high, Q_r counted every matmul
-_FLOAT = {"ratio", "ppl_base", "ppl_q", "delta_ppl", "achieved", "average_bits", "search_ppl", "seconds"}
+_LEGACY_COLUMNS = {
+    "q_r_definition": Q_R_ALL,  # before keep_high, Q_r counted every matmul
+    "block_elements": "",  # not measured: Law 2 then leaves per-vector/per-tensor rows out
+}
+_FLOAT = {
+    "block_elements",
+    "ratio",
+    "ppl_base",
+    "ppl_q",
+    "delta_ppl",
+    "achieved",
+    "average_bits",
+    "search_ppl",
+    "seconds",
+}
 _INT = {"params", "matmul_params", "seed", "total_bits", "trials", "seq_len", "n_samples", "eval_samples"}
 
 _TOP_KEYS = {"out", "text", "models", "grid", "search", "eval"}
@@ -485,6 +499,8 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         "high": s["high"],
         "weights_only": cell.weights_only,
         "block_size": cell.block_size,
+        # where Law 2 puts a per-vector or per-tensor block on the block-size axis
+        "block_elements": result.plan.elements_per_scale(),
         "seed": cell.seed,
         "ppl_base": bench.ppl_base,
         "ppl_q": ppl_q,

@@ -7,7 +7,9 @@
   (granularity, low format, weights-only, block size); with several seeds, also per seed.
 * Law 1 per setting and budget: size = exp(k * (1 - Q_r,max) + c) over the models whose
   Q_r,max was interpolated (at least three), size = all model parameters.
-* Law 2 per model, setting and asked Q_r: delta_ppl = A * block_size^k over numeric block sizes.
+* Law 2 per model, setting and asked Q_r: delta_ppl = A * block_size^k by the paper's rules (asked
+  Q_r up to 0.95, points above 100% delta_ppl left out, per-vector/per-tensor at their average
+  elements per scale).
 * The bits view (Dettmers & Zettlemoyer): held-out perplexity against total matmul weight bits,
   with the Pareto front (the bit-optimal configurations).
 
@@ -29,12 +31,15 @@ from mpqc.io import json_safe, write_json_atomic, write_text_atomic
 # Every name below stays reachable as mpqc.studies.report.<name>.
 from mpqc.studies.report.analysis import (  # noqa: F401
     BUDGETS,
+    LAW2_MAX_DELTA,
+    LAW2_MAX_RATIO,
     PAPER,
     SETTING_KEYS,
     analyze,
     bits_view,
     law1_fits,
     law2_fits,
+    law2_position,
     max_ratios,
     setting_label,
 )

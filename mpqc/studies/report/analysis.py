@@ -19,6 +19,7 @@ __all__ = [
     "bits_view",
     "law1_fits",
     "law2_fits",
+    "law2_position",
     "max_ratios",
     "setting_label",
 ]
@@ -108,19 +109,51 @@ def law1_fits(max_ratio_rows, budgets=BUDGETS) -> list[dict]:
     return fits
 
 
+# Law 2 as the paper fits it (Cao et al. 2024): at asked ratios up to 0.95, without points
+# above 100% delta_ppl, per-vector and per-tensor blocks at their average elements per scale.
+LAW2_MAX_RATIO = 0.95
+LAW2_MAX_DELTA = 1.0
+
+
+def law2_position(row) -> float | None:
+    """Where a row sits on Law 2's block-size axis: its block size, or for "vector"/"tensor" its
+    plan's average elements per scale (``block_elements``; None in results written before it)."""
+    if isinstance(row["block_size"], int):
+        return float(row["block_size"])
+    elements = row.get("block_elements")
+    return float(elements) if isinstance(elements, (int, float)) and math.isfinite(elements) else None
+
+
+def _law2_point(row) -> dict:
+    """One row as a Law 2 point, with why it is left out of the fit (``left_out``, or None)."""
+    x, delta = law2_position(row), row["delta_ppl"]
+    if x is None:
+        why = "no element count for its per-vector/per-tensor block (results written before block_elements)"
+    elif not math.isfinite(delta) or delta > LAW2_MAX_DELTA:
+        why = f"delta_ppl above {100 * LAW2_MAX_DELTA:g}%"
+    elif delta <= 0:
+        why = "delta_ppl <= 0 (no logarithm)"
+    else:
+        why = None
+    return {"block_size": row["block_size"], "x": x, "delta_ppl": delta, "seed": row["seed"], "left_out": why}
+
+
 def law2_fits(rows) -> list[dict]:
-    """One Law 2 fit per (model, granularity, format, asked Q_r) over numeric block sizes."""
+    """One Law 2 fit per (model, granularity, format, asked Q_r, Q_r definition) over its block
+    sizes, by the paper's rules (``LAW2_MAX_RATIO``, ``LAW2_MAX_DELTA``, ``law2_position``).
+    Groups of one block size are no block-size sweep and are not listed; groups above the
+    ratio limit are listed, not fitted."""
     groups = defaultdict(list)
     for r in rows:
-        if isinstance(r["block_size"], int):
-            key = (r["model"], r["params"], r["granularity"], r["low"], r["weights_only"], r["ratio"])
-            groups[(*key, r["q_r_definition"])].append(r)
+        groups[
+            (r["model"], r["params"], r["granularity"], r["low"], r["weights_only"], r["ratio"], r["q_r_definition"])
+        ].append(r)
     fits = []
     for (model, params, g, low, wo, ratio, q_r), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0]))):
-        blocks = sorted({r["block_size"] for r in rs})
-        if len(blocks) < 2:
-            continue  # one block size is no block-size sweep
-        usable = [r for r in rs if r["delta_ppl"] > 0]
+        if len({r["block_size"] for r in rs}) < 2:
+            continue
+        points = [_law2_point(r) for r in rs]
+        used = [p for p in points if p["left_out"] is None]
         entry = {
             "model": model,
             "params": params,
@@ -129,18 +162,28 @@ def law2_fits(rows) -> list[dict]:
             "weights_only": wo,
             "ratio": ratio,
             "q_r_definition": q_r,
-            "points": [{"block_size": r["block_size"], "delta_ppl": r["delta_ppl"], "seed": r["seed"]} for r in rs],
+            "points": points,
             "fit": None,
-            "note": "",
+            "note": _law2_note(points, ratio),
         }
-        if len(rs) > len(usable):
-            entry["note"] = f"{len(rs) - len(usable)} point(s) with delta_ppl <= 0 left out (no logarithm); "
-        if len({r["block_size"] for r in usable}) < laws.MIN_POINTS:
-            entry["note"] += f"not fitted: fewer than {laws.MIN_POINTS} block sizes with delta_ppl > 0"
-        else:
-            entry["fit"] = laws.fit_power([r["block_size"] for r in usable], [r["delta_ppl"] for r in usable]).to_dict()
+        if ratio <= LAW2_MAX_RATIO and len({p["x"] for p in used}) >= laws.MIN_POINTS:
+            entry["fit"] = laws.fit_power([p["x"] for p in used], [p["delta_ppl"] for p in used]).to_dict()
+        elif ratio <= LAW2_MAX_RATIO:
+            entry["note"] += f"not fitted: fewer than {laws.MIN_POINTS} block sizes left to fit"
         fits.append(entry)
     return fits
+
+
+def _law2_note(points, ratio) -> str:
+    if ratio > LAW2_MAX_RATIO:
+        return (
+            f"not fitted: Q_r {ratio:g} is above {LAW2_MAX_RATIO:g} (the paper fits Law 2 at Q_r <= {LAW2_MAX_RATIO:g})"
+        )
+    reasons = defaultdict(int)
+    for p in points:
+        if p["left_out"] is not None:
+            reasons[p["left_out"]] += 1
+    return "".join(f"{n} point(s) left out: {why}; " for why, n in reasons.items())
 
 
 def bits_view(rows) -> dict:

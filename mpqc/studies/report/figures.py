@@ -133,21 +133,22 @@ def fig_law2(analysis, path):
         _empty(ax, "no block-size sweep in these results\n(give grid.block_size several numeric sizes)")
     cmap = plt.get_cmap("tab10")
     for i, e in enumerate(entries):
-        pts = [p for p in e["points"] if p["delta_ppl"] > 0]
+        pts = [p for p in e["points"] if p["left_out"] is None]  # the points the fit used
         label = f"{e['model']}, {e['low']}{' W-only' if e['weights_only'] else ''}, Q_r {e['ratio']:g}"
         if e["fit"]:
             f = laws.PowerFit(**e["fit"])
-            xs = np.geomspace(min(p["block_size"] for p in pts), max(p["block_size"] for p in pts), 50)
+            xs = np.geomspace(min(p["x"] for p in pts), max(p["x"] for p in pts), 50)
             ax.plot(xs, 100 * f.predict(xs), color=cmap(i % 10))
             label += f": k={f.k:.2f}±{f.k_err:.2f}"
         if pts:
-            ax.scatter(
-                [p["block_size"] for p in pts], [100 * p["delta_ppl"] for p in pts], color=cmap(i % 10), label=label
-            )
+            ax.scatter([p["x"] for p in pts], [100 * p["delta_ppl"] for p in pts], color=cmap(i % 10), label=label)
+        for p in pts:
+            if not isinstance(p["block_size"], int):  # per-vector / per-tensor: say which point it is
+                ax.annotate(p["block_size"], (p["x"], 100 * p["delta_ppl"]), fontsize=6)
     if entries:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("block size (elements per shared scale)")
+        ax.set_xlabel("block size (elements per shared scale; vector/tensor at their average)")
         ax.set_ylabel("delta perplexity (%)")
         ax.legend(fontsize=7)
     ax.set_title(f"Law 2: delta_ppl = A * block_size^k\n{_definitions(analysis)}", fontsize=9)

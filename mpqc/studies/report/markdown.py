@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from mpqc.studies.report.analysis import PAPER
+from mpqc.studies.report.analysis import LAW2_MAX_DELTA, LAW2_MAX_RATIO, PAPER
 
 __all__ = ["markdown"]
 
@@ -130,7 +130,9 @@ def _law2_section(a) -> list[str]:
         ]
         return out
     out += [
-        f"Per model, format and asked Q_r over numeric block sizes. The paper: k between "
+        "Per model, format and asked Q_r over its block sizes, by the paper's rules: asked Q_r up to "
+        f"{LAW2_MAX_RATIO:g}, points above {100 * LAW2_MAX_DELTA:g}% delta_ppl left out, per-vector and "
+        "per-tensor blocks placed at their average elements per scale. The paper: k between "
         f"{PAPER['law2_k_range'][0]} and {PAPER['law2_k_range'][1]}.",
         "",
         "| model | format | Q_r | A | k | R² | points | note |",
