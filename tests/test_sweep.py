@@ -424,3 +424,52 @@ def test_train_family_smoke(tmp_path):
     assert params[1] > params[0]
     with pytest.raises(ValueError, match="name:hidden:layers:heads"):
         train_family.parse_sizes("a:16:1", {})
+
+
+# ---- mpqc sweep --paper -------------------------------------------------------------------------
+
+
+def test_paper_flag_sets_the_papers_search_and_its_own_results_file(study_dir, capsys):
+    from mpqc.cli import build_parser
+
+    config = sweep.load_config(str(study_dir / "sweep.toml"))
+    paper = sweep.paper_setting(config)
+    assert {k: paper.search[k] for k in ("sampler", "n_trials", "n_samples")} == {
+        "sampler": "random",
+        "n_trials": 50,
+        "n_samples": 1024,
+    }
+    assert {k: v for k, v in paper.search.items() if k not in sweep.PAPER_KEYS} == {
+        k: v for k, v in config.search.items() if k not in sweep.PAPER_KEYS
+    }  # seq_len, keep_high, high ... as the config says
+    assert paper.out == str(study_dir / "results_paper.csv") and config.out == str(study_dir / "results.csv")
+    cell = config.cells()[0]
+    assert paper.key(cell) != config.key(cell)  # other searches: other cells
+    # the search itself runs as the paper's: all windows every trial, the best trial as it is
+    search = sweep._search_config(paper, cell, paper.key(cell), ())
+    assert (search.sampler, search.n_trials, search.n_samples) == ("random", 50, 1024)
+    assert (search.pruner, search.rescore, search.search_dominated) == (None, 0, True)
+    assert build_parser().parse_args(["sweep", "c.toml", "--paper"]).paper
+    assert not build_parser().parse_args(["sweep", "c.toml"]).paper
+    assert main(["sweep", str(study_dir / "sweep.toml"), "--paper", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "search random, 50 trials x 1024 windows of 16 tokens (the paper setting)" in out
+    assert "results_paper.csv" in out and out.count("todo ") == len(config.cells())
+    assert main(["sweep", str(study_dir / "sweep.toml"), "--dry-run"]) == 0
+    assert "search random, 2 trials x 2 windows of 16 tokens; results in" in capsys.readouterr().out
+
+
+def test_search_windows_that_do_not_fit_the_text_fail_before_any_cell(study_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPQC_CACHE", str(tmp_path / "cache"))
+    config = sweep.config_from_dict(
+        {
+            "out": str(tmp_path / "r.csv"),
+            "text": str(study_dir / "text.txt"),
+            "models": [str(study_dir / "tiny-a")],
+            "grid": {"ratio": [0.5]},
+            "search": {"sampler": "random", "n_trials": 1, "seq_len": 16, "n_samples": 10**6},
+        }
+    )
+    with pytest.raises(ValueError, match="1000000 windows of 16 tokens do not fit in the search part"):
+        sweep.run(config, progress=False)
+    assert not (tmp_path / "r.csv").exists()

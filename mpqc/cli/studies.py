@@ -10,7 +10,13 @@ from mpqc.io import check_output_file
 def add_parsers(sub) -> None:
     sw = sub.add_parser("sweep", help="run a scaling-law sweep from a TOML config (resumable)")
     sw.add_argument("config", help="sweep config TOML (schema: docs/scaling.md)")
-    sw.add_argument("--out", default=None, help="results CSV (default: the config's out)")
+    sw.add_argument("--out", default=None, help="results CSV (default: the config's out; with --paper, out_paper.csv)")
+    sw.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's search setting: random, 50 trials, 1024 sequences per trial, instead of the "
+        "config's faster [search] sampler, n_trials and n_samples",
+    )
     sw.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     sw.set_defaults(func=run_sweep)
@@ -26,9 +32,16 @@ def run_sweep(args) -> int:
     from mpqc.studies import sweep
 
     config = sweep.load_config(args.config)
+    if args.paper:
+        config = sweep.paper_setting(config)
     if args.out:
         config = dataclasses.replace(config, out=args.out)
     check_output_file(config.out, "the results file (out)")  # before any model loads
+    s = config.search
+    print(
+        f"sweep: search {s['sampler']}, {s['n_trials']} trials x {s['n_samples']} windows of {s['seq_len']} tokens"
+        f"{' (the paper setting)' if args.paper else ''}; results in {config.out}"
+    )
     if args.dry_run:  # list the cells and which are done, run nothing
         states = sweep.cell_states(config)  # from the storage too, when the sweep has one
         for cell in config.cells():

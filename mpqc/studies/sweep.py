@@ -37,6 +37,7 @@ __all__ = [
     "config_from_dict",
     "finished_keys",
     "load_config",
+    "paper_setting",
     "read_results",
     "run",
 ]
@@ -280,6 +281,22 @@ def _keep_high(value, where: str) -> list[str]:
         ) from None
 
 
+PAPER_KEYS = ("sampler", "n_trials", "n_samples")  # what the paper's search setting changes in [search]
+
+
+def paper_setting(config: SweepConfig) -> SweepConfig:
+    """``config`` with the paper's search (Cao et al. 2024: random, 50 trials, 1024 sequences;
+    ``mpqc sweep --paper``). The rest of a sweep's search runs as the paper's already (every
+    trial on all its windows, the best trial as it is, every matmul a variable). The results go
+    to ``<out>_paper.csv``: its cells are other cells (other keys), and rows of two search
+    settings in one file would join one ratio curve in ``mpqc fit``."""
+    from mpqc.search import PAPER_SETTING
+
+    search = {**config.search, **{k: PAPER_SETTING[k] for k in PAPER_KEYS}}
+    stem, ext = os.path.splitext(config.out)
+    return dataclasses.replace(config, search=search, out=f"{stem}_paper{ext or '.csv'}")
+
+
 def _check_keys(table: dict, valid, where: str, section: str = "") -> None:
     unknown = sorted(set(table) - set(valid))
     if unknown:
@@ -411,7 +428,7 @@ class _Bench:
     def __init__(self, config: SweepConfig, model: ModelEntry):
         import mpqc
         from mpqc.data import load_tokens, split_tokens, text_prefix
-        from mpqc.evaluate import perplexity, sample_windows
+        from mpqc.evaluate import check_windows_fit, perplexity, sample_windows
 
         t0 = time.perf_counter()
         s = config.search
@@ -424,6 +441,8 @@ class _Bench:
         self.search_tokens, holdout = split_tokens(load_tokens(tokenizer, config.text))
         # Held-out windows drawn once, with their own seed: every cell and the baseline see the same text.
         self.prefix = text_prefix(tokenizer)  # the BOS, for models that add one
+        part = f"the search part (the first 90%) of the text as {model.name}'s tokenizer reads it"
+        check_windows_fit(self.search_tokens, s["seq_len"], s["n_samples"], self.prefix, part=part)  # before any cell
         self.windows = sample_windows(holdout, s["seq_len"], config.eval["n_samples"], config.eval["seed"], self.prefix)
         self.qmodel = mpqc.compile(self.graph, mpqc.Plan.uniform(self.graph, s["high"]))
         self.ppl_base = perplexity(self.qmodel, windows=self.windows, batch_size=s["batch_size"], progress=False)
