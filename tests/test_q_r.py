@@ -148,3 +148,12 @@ def test_onnx_metadata_states_the_definition(tmp_path):
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
     assert read_metadata(proto)["q_r_definition"] == Q_R_ALL
+
+
+def test_search_command_line_takes_keep_high():
+    from mpqc.cli import build_parser
+    from mpqc.cli.search import _config
+
+    args = build_parser().parse_args(["search", "m", "--keep-high", "lm_head, down_proj"])
+    assert _config(args, None, ()).keep_high == ("lm_head", "down_proj")
+    assert _config(build_parser().parse_args(["search", "m"]), None, ()).keep_high == ()
