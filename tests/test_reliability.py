@@ -450,11 +450,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 # ---- 11. Ctrl-C ---------------------------------------------------------------------------------
 
 
+def _like_a_shell() -> None:
+    # A shell starts a command with SIGINT at its default and unblocked; an ignored or blocked
+    # SIGINT is inherited through exec. In the full suite (not alone) the search here ran all
+    # its 400 trials after the signal, as if it never came: what earlier tests loaded into the
+    # same worker process can ignore SIGINT (torch inductor's compile workers do), so the child
+    # starts as a shell would start it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_ends_cleanly_with_exit_130_and_the_resume_works(saved, tmp_path):
     db = str(tmp_path / "i.db")
     argv = [*MPQC, *_search(saved, "--storage", db, "--study-name", "i", "--ratio", "0.5")]
     argv += ["--sampler", "random", "--n-trials", "400", "--n-samples", "64", "--out", str(tmp_path / "o")]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_like_a_shell
+    )
     storage = f"sqlite:///{db}"
     deadline = time.time() + 300
     while time.time() < deadline:
