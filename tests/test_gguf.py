@@ -201,13 +201,12 @@ def test_smollm2_from_its_gguf_runs_in_llamacpp_with_the_emulated_perplexity(tmp
     )
     assert "output.weight" not in result.tensor_types  # the tied Q8_0 lm_head shares token_embd's bytes
     _, holdout = split_tokens(load_tokens(tokenizer))
-    windows = mpqc.evaluate.sample_windows(holdout, 256, 2, 0, text_prefix(tokenizer))
+    windows = mpqc.evaluate.sample_windows(holdout, 512, 4, 0, text_prefix(tokenizer))
     emulated = mpqc.evaluate.perplexity(qmodel, windows=windows, batch_size=1, progress=False)
     measured = LlamaCppLM(tmp_path / "smollm2.gguf", threads=2).perplexity(windows=windows)
-    # 510 predicted tokens: llama.cpp's activation rounding and fp16 attention leave -0.85% here
-    # (24.573 against 24.783 emulated); benchmarks/gguf_llamacpp.py measures -0.28% on 2044
-    # tokens. A wrong type, block layout or row order moves it by far more (float to Q4_K_M: 5%).
-    assert abs(measured / emulated - 1) < 0.015, (measured, emulated)
+    # 2044 predicted tokens: on 510 (2 x 256) llama.cpp's own rounding left -0.85%, more than the
+    # issue's 0.5%; benchmarks/gguf_llamacpp.py measures -0.28% on 4 x 512.
+    assert abs(measured / emulated - 1) < 0.005, (measured, emulated)
 
 
 def test_command_line_takes_gguf_and_target():
