@@ -11,7 +11,7 @@ budget equal to Q4_K_M's, the tied lm_head kept at Q8_0 so that it keeps sharing
 embedding's bytes; the search scores plans on windows of the first 90% of the text, the table
 on windows of the last 10%.
 
-    python benchmarks/gguf_llamacpp.py [--windows 4] [--seq-len 512] [--trials 10] [--low q5_0 --high q8_0] [--torch-threads 1]
+    python benchmarks/gguf_llamacpp.py [--windows 4] [--seq-len 512] [--trials 10] [--low q4_k,q5_0 --high q6_k,q8_0] [--torch-threads 1]
         [--out benchmarks/results/gguf_llamacpp.json]
 """
 
@@ -89,8 +89,8 @@ def main():
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--search-windows", type=int, default=4)
     ap.add_argument("--search-seq-len", type=int, default=256)
-    ap.add_argument("--low", default="q5_0")
-    ap.add_argument("--high", default="q8_0")
+    ap.add_argument("--low", default="q4_k,q5_0", help="preference list: q4_k where rows are whole 256-blocks")
+    ap.add_argument("--high", default="q6_k,q8_0")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch's (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--plans", default="fp32,q8_0,q4_0,mxfp4,q4_k_m,searched")

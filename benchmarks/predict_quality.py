@@ -114,12 +114,12 @@ def timing(n: int) -> dict:
     import mpqc
     from mpqc.data import load_tokens, split_tokens
     from mpqc.evaluate import nll, sample_windows
-    from mpqc.search.budget import Budget, SearchSpace, low_precision
+    from mpqc.search.budget import Budget, SearchSpace, search_precisions
 
     model, tokenizer = mpqc.load_model()
     graph = mpqc.capture(model, (torch.zeros(2, 64, dtype=torch.long),))
     search, holdout = split_tokens(load_tokens(tokenizer))
-    low, high = low_precision("mxint4", "bf16", weights_only=False)
+    low, high = search_precisions("mxint4", "bf16", weights_only=False)
     space = SearchSpace(graph, "matmul", low, high, Budget("params", 0.0))
     qmodel = mpqc.compile(graph, space.plan([]))
     calib, evals = sample_windows(search, 128, 4, 1), sample_windows(holdout, 128, 8, 2)

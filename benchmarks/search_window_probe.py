@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 import mpqc
 from mpqc.data import load_tokens, split_tokens, text_prefix
 from mpqc.search import SearchSpace
-from mpqc.search.budget import Budget, low_precision
+from mpqc.search.budget import Budget, search_precisions
 from mpqc.search.knapsack import solve_knapsack
 from mpqc.search.plan_samplers import PlanContext, exchanges
 from mpqc.search.sensitivity import sensitivity
@@ -32,7 +32,7 @@ model, tok = mpqc.load_model()
 g = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
 s, h = split_tokens(load_tokens(tok))
 pre = text_prefix(tok)
-low, high = low_precision("mxint4", "bf16", weights_only=False)
+low, high = search_precisions("mxint4", "bf16", weights_only=False)
 space = SearchSpace(g, "matmul", low, high, Budget("params", 0.5))
 q = mpqc.compile(g, space.plan([]))
 W = mpqc.evaluate.sample_windows(s, 128, 8, 0, pre)

@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 
-from mpqc.formats import get_format
+from mpqc.formats import get_format, stores_rows_of
 from mpqc.graph import Component, Graph
 from mpqc.plan import Plan, Precision, keep_high_entries, resolve_keep_high
 
@@ -51,8 +51,11 @@ class SearchSpace:
 
     graph: Graph
     granularity: object
-    low: Precision
-    high: Precision
+    # Each a Precision, or candidates in order of preference: a component takes the first whose
+    # weight format stores every one of its weights' rows (q4_k where rows are whole 256-blocks,
+    # else q5_0), as llama-quantize falls back. Normalized to tuples.
+    low: Precision | tuple[Precision, ...]
+    high: Precision | tuple[Precision, ...]
     budget: Budget
     block_size: object = None
     rounding: str = "nearest"
@@ -65,8 +68,39 @@ class SearchSpace:
     keep_high: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "low", _candidates(self.low, "low"))
+        object.__setattr__(self, "high", _candidates(self.high, "high"))
         object.__setattr__(self, "keep_high", keep_high_entries(self.keep_high))
         object.__setattr__(self, "kept_high", resolve_keep_high(self.graph, self.granularity, self.keep_high))
+        every = self.graph.components(self.granularity)  # the kept-high ones too: they stay high
+        object.__setattr__(self, "_low_of", {c.name: _first_stored(self.low, c, "low") for c in self.components})
+        object.__setattr__(self, "_high_of", {c.name: _first_stored(self.high, c, "high") for c in every})
+        object.__setattr__(self, "default", self._default_high())
+
+    def _default_high(self) -> Precision:
+        """The plans' default: the kept-high components' high precision (a plan keeps them at its
+        default), else the last high candidate; every other component is assigned explicitly."""
+        kept = {self._high_of[n] for n in self.kept_high}
+        if len(kept) > 1:
+            raise ValueError(
+                f"the kept-high components {list(self.kept_high)} take different high candidates "
+                f"({', '.join(sorted(map(str, kept)))}); a plan keeps them all at one default precision"
+            )
+        return kept.pop() if kept else self.high[-1]
+
+    def low_of(self, component: Component | str) -> Precision:
+        return self._low_of[getattr(component, "name", component)]
+
+    def high_of(self, component: Component | str) -> Precision:
+        return self._high_of[getattr(component, "name", component)]
+
+    @property
+    def low_label(self) -> str:
+        return ",".join(map(str, self.low))
+
+    @property
+    def high_label(self) -> str:
+        return ",".join(map(str, self.high))
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -85,7 +119,7 @@ class SearchSpace:
     def _narrowed(self, component: Component) -> bool:
         """Whether the low precision stores or computes anything of ``component`` narrower."""
         has_weight = any(m.weight is not None for m in component.matmuls)
-        low, high = self.low, self.high
+        low, high = self.low_of(component), self.high_of(component)
         if has_weight and low.weight.bits_per_element < high.weight.bits_per_element:
             return True
         if low.activation is None:
@@ -93,10 +127,16 @@ class SearchSpace:
         return high.activation is None or low.activation.bits_per_element < high.activation.bits_per_element
 
     def plan(self, low_components: Sequence[str]) -> Plan:
+        low = set(low_components)
+        assignments = {}
+        for c in self.components:
+            p = self.low_of(c) if c.name in low else self.high_of(c)
+            if p != self.default:
+                assignments[c.name] = p
         return Plan(
             self.graph,
-            {name: self.low for name in low_components},
-            default=self.high,
+            assignments,
+            default=self.default,
             granularity=self.granularity,
             block_size=self.block_size,
             rounding=self.rounding,
@@ -252,9 +292,39 @@ def _higher_priority(a: set[int], b: set[int]) -> bool:
     return bool(diff) and min(diff) in a
 
 
-def low_precision(low, high, *, weights_only: bool) -> tuple[Precision, Precision]:
-    """The two precisions of a search from format names: W+A low, or weights only."""
-    high_p = Precision.parse(high)
-    low_fmt = get_format(low)
-    low_p = Precision(low_fmt, high_p.activation if weights_only else low_fmt)
-    return low_p, high_p
+def search_precisions(low, high, *, weights_only: bool) -> tuple[tuple[Precision, ...], tuple[Precision, ...]]:
+    """The candidates of a search from format names (each a name, a comma-separated list of
+    names in order of preference, or a sequence of them): low W+A, or weights only."""
+    highs = tuple(Precision.parse(h) for h in _names(high, "high"))
+    high_act = highs[0].activation
+    lows = tuple(Precision(f, high_act if weights_only else f) for f in map(get_format, _names(low, "low")))
+    return lows, highs
+
+
+def _names(spec, which: str) -> list:
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if not names or any(n == "" for n in names):
+        raise ValueError(f"{which} is a format name or a comma-separated list of them (e.g. 'q4_k,q5_0'), got {spec!r}")
+    return names
+
+
+def _candidates(spec, which: str) -> tuple[Precision, ...]:
+    out = (spec,) if isinstance(spec, Precision) else tuple(spec)
+    if not out or not all(isinstance(p, Precision) for p in out):
+        raise TypeError(f"a search space's {which} is a Precision or a tuple of them, got {spec!r}")
+    return out
+
+
+def _first_stored(candidates: tuple[Precision, ...], component: Component, which: str) -> Precision:
+    """The first candidate whose weight format stores every weight row of ``component``."""
+    lengths = [m.weight_shape[m.weight_reduction_axis] for m in component.matmuls if m.has_weight]
+    for p in candidates:
+        if all(stores_rows_of(p.weight, n) for n in lengths):
+            return p
+    names = ",".join(map(str, candidates))
+    raise ValueError(
+        f"{which}={names!r} cannot store component {component.name}: its weight rows have "
+        f"{sorted(set(lengths))} elements, not whole blocks of {candidates[-1].weight.block_size}; "
+        f"end the list with a format that takes any row, e.g. {which}='{names},q8_0' "
+        "(llama-quantize falls back from q4_k to q5_0, q5_k to q5_1, q6_k to q8_0)"
+    )

@@ -37,7 +37,10 @@ class SearchConfig:
     """Every setting of one search. ``budget``: a ``Budget`` or (kind, value); ``ratio`` in
     ``from_keywords`` is shorthand for ("params", ratio), the paper's Q_r.
 
-    ``low``/``high``: the two precisions (``weights_only`` keeps activations at ``high``).
+    ``low``/``high``: the two precisions (``weights_only`` keeps activations at ``high``), each a
+    format name or a preference list ("q4_k,q5_0" or a sequence): a component takes the first
+    format that stores its weights' rows, so llama.cpp's k-quants can be searched where the
+    shapes allow them and their fallback elsewhere, as llama-quantize does.
     ``sampler``: a name, "module:Class" or an Optuna sampler; ``sampler_seed`` (default
     ``seed``) seeds it apart from the evaluation windows. ``n_trials`` counts measured trials
     (completed, or pruned part way) in the study, including earlier runs on the same storage.
@@ -100,6 +103,9 @@ class SearchConfig:
         object.__setattr__(self, "budget", budget)  # normalized once, here
         object.__setattr__(self, "prefix", tuple(int(t) for t in self.prefix))
         object.__setattr__(self, "keep_high", keep_high_entries(self.keep_high))
+        for name in ("low", "high"):  # a preference list is stored as the CLI spells it
+            if not isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, ",".join(getattr(self, name)))
         for name in ("n_trials", "prune_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

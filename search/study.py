@@ -22,7 +22,7 @@ from mpqc.compile import QuantizedModel, compile
 from mpqc.evaluate import sample_windows
 from mpqc.graph import Graph
 
-from .budget import SearchSpace, low_precision
+from .budget import SearchSpace, search_precisions
 from .config import SearchConfig
 from .decide import rescore
 from .identity import measured
@@ -63,7 +63,7 @@ def run(
     eagerly (``result.eager_perplexity``), the reference number.
     """
     config = _resolve_config(config, settings)
-    low_p, high_p = low_precision(config.low, config.high, weights_only=config.weights_only)
+    low_p, high_p = search_precisions(config.low, config.high, weights_only=config.weights_only)
     space = SearchSpace(
         graph,
         config.granularity,
@@ -80,7 +80,7 @@ def run(
     sampler = make_sampler(config.sampler, seed=config.effective_sampler_seed, kwargs=config.sampler_kwargs)
     _check_reachable(space)
     windows = sample_windows(tokens, config.seq_len, config.n_samples, config.seed, config.prefix)
-    stored = config.study_settings(graph, space.plan([]).granularity_label, str(low_p), str(high_p), multi)
+    stored = config.study_settings(graph, space.plan([]).granularity_label, space.low_label, space.high_label, multi)
     stored.update(measured(graph, tokens))  # the weights, text, dtype and device the numbers depend on
     if objective is not None:
         check_objective(objective)
@@ -226,9 +226,9 @@ def _check_reachable(space: SearchSpace) -> None:
     budget = space.budget
     lo, hi = space.reachable()
     if budget.kind != "bits" and budget.value > hi + 1e-12:
-        raise ValueError(f"{budget} is unreachable: with everything {space.low} the ratio is {hi:.4f}")
+        raise ValueError(f"{budget} is unreachable: with everything {space.low_label} the ratio is {hi:.4f}")
     if budget.kind == "bits" and budget.value < lo - 1e-12:
-        raise ValueError(f"{budget} is unreachable: with everything {space.low} the average is {lo:.4f} bits")
+        raise ValueError(f"{budget} is unreachable: with everything {space.low_label} the average is {lo:.4f} bits")
 
 
 def _compiled(graph: Graph, space: SearchSpace, qmodel: QuantizedModel | None) -> QuantizedModel:
@@ -242,7 +242,7 @@ def _forward(qmodel: QuantizedModel, config: SearchConfig, low_p, high_p):
     """The module trials run through: torch.compile'd (the formats declared first) or None (eager)."""
     if not config.torch_compile:
         return None
-    qmodel.add_activation_formats([low_p.activation, high_p.activation])
+    qmodel.add_activation_formats([p.activation for p in (*low_p, *high_p)])
     if config.torch_compile is True:
         return qmodel.torch_compile()
     return qmodel.torch_compile(backend=config.torch_compile)

@@ -99,10 +99,10 @@ def test_search_with_the_sensitivity_sampler_on_the_gpu(cuda_graph):
 
 def test_predict_features_on_the_gpu(cuda_graph):
     from mpqc.evaluate import sample_windows
-    from mpqc.search.budget import Budget, SearchSpace, low_precision
+    from mpqc.search.budget import Budget, SearchSpace, search_precisions
     from mpqc.studies.predict import Features
 
-    low_p, high_p = low_precision("mxint4", "bf16", weights_only=False)
+    low_p, high_p = search_precisions("mxint4", "bf16", weights_only=False)
     space = SearchSpace(cuda_graph, "matmul", low_p, high_p, Budget("params", 0.0), None)
     windows = sample_windows(torch.randint(0, 128, (2000,), generator=torch.Generator().manual_seed(1)), 16, 4, 0)
     features = Features(mpqc.compile(cuda_graph, space.plan([])), space, windows, probe_samples=2)

@@ -15,7 +15,7 @@ from tiny_models import captured, example_ids, tiny_config
 import mpqc
 from mpqc.cli import main
 from mpqc.search import Budget, SearchSpace, sensitivity
-from mpqc.search.budget import low_precision
+from mpqc.search.budget import search_precisions
 from mpqc.studies import predict
 
 TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(0))
@@ -117,7 +117,7 @@ def test_leave_one_model_out_predicts_a_model_from_the_others():
 
 
 def _space(graph, low="mxint4", block_size=None):
-    low_p, high_p = low_precision(low, "bf16", weights_only=False)
+    low_p, high_p = search_precisions(low, "bf16", weights_only=False)
     return SearchSpace(graph, "matmul", low_p, high_p, Budget("params", 0.0), block_size)
 
 

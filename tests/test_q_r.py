@@ -116,7 +116,7 @@ def test_search_with_keep_high_budgets_the_searchable_share(tmp_path):
 def test_budget_sizes_are_shares_of_the_searchable_parameters():
     model, graph = captured("llama")
     n = hand_counts(model)
-    low, high = mpqc.search.budget.low_precision("mxint4", "bf16", weights_only=False)
+    low, high = mpqc.search.budget.search_precisions("mxint4", "bf16", weights_only=False)
     space = mpqc.search.SearchSpace(
         graph, "matmul", low, high, mpqc.search.Budget("params", 0.5), keep_high=("lm_head",)
     )

@@ -15,7 +15,7 @@ from tiny_models import captured
 
 import mpqc
 from mpqc.search import Budget, SearchSpace, decode
-from mpqc.search.budget import low_precision
+from mpqc.search.budget import search_precisions
 
 HERE = os.path.dirname(__file__)
 TOKENS = torch.randint(0, 128, (8000,), generator=torch.Generator().manual_seed(0))
@@ -205,7 +205,7 @@ def test_custom_sampler_instance_and_import_path():
     CountingSampler.calls = 0
     mpqc.search.run(graph, TOKENS, ratio=0.5, sampler=CountingSampler(seed=0), n_trials=2, **FAST)
     # one parameter per search variable: zero-size components are not searched (issue 14)
-    low, high = low_precision("mxint4", "bf16", weights_only=False)
+    low, high = search_precisions("mxint4", "bf16", weights_only=False)
     n_variables = len(SearchSpace(graph, "matmul", low, high, Budget("params", 0.5)).variables())
     assert 0 < n_variables < len(graph.components("matmul"))
     assert CountingSampler.calls == 2 * n_variables
@@ -226,7 +226,7 @@ def test_bits_and_macs_budgets_and_layer_granularity():
 
 def test_sensitivity_priorities():
     _, graph = captured("llama")
-    low, high = low_precision("mxint4", "bf16", weights_only=False)
+    low, high = search_precisions("mxint4", "bf16", weights_only=False)
     space = SearchSpace(graph, "matmul", low, high, Budget("params", 0.5))
     qmodel = mpqc.compile(graph, space.plan([]))
     sens = mpqc.search.sensitivity(qmodel, space, mpqc.evaluate.sample_windows(TOKENS, 16, 2, 0), progress=False)

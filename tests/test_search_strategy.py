@@ -15,7 +15,7 @@ from tiny_models import captured
 
 import mpqc
 from mpqc.search import SearchConfig, SearchSpace
-from mpqc.search.budget import Budget, low_precision
+from mpqc.search.budget import Budget, search_precisions
 from mpqc.search.knapsack import solve_knapsack
 from mpqc.search.pruning import IncumbentPruner
 from mpqc.search.trials import TrialRunner
@@ -53,13 +53,13 @@ def test_asked_to_the_search_includes_them_and_a_macs_budget_counts_them():
     _, graph = captured("llama")
     asked = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=6, search_dominated=True, **FAST)
     assert any(set(t.user_attrs["low"]) & zero_size(graph) for t in asked.study.trials)
-    low, high = low_precision("mxint4", "bf16", weights_only=False)
+    low, high = search_precisions("mxint4", "bf16", weights_only=False)
     macs = SearchSpace(graph, "matmul", low, high, Budget("macs", 0.5))
     assert zero_size(graph) <= {c.name for c in macs.variables()}  # they cost MACs: they count
     params = SearchSpace(graph, "matmul", low, high, Budget("params", 0.5))
     assert not zero_size(graph) & {c.name for c in params.variables()}
     # weights only: an attention matmul's low precision changes nothing, so it is no variable even by MACs
-    w_low, w_high = low_precision("mxint4", "bf16", weights_only=True)
+    w_low, w_high = search_precisions("mxint4", "bf16", weights_only=True)
     w_macs = SearchSpace(graph, "matmul", w_low, w_high, Budget("macs", 0.5))
     assert not zero_size(graph) & {c.name for c in w_macs.variables()}
 
@@ -102,7 +102,7 @@ def test_the_knapsack_sampler_is_one_evaluation_of_the_optimum_of_the_fisher_sco
     _, graph = captured("llama")
     result = mpqc.search.run(graph, TOKENS, ratio=0.6, sampler="knapsack", n_trials=1, **FAST)
     sens = result.study.user_attrs["sensitivity"]
-    low, high = low_precision("mxint4", "bf16", weights_only=False)
+    low, high = search_precisions("mxint4", "bf16", weights_only=False)
     space = SearchSpace(graph, "matmul", low, high, Budget("params", 0.6))
     sizes = space.sizes()
     names = [c.name for c in space.variables()]

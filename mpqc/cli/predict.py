@@ -252,7 +252,7 @@ def cmd_plan(args) -> int:
     import mpqc
     from mpqc.data import load_tokens, split_tokens, text_prefix
     from mpqc.evaluate import nll, sample_windows
-    from mpqc.search.budget import Budget, SearchSpace, low_precision
+    from mpqc.search.budget import Budget, SearchSpace, search_precisions
     from mpqc.studies import predict
 
     predictor = predict.Predictor.load(args.predictor)
@@ -269,7 +269,7 @@ def cmd_plan(args) -> int:
             texts[path] = f.read()
     _, tokenizer, graph = common.load_and_capture(args.model, s["seq_len"], args.device, args.dtype)
     plans = {path: mpqc.Plan.from_file(graph, path) for path in texts}  # errors name the file
-    low_p, high_p = low_precision(s["low"], s["high"], weights_only=bool(s["weights_only"]))
+    low_p, high_p = search_precisions(s["low"], s["high"], weights_only=bool(s["weights_only"]))
     space = SearchSpace(
         graph, s["granularity"], low_p, high_p, Budget("params", 0.0), parse_block_size(s["block_size"])
     )

@@ -14,8 +14,13 @@ def add_parser(sub) -> None:
     s.add_argument("--by-macs", action="store_true", help="the ratio counts MACs instead of parameters")
     s.add_argument("--bits", type=float, default=None, help="instead of a ratio: average bits per weight at most this")
     s.add_argument("--granularity", default="matmul", choices=["matmul", "layer"])
-    s.add_argument("--low", default="mxint4")
-    s.add_argument("--high", default="bf16")
+    s.add_argument(
+        "--low",
+        default="mxint4",
+        help="a format, or a comma-separated preference list: each component takes the first that stores its "
+        "weight rows (q4_k,q5_0: q4_k where rows are whole 256-blocks, else q5_0)",
+    )
+    s.add_argument("--high", default="bf16", help="a format, or a preference list as for --low (q6_k,q8_0)")
     s.add_argument("--weights-only", action="store_true", help="activations stay at --high")
     s.add_argument(
         "--target",

@@ -79,14 +79,14 @@ def sampler_kwargs(text: str | None) -> dict | None:
 
 def search_settings(config, args) -> None:
     """Everything of a search that needs no model: numbers, formats, block size, sampler, storage."""
-    from mpqc.search.budget import low_precision
+    from mpqc.search.budget import search_precisions
     from mpqc.search.samplers import make_sampler
     from mpqc.search.storage import open_storage
 
     for flag in ("seq_len", "n_samples", "batch_size", "holdout_samples"):
         positive_int("--" + flag.replace("_", "-"), getattr(args, flag, None))
-    low, _ = low_precision(config.low, config.high, weights_only=config.weights_only)
-    for fmt in (low.weight, low.activation):
+    lows, _ = search_precisions(config.low, config.high, weights_only=config.weights_only)
+    for fmt in (f for low in lows for f in (low.weight, low.activation)):
         if fmt is not None and fmt.family != "cast":
             fmt.with_block(config.block_size)  # a block size the format cannot take fails here
     try:

@@ -38,6 +38,7 @@ __all__ = [
     "code_table",
     "get_format",
     "pack",
+    "stores_rows_of",
     "quantize",
 ]
 
@@ -75,6 +76,12 @@ def resolve(x, fmt, block_size, axis, rounding) -> tuple[Format, object, int]:
     return fmt, block, axis % ndim
 
 
+def stores_rows_of(fmt: Format, length: int) -> bool:
+    """Whether ``fmt`` quantizes rows of ``length`` elements: llama.cpp's types take whole blocks
+    only (as llama.cpp stores them); mpqc's own formats close a row with a shorter block."""
+    return fmt.family != "ggml" or length % fmt.block_size == 0
+
+
 def check_ggml_call(x, fmt: Format, axis: int, rounding: str) -> None:
     """llama.cpp's types round as ggml's reference does, over whole blocks of a row."""
     if rounding != "nearest":
@@ -83,7 +90,7 @@ def check_ggml_call(x, fmt: Format, axis: int, rounding: str) -> None:
             "apply to it (use the default, 'nearest')"
         )
     length = x.shape[axis] if x.dim() else 1
-    if length % fmt.block_size:
+    if not stores_rows_of(fmt, length):
         raise ValueError(
             f"format {fmt.name!r} ({fmt.ggml.type_name}) quantizes rows in blocks of {fmt.block_size}, and this "
             f"tensor's axis {axis} has {length} elements, not a multiple; llama.cpp cannot store it either "

@@ -20,7 +20,7 @@ from mpqc.compile import QuantizedModel
 from mpqc.evaluate import EXP_LIMIT, nll, sample_windows
 from mpqc.graph import Graph
 from mpqc.io import read_csv, typed_rows, write_csv_atomic
-from mpqc.search.budget import Budget, SearchSpace, decode, low_precision
+from mpqc.search.budget import Budget, SearchSpace, decode, search_precisions
 from mpqc.search.config import SearchConfig
 from mpqc.search.sensitivity import priorities_from_sensitivity
 from mpqc.studies.predict.features import FEATURES, Features
@@ -192,7 +192,7 @@ def collect(
 
     c = CollectSetup(**settings)
     key = c.key()
-    low_p, high_p = low_precision(c.low, c.high, weights_only=c.weights_only)
+    low_p, high_p = search_precisions(c.low, c.high, weights_only=c.weights_only)
     space = SearchSpace(graph, c.granularity, low_p, high_p, Budget("params", 0.0), c.block_size)
     rows = [dict(r) for r in existing]
     done = {int(r["plan_id"]) for r in rows if r["model"] == model and r["setup"] == key}

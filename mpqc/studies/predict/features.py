@@ -165,13 +165,13 @@ class Features:
         low, bad = [], []
         for c in self.space.components:
             p = plan.precision(c.name)
-            if p == self.space.low:
+            if p == self.space.low_of(c):
                 low.append(c.name)
-            elif p != self.space.high:
+            elif p != self.space.high_of(c):
                 bad.append(f"{c.name}: {p}")
         if bad:
             raise ValueError(
-                f"the features are for plans of {self.space.low} (low) and {self.space.high} (high); "
+                f"the features are for plans of {self.space.low_label} (low) and {self.space.high_label} (high); "
                 f"the plan has {len(bad)} components at other precisions, e.g. {', '.join(bad[:3])}"
             )
         return low
