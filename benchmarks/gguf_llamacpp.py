@@ -12,7 +12,10 @@ embedding's bytes; the search scores plans on windows of the first 90% of the te
 on windows of the last 10%.
 
     python benchmarks/gguf_llamacpp.py [--windows 4] [--seq-len 512] [--trials 10] [--low q4_k,q5_0 --high q6_k,q8_0] [--torch-threads 1]
-        [--out benchmarks/results/gguf_llamacpp.json]
+        [--plan-file searched.json] [--paired-windows 64] [--out benchmarks/results/gguf_llamacpp.json]
+
+``--paired-windows N`` compares the Q4_K_M and searched files on N more held-out windows in
+llama.cpp: the perplexity ratio (searched / Q4_K_M) with a 95% bootstrap interval over windows.
 """
 
 from __future__ import annotations
@@ -82,6 +85,34 @@ def searched_plan(graph, qmodel, train, prefix, bits, args):
     return result.plan
 
 
+def paired(workdir, labels, holdout, args, prefix):
+    """The two plans' llama.cpp NLL on the same ``--paired-windows`` held-out windows: the
+    perplexity ratio with a 95% bootstrap interval over windows, and how many windows each wins."""
+    import numpy as np
+
+    windows = sample_windows(holdout, args.seq_len, args.paired_windows, args.paired_seed, prefix)
+    a, b = (
+        LlamaCppLM(os.path.join(workdir, f"{label}.gguf"), threads=args.threads).window_nll(windows).numpy()
+        for label in labels
+    )
+    tokens = windows.shape[1] - 1
+    ratio = lambda idx: float(np.exp((b[idx].sum() - a[idx].sum()) / (len(idx) * tokens)))  # noqa: E731
+    rng = np.random.default_rng(0)
+    boot = [ratio(rng.integers(0, len(a), len(a))) for _ in range(2000)]
+    out = {
+        "plans": list(labels),
+        "windows": len(a),
+        "seq_len": args.seq_len,
+        "seed": args.paired_seed,
+        "perplexity": [float(np.exp(x.sum() / (len(x) * tokens))) for x in (a, b)],
+        "ratio": ratio(np.arange(len(a))),
+        "ratio_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "windows_second_lower": int((b < a).sum()),
+    }
+    print(json.dumps({"paired": out}), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=4, help="held-out windows of --seq-len tokens")
@@ -94,6 +125,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch's (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--plans", default="fp32,q8_0,q4_0,mxfp4,q4_k_m,searched")
+    ap.add_argument("--plan-file", help="a plan JSON to measure as 'searched' instead of searching")
+    ap.add_argument(
+        "--paired-windows", type=int, default=0, help="compare q4_k_m and searched on this many more windows"
+    )
+    ap.add_argument("--paired-seed", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/gguf_llamacpp.json")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -113,7 +149,10 @@ def main():
         "q4_k_m": lambda: q4km,
     }
     qmodel = mpqc.compile(graph, q4km)
-    plans["searched"] = lambda: searched_plan(graph, qmodel, train, prefix, q4km.average_bits(), args)
+    if args.plan_file:
+        plans["searched"] = lambda: mpqc.Plan.from_file(graph, args.plan_file)
+    else:
+        plans["searched"] = lambda: searched_plan(graph, qmodel, train, prefix, q4km.average_bits(), args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mpqc-gguf-bench-") as workdir:
         for label in args.plans.split(","):
@@ -121,7 +160,11 @@ def main():
             rows.append(measure(label, qmodel, plan, windows, source, workdir, args.threads))
             if label == "searched":
                 rows[-1]["plan_json"] = json.loads(plan.to_json())
-    write_json_atomic(args.out, {"windows": args.windows, "seq_len": args.seq_len, "rows": rows, "args": vars(args)})
+        compared = None
+        if args.paired_windows:
+            compared = paired(workdir, ("q4_k_m", "searched"), holdout, args, prefix)
+    result = {"windows": args.windows, "seq_len": args.seq_len, "rows": rows, "args": vars(args)}
+    write_json_atomic(args.out, result | ({"paired": compared} if compared else {}))
     print("| plan | avg bits | file MiB | mpqc emulated | llama.cpp | difference |")
     print("|---|---|---|---|---|---|")
     for r in rows:
