@@ -226,6 +226,18 @@ def test_keep_high_joins_a_cells_key_only_when_something_is_kept_high():
     assert keys["none"] == "b7228a0cad8395cd" != keys["default"] == keys["head"]
 
 
+def test_a_models_train_seed_is_recorded_and_joins_the_key_only_when_given():
+    base = {"out": "r.csv", "grid": {"ratio": [0.5]}}
+    plain = sweep.config_from_dict({**base, "models": [{"path": "m"}]})
+    seeded = sweep.config_from_dict({**base, "models": [{"path": "m", "train_seed": 3}]})
+    assert plain.models[0].train_seed is None and seeded.models[0].train_seed == 3
+    # without a training seed the key is what it was before the field existed (the test above)
+    assert plain.key(plain.cells()[0]) == sweep.config_from_dict({**base, "models": ["m"]}).key(plain.cells()[0])
+    assert seeded.key(seeded.cells()[0]) != plain.key(plain.cells()[0])
+    with pytest.raises(ValueError, match="train_seed is the non-negative integer"):
+        sweep.config_from_dict({**base, "models": [{"path": "m", "train_seed": "one"}]})
+
+
 def test_a_results_file_from_before_q_r_definition_is_read_and_extended(first_run, tmp_path, monkeypatch):
     config_path, rows, _ = first_run
     old = tmp_path / "old.csv"

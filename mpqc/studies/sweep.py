@@ -54,6 +54,7 @@ COLUMNS = (
     "block_size",
     "block_elements",
     "seed",
+    "train_seed",
     "ppl_base",
     "ppl_q",
     "delta_ppl",
@@ -75,6 +76,7 @@ COLUMNS = (
 _LEGACY_COLUMNS = {
     "q_r_definition": Q_R_ALL,  # before keep_high, Q_r counted every matmul
     "block_elements": "",  # not measured: Law 2 then leaves per-vector/per-tensor rows out
+    "train_seed": "",  # not recorded: mpqc fit clusters the slope test by search seed alone
 }
 _FLOAT = {
     "block_elements",
@@ -87,7 +89,17 @@ _FLOAT = {
     "search_ppl",
     "seconds",
 }
-_INT = {"params", "matmul_params", "seed", "total_bits", "trials", "seq_len", "n_samples", "eval_samples"}
+_INT = {
+    "params",
+    "matmul_params",
+    "seed",
+    "train_seed",
+    "total_bits",
+    "trials",
+    "seq_len",
+    "n_samples",
+    "eval_samples",
+}
 
 _TOP_KEYS = {"out", "text", "models", "grid", "search", "eval"}
 _GRID_DEFAULTS = {
@@ -120,6 +132,7 @@ class ModelEntry:
     name: str  # the label in the results
     spec: str  # as written in the config: a path (relative to the config) or a load_model spec
     path: str  # what load_model gets
+    train_seed: int | None = None  # the seed the model was trained with, when the config says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +177,10 @@ class SweepConfig:
 
     def key(self, cell: Cell) -> str:
         """A hash of everything that decides the cell's numbers."""
+        model = [cell.model.name, cell.model.spec]
         data = {
-            "model": [cell.model.name, cell.model.spec],
+            # a training seed joins the key only when given, so keys made before it stay
+            "model": model if cell.model.train_seed is None else [*model, cell.model.train_seed],
             "text": self.text,
             **{f: getattr(cell, f) for f in ("granularity", "ratio", "low", "weights_only", "block_size", "seed")},
             # device does not decide the numbers; dtype and keep_high do, and join the key when not
@@ -333,8 +348,16 @@ def _text_spec(text: str, base_dir: str) -> str:
 def _model_entry(entry, base_dir: str, where: str) -> ModelEntry:
     if isinstance(entry, str):
         entry = {"path": entry}
-    if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", "name"}:
-        raise ValueError(f"{where}: each models entry is a path or {{ path = ..., name = ... }}, got {entry!r}")
+    if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", "name", "train_seed"}:
+        raise ValueError(
+            f"{where}: each models entry is a path or {{ path = ..., name = ..., train_seed = INT }}, got {entry!r}"
+        )
+    train_seed = entry.get("train_seed")
+    if train_seed is not None and (isinstance(train_seed, bool) or not isinstance(train_seed, int) or train_seed < 0):
+        raise ValueError(
+            f"{where}: a models entry's train_seed is the non-negative integer the model was trained with, "
+            f"got {entry!r}"
+        )
     spec = entry["path"]
     local = _resolve(spec, base_dir)
     # A path is relative to the config (it may not exist yet: trained later); anything else that
@@ -342,7 +365,7 @@ def _model_entry(entry, base_dir: str, where: str) -> ModelEntry:
     looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
     path = local if os.path.exists(local) or looks_like_path else spec
     name = entry.get("name") or os.path.basename(os.path.normpath(spec))
-    return ModelEntry(name=name, spec=spec, path=path)
+    return ModelEntry(name=name, spec=spec, path=path, train_seed=train_seed)
 
 
 # ---- results table ------------------------------------------------------------------------------
@@ -521,6 +544,7 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         # where Law 2 puts a per-vector or per-tensor block on the block-size axis
         "block_elements": result.plan.elements_per_scale(),
         "seed": cell.seed,
+        "train_seed": "" if cell.model.train_seed is None else cell.model.train_seed,
         "ppl_base": bench.ppl_base,
         "ppl_q": ppl_q,
         "delta_ppl": (ppl_q - bench.ppl_base) / bench.ppl_base,
