@@ -391,6 +391,97 @@ def test_rows_of_two_q_r_definitions_are_two_settings():
     assert sorted(e["q_r_definition"] for e in data["law2"] if e["fit"]) == ["params of all matmuls", KEPT_HEAD]
 
 
+def slope_rows(slope: float, *, train_seeds=(0, 1, 2), seeds=(0, 1), noise=0.02, train_column=True):
+    """Six sizes over two decades, each trained with each of ``train_seeds`` and searched with each
+    of ``seeds``, whose Q_r,max at the 10% budget is 0.5 + slope * (log10(size) - 6) plus seeded
+    noise: each curve a straight delta_ppl line through (Q_r,max, 10%), so interpolation is exact."""
+    (template,) = [r for r in synthetic_rows() if r["model"] == "m1000000" and r["ratio"] == 0.1]
+    rng = random.Random(7)
+    rows = []
+    for params in (100_000, 250_000, 630_000, 1_600_000, 4_000_000, 10_000_000):
+        for train in train_seeds:
+            for seed in seeds:
+                q = 0.5 + slope * (math.log10(params) - 6) + rng.gauss(0, noise)
+                for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+                    delta = 0.1 / q * r
+                    rows.append(
+                        {
+                            **template,
+                            "q_r_definition": KEPT_HEAD,
+                            "model": f"m{params}-t{train}",
+                            "params": params,
+                            "seed": seed,
+                            "train_seed": train if train_column else "",
+                            "ratio": r,
+                            "achieved": r,
+                            "delta_ppl": delta,
+                            "ppl_q": 10 * (1 + delta),
+                            "key": f"{params}-{train}-{seed}-{r}",
+                        }
+                    )
+    return rows
+
+
+def law1_entry(data, budget=0.1):
+    (entry,) = [e for e in data["law1"] if e["budget"] == budget]
+    return entry
+
+
+def test_fit_finds_a_planted_positive_slope_and_writes_its_test(tmp_path):
+    import json
+
+    from mpqc.studies import laws
+
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:  # through the CSV, so train_seed is read back typed
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(slope_rows(0.15))
+    assert main(["fit", str(path), "--out", str(tmp_path / "fit")]) == 0
+    data = json.loads((tmp_path / "fit" / "laws.json").read_text())
+    entry = law1_entry(data)
+    st = entry["slope_test"]
+    t = st["test"]
+    assert entry["fit"] is not None  # the paper's exponential form stays beside the test
+    assert {"slope", "ci_low", "ci_high", "p_value", "n", "n_sizes", "n_clusters"} <= set(t)
+    assert t["n"] == 6 * 3 * 2 and t["n_sizes"] == 6 and t["n_clusters"] == 3 * 2
+    assert st["resampled"] == "training seed x search seed" and st["left_out"] == {}
+    # 36 points with noise 0.02 around a slope of 0.15: the estimate is within a few hundredths
+    assert t["ci_low"] < 0.15 < t["ci_high"] and t["slope"] == pytest.approx(0.15, abs=0.03)
+    assert t["p_value"] < 0.05 and st["verdict"].startswith("positive slope at 5%;")
+    assert st["paper_slope"] == pytest.approx(laws.implied_slope(-11.68)) == pytest.approx(0.197, abs=5e-4)
+    assert data["paper"]["law1_slope_per_decade"] == st["paper_slope"]
+    text = (tmp_path / "fit" / "report.md").read_text()
+    assert "## Law 1 as a slope test" in text and "positive slope at 5%" in text and "| +0.197 |" in text
+    png = (tmp_path / "fit" / "law1_slope.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_fit_finds_no_slope_in_a_flat_family():
+    from mpqc.studies import report
+
+    st = law1_entry(report.analyze(slope_rows(0.0)))["slope_test"]
+    assert st["test"]["p_value"] >= 0.05 and st["test"]["ci_low"] < 0 < st["test"]["ci_high"]
+    t = st["test"]
+    assert st["verdict"].startswith(
+        f"no evidence of a positive slope; interval [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] per decade "
+        "vs the paper's 0.197"
+    )
+    assert "the paper's slope lies above the interval" in st["verdict"]  # 0.197 is far off a flat family
+
+
+def test_slope_test_clusters_by_search_seed_without_a_train_seed_and_by_points_with_one_seed():
+    from mpqc.studies import report
+
+    no_train = law1_entry(report.analyze(slope_rows(0.15, train_column=False)))["slope_test"]
+    assert no_train["resampled"] == "search seed" and no_train["test"]["n_clusters"] == 2
+    one_seed = law1_entry(report.analyze(slope_rows(0.15, train_seeds=(0,), seeds=(0,))))["slope_test"]
+    assert one_seed["resampled"].startswith("points") and one_seed["test"]["n_clusters"] == 6
+    few = [r for r in slope_rows(0.15) if r["params"] < 600_000]  # two sizes: no test, and said so
+    st = law1_entry(report.analyze(few))["slope_test"]
+    assert st["test"] is None and st["verdict"].startswith("not tested: 2 size(s)")
+
+
 # ---- examples/train_family.py -------------------------------------------------------------------
 
 

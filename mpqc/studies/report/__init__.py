@@ -7,6 +7,9 @@
   (granularity, low format, weights-only, block size); with several seeds, also per seed.
 * Law 1 per setting and budget: size = exp(k * (1 - Q_r,max) + c) over the models whose
   Q_r,max was interpolated (at least three), size = all model parameters.
+* Law 1 as a test, beside the fit: the slope of Q_r,max on log10(size) over every (model,
+  training seed, search seed), its 95% cluster-bootstrap interval, the one-sided p-value of
+  slope > 0 and a verdict against the paper's implied +0.197 per decade.
 * Law 2 per model, setting and asked Q_r: delta_ppl = A * block_size^k by the paper's rules (asked
   Q_r up to 0.95, points above 100% delta_ppl left out, per-vector/per-tensor at their average
   elements per scale).
@@ -14,7 +17,7 @@
   with the Pareto front (the bit-optimal configurations).
 
     mpqc.studies.report.analysis   the numbers (Q_r,max, the fits, the bits view): analyze()
-    mpqc.studies.report.figures    the four PNG figures: figures()
+    mpqc.studies.report.figures    the five PNG figures: figures()
     mpqc.studies.report.markdown   report.md: markdown()
 
 This package re-exports their names (``report.analyze``, ``report.BUDGETS``, ``report.FIGURES``,
@@ -38,12 +41,23 @@ from mpqc.studies.report.analysis import (  # noqa: F401
     analyze,
     bits_view,
     law1_fits,
+    law1_slope_test,
     law2_fits,
     law2_position,
     max_ratios,
+    seed_max_ratios,
     setting_label,
+    slope_verdict,
 )
-from mpqc.studies.report.figures import FIGURES, fig_bits, fig_law1, fig_law2, fig_ratio_vs_delta, figures  # noqa: F401
+from mpqc.studies.report.figures import (  # noqa: F401
+    FIGURES,
+    fig_bits,
+    fig_law1,
+    fig_law1_slope,
+    fig_law2,
+    fig_ratio_vs_delta,
+    figures,
+)
 from mpqc.studies.report.markdown import markdown
 from mpqc.studies.sweep import read_results
 
@@ -51,7 +65,7 @@ __all__ = ["BUDGETS", "PAPER", "analyze", "figures", "markdown", "write_report"]
 
 
 def write_report(csv_path: str, out_dir: str, budgets=BUDGETS) -> dict[str, str]:
-    """laws.json, four PNG figures and report.md in ``out_dir``; returns their paths."""
+    """laws.json, five PNG figures and report.md in ``out_dir``; returns their paths."""
     rows = read_results(csv_path)
     analysis = analyze(rows, budgets)
     os.makedirs(out_dir, exist_ok=True)

@@ -7,7 +7,7 @@ Markdown report (``figures.py``, ``markdown.py``) only draw and print what it re
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from mpqc.studies import laws
 
@@ -18,15 +18,22 @@ __all__ = [
     "analyze",
     "bits_view",
     "law1_fits",
+    "law1_slope_test",
     "law2_fits",
     "law2_position",
     "max_ratios",
+    "seed_max_ratios",
     "setting_label",
+    "slope_verdict",
 ]
 
 BUDGETS = (0.05, 0.10, 0.20)
 # Cao et al. 2024, as the project's design notes quote them (Qwen-1.5, matmul-wise).
 PAPER = {"law1_k": {"0.05": -11.7, "0.1": -11.3, "0.2": -12.8}, "law2_k_range": [0.3, 0.6]}
+# The k the slope test is read against (issue 16), as the slope per decade it implies (+0.197).
+PAPER["law1_slope_k"] = -11.68
+PAPER["law1_slope_per_decade"] = laws.implied_slope(PAPER["law1_slope_k"])
+SLOPE_ALPHA = 0.05  # the one-sided level of the slope test's verdict
 # A setting is what one ratio curve holds fixed; rows of two Q_r definitions are two curves.
 SETTING_KEYS = ("granularity", "low", "weights_only", "block_size", "q_r_definition")
 
@@ -107,6 +114,89 @@ def law1_fits(max_ratio_rows, budgets=BUDGETS) -> list[dict]:
                 entry["fit"] = fit.to_dict()
             fits.append(entry)
     return fits
+
+
+# ---- Law 1 as a slope test -----------------------------------------------------------------------
+
+
+def _train_seed(row) -> int | None:
+    """The row's training seed; None where the results carry none (an empty cell reads as NaN)."""
+    value = row.get("train_seed")
+    return value if isinstance(value, int) else None
+
+
+def seed_max_ratios(rows, budget: float) -> list[dict]:
+    """Q_r,max at ``budget`` of each (model, training seed, search seed) curve in ``rows`` (one
+    setting's rows): the points of the slope test, each seed's own search noise in it."""
+    curves = defaultdict(list)
+    for r in rows:
+        curves[(r["params"], r["model"], _train_seed(r), r["seed"])].append(r)
+    points = []
+    for (params, model, train_seed, seed), rs in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        m = laws.max_ratio_at_budget([r["achieved"] for r in rs], [r["delta_ppl"] for r in rs], budget)
+        points.append(
+            {
+                "model": model,
+                "params": params,
+                "train_seed": train_seed,
+                "seed": seed,
+                "max_ratio": None if math.isnan(m.value) else m.value,
+                "status": m.status,
+            }
+        )
+    return points
+
+
+def _clusters(points) -> tuple[list[str] | None, str]:
+    """(one cluster label per point, what the bootstrap resamples): points that share a training
+    and a search seed share their noise and are resampled together; with one seed, points."""
+    by_train = any(p["train_seed"] is not None for p in points)
+    labels = [f"train {p['train_seed']} x search {p['seed']}" if by_train else f"search {p['seed']}" for p in points]
+    if len(set(labels)) < 2:
+        return None, "points (one seed: nothing to cluster by)"
+    return labels, "training seed x search seed" if by_train else "search seed"
+
+
+def slope_verdict(test: laws.SlopeTest, paper: float = PAPER["law1_slope_per_decade"]) -> str:
+    """One sentence: is the slope positive at ``SLOPE_ALPHA``, and where its interval lies
+    against the paper's implied slope."""
+    interval = f"interval [{test.ci_low:+.3f}, {test.ci_high:+.3f}] per decade vs the paper's {paper:.3f}"
+    where = "inside" if test.ci_low <= paper <= test.ci_high else "above" if paper > test.ci_high else "below"
+    tail = f" (one-sided p = {test.p_value:.3g}; the paper's slope lies {where} the interval)"
+    if test.p_value < SLOPE_ALPHA:
+        return f"positive slope at {100 * SLOPE_ALPHA:g}%; {interval}{tail}"
+    return f"no evidence of a positive slope; {interval}{tail}"
+
+
+def law1_slope_test(rows, budget: float) -> dict:
+    """Law 1 as a test on one setting's rows: the slope of Q_r,max on log10(size) over every
+    (model, training seed, search seed) with an interpolated Q_r,max (as the fit uses), a
+    cluster bootstrap over the seeds, and the verdict."""
+    points = seed_max_ratios(rows, budget)
+    used = [p for p in points if p["status"] == "interpolated"]
+    labels, resampled = _clusters(used)
+    entry = {
+        "test": None,
+        "verdict": "",
+        "resampled": resampled,
+        "paper_slope": PAPER["law1_slope_per_decade"],
+        "points": used,
+        "left_out": dict(Counter(p["status"] for p in points if p["status"] != "interpolated")),
+    }
+    if len({p["params"] for p in used}) < laws.MIN_POINTS:
+        entry["verdict"] = (
+            f"not tested: {len({p['params'] for p in used})} size(s) with an interpolated Q_r,max, "
+            f"{laws.MIN_POINTS} needed"
+        )
+        return entry
+    try:
+        test = laws.slope_test([p["params"] for p in used], [p["max_ratio"] for p in used], clusters=labels)
+    except ValueError as e:  # e.g. every resample of the clusters held one size: said, not faked
+        entry["verdict"] = f"not tested: {e}"
+        return entry
+    entry["test"] = test.to_dict()
+    entry["verdict"] = slope_verdict(test)
+    return entry
 
 
 # Law 2 as the paper fits it (Cao et al. 2024): at asked ratios up to 0.95, without points
@@ -223,6 +313,12 @@ def bits_view(rows) -> dict:
 def analyze(rows, budgets=BUDGETS) -> dict:
     """Everything ``mpqc fit`` writes as JSON."""
     mr = max_ratios(rows, budgets)
+    law1 = law1_fits(mr, budgets)
+    by_setting = defaultdict(list)
+    for r in rows:
+        by_setting[setting_label(_setting(r))].append(r)
+    for e in law1:  # the test beside the paper's exponential form, on the same setting and budget
+        e["slope_test"] = law1_slope_test(by_setting[e["setting"]], e["budget"])
     return {
         "n_rows": len(rows),
         "models": [
@@ -233,7 +329,7 @@ def analyze(rows, budgets=BUDGETS) -> dict:
         "q_r_definitions": sorted({r["q_r_definition"] for r in rows}),
         "budgets": list(budgets),
         "max_ratio": mr,
-        "law1": law1_fits(mr, budgets),
+        "law1": law1,
         "law2": law2_fits(rows),
         "bits": bits_view(rows),
         "paper": PAPER,

@@ -1,4 +1,4 @@
-"""The report's four figures (matplotlib, Agg: files only), drawn from ``analyze()``'s output."""
+"""The report's five figures (matplotlib, Agg: files only), drawn from ``analyze()``'s output."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from mpqc.io import atomic_file
 from mpqc.studies import laws
 from mpqc.studies.report.analysis import _models, _setting, setting_label
 
-__all__ = ["FIGURES", "fig_bits", "fig_law1", "fig_law2", "fig_ratio_vs_delta", "figures"]
+__all__ = ["FIGURES", "fig_bits", "fig_law1", "fig_law1_slope", "fig_law2", "fig_ratio_vs_delta", "figures"]
 
-FIGURES = ("ratio_vs_delta", "law1", "law2", "bits")
+FIGURES = ("ratio_vs_delta", "law1", "law1_slope", "law2", "bits")
 
 
 def _plt():
@@ -123,6 +123,43 @@ def fig_law1(analysis, path):
     _save(fig, path)
 
 
+def fig_law1_slope(analysis, path):
+    """Law 1 as a slope test: each seed's Q_r,max against log10(size), the fitted line, and the
+    paper's implied slope drawn through the points' centre."""
+    plt = _plt()
+    settings = sorted({e["setting"] for e in analysis["law1"]}) or ["(no setting has a ratio curve)"]
+    fig, axes = _grid(len(settings))
+    cmap = plt.get_cmap("tab10")
+    paper = analysis["paper"]["law1_slope_per_decade"]
+    for ax, setting in zip(axes, settings):
+        entries = [e for e in analysis["law1"] if e["setting"] == setting]
+        if not any(e["slope_test"]["points"] for e in entries):
+            _empty(ax, f"{_title(setting)}\nno seed's curve reached a budget within its ratios:\nnothing to test")
+            continue
+        for i, e in enumerate(entries):
+            st = e["slope_test"]
+            if not st["points"]:
+                continue
+            u = np.log10([p["params"] for p in st["points"]])
+            q = np.array([p["max_ratio"] for p in st["points"]])
+            label = f"{100 * e['budget']:g}%"
+            if st["test"]:
+                t = st["test"]
+                us = np.linspace(u.min(), u.max(), 2)
+                ax.plot(us, t["intercept"] + t["slope"] * us, color=cmap(i))
+                ax.plot(us, q.mean() + paper * (us - u.mean()), color=cmap(i), ls=":", lw=1)
+                label += f": {t['slope']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], p={t['p_value']:.2g}"
+            else:
+                label += " (not tested)"
+            ax.scatter(u, q, color=cmap(i), s=14, alpha=0.7, label=label)
+        ax.set_xlabel("log10(model parameters)")
+        ax.set_ylabel("Q_r,max (one point per training x search seed)")
+        ax.set_title(_title(setting), fontsize=9)
+        ax.legend(fontsize=7, title="budget: slope per decade [95%]", title_fontsize=7)
+    fig.suptitle(f"Law 1 as a slope test (dotted: the paper's {paper:+.3f} per decade)", fontsize=10)
+    _save(fig, path)
+
+
 def fig_law2(analysis, path):
     """Paper Fig. 8: delta_ppl against block size at a fixed Q_r, log-log, with the power-law fit."""
     plt = _plt()
@@ -201,6 +238,7 @@ def figures(rows, analysis, out_dir) -> dict[str, str]:
     paths = {name: os.path.join(out_dir, f"{name}.png") for name in FIGURES}
     fig_ratio_vs_delta(rows, analysis["budgets"], paths["ratio_vs_delta"])
     fig_law1(analysis, paths["law1"])
+    fig_law1_slope(analysis, paths["law1_slope"])
     fig_law2(analysis, paths["law2"])
     fig_bits(analysis, paths["bits"])
     return paths

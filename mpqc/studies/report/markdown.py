@@ -18,6 +18,7 @@ def markdown(analysis, figure_paths, *, source: str = "") -> str:
     out = _models_section(a, source)
     out += _max_ratio_section(a)
     out += _law1_section(a)
+    out += _slope_section(a)
     out += _law2_section(a)
     out += _bits_section(a)
     out += _figures_section(figure_paths)
@@ -118,6 +119,35 @@ def _law1_section(a) -> list[str]:
     ]
     out += ["", *notes, ""] if notes else [""]
     return out
+
+
+def _slope_section(a) -> list[str]:
+    paper = PAPER["law1_slope_per_decade"]
+    out = [
+        "## Law 1 as a slope test: Q_r,max against log10(size)",
+        "",
+        "One point per (model, training seed, search seed) with an interpolated Q_r,max; ordinary least "
+        "squares of Q_r,max on log10(parameters), the slope per decade of size with a 95% bootstrap "
+        "interval (clusters: the seeds a point shares, resampled whole), and the one-sided p-value of "
+        f"slope > 0. The paper's k = {PAPER['law1_slope_k']} implies {paper:+.3f} per decade.",
+        "",
+        "| setting | budget | slope per decade | 95% interval | p (slope > 0) | points | sizes | resampled | paper |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    verdicts = []
+    for e in a["law1"]:
+        st, budget = e["slope_test"], f"{100 * e['budget']:g}%"
+        t = st["test"]
+        if t:
+            out.append(
+                f"| {e['setting']} | {budget} | {t['slope']:+.3f} | [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] | "
+                f"{t['p_value']:.3g} | {t['n']} | {t['n_sizes']} | {st['resampled']} | {paper:+.3f} |"
+            )
+        else:
+            out.append(f"| {e['setting']} | {budget} | - | - | - | {len(st['points'])} | - | - | {paper:+.3f} |")
+        left = ", ".join(f"{n} {status}" for status, n in st["left_out"].items())
+        verdicts.append(f"- {e['setting']}, {budget}: {st['verdict']}" + (f" (left out: {left})" if left else ""))
+    return out + ["", *verdicts, ""]
 
 
 def _law2_section(a) -> list[str]:
