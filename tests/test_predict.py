@@ -113,6 +113,68 @@ def test_leave_one_model_out_predicts_a_model_from_the_others():
     assert v["overall"]["r2_log"] > 0.99 and v["overall"]["spearman"] > 0.99
 
 
+def size_rows():
+    """Three sizes, two training seeds each, 19 plans from Q_r 0.1 to 1.0 on an exact law:
+    delta NLL = 0.5 * fisher_diag * (params / 1e6)^-0.3, fisher_diag = Q_r^2 * (1 + 0.1 * seed).
+    At 10% the measured Q_r,max is about 0.31, 0.44 and 0.62 from the smallest size up (seed 0)."""
+    rows = []
+    for params in (100_000, 1_000_000, 10_000_000):
+        for train_seed in (0, 1):
+            for i, ratio in enumerate(np.linspace(0.1, 1.0, 19)):
+                fisher = ratio**2 * (1 + 0.1 * train_seed)
+                dnll = 0.5 * fisher * (params / 1e6) ** -0.3
+                rows.append(
+                    {
+                        "model": f"s{params}-t{train_seed}",
+                        "plan_id": i,
+                        "params": params,
+                        "ratio": float(ratio),
+                        "fisher_diag": float(fisher),
+                        "delta_ppl": math.expm1(dnll),
+                    }
+                )
+    return rows
+
+
+def test_leave_one_size_out_predicts_each_sizes_q_r_max_from_the_others():
+    rows = size_rows()
+    exact = predict.leave_one_size_out(rows, ["log(fisher_diag)", "log(params)"])
+    assert exact["by"] == "sizes" and exact["k"] == 3 and exact["budgets"] == [0.05, 0.1, 0.2]
+    assert [c["model"] for c in exact["curves"]] == [
+        f"s{p}-t{t}" for p in (100_000, 1_000_000, 10_000_000) for t in (0, 1)
+    ]
+    for c in exact["curves"]:
+        # The law is linear in both terms, so the other two sizes pin it exactly (float rounding).
+        assert c["n_plans"] == 19 and c["curve_mae"] == pytest.approx(0, abs=1e-12)
+        for b in c["budgets"]:
+            assert b["measured"]["status"] == "interpolated" and b["error"] == pytest.approx(0, abs=1e-9)
+    at_10 = [next(b for b in c["budgets"] if b["budget"] == 0.1)["measured"]["value"] for c in exact["curves"]]
+    assert at_10[0] < at_10[2] < at_10[4] and at_10[0] == pytest.approx(0.31, abs=0.02)
+
+    # Without the size term the predictor cannot tell sizes apart: a held-out small model is
+    # predicted from larger, more tolerant ones (its Q_r,max overestimated), a large one the
+    # other way; had its own size been in the training, the errors would not have these signs.
+    blind = predict.leave_one_size_out(rows, ["log(fisher_diag)"], budgets=(0.1,))
+    errors = {c["model"]: c["budgets"][0]["error"] for c in blind["curves"]}
+    assert errors["s100000-t0"] > 0.1 and errors["s10000000-t0"] < -0.1
+    mae = {c["model"]: c["curve_mae"] for c in blind["curves"]}
+    # the middle size sits at the geometric mean of the other two, which the blind fit learns
+    assert mae["s100000-t0"] > 0.1 and mae["s10000000-t0"] > 0.1 and mae["s1000000-t0"] < 1e-12
+
+
+def test_cli_fit_validates_by_size(tmp_path, capsys):
+    data = tmp_path / "sizes.csv"
+    predict.write_data(str(data), [{**r, "low": "mxint4", "high": "bf16"} for r in size_rows()])
+    args = ["predict", "fit", str(data), "--out", str(tmp_path / "p.json"), "--terms", "log(fisher_diag),log(params)"]
+    assert main([*args, "--validate", "sizes", "--budgets", "0.1", "--json", str(tmp_path / "fit.json")]) == 0
+    text = capsys.readouterr().out
+    assert "held-out validation (leave one size out)" in text and "Q_r,max at 10%: measured / predicted" in text
+    sizes = json.loads((tmp_path / "fit.json").read_text())["validation"]["sizes"]
+    assert sizes["budgets"] == [0.1] and len(sizes["curves"]) == 6 and "predictions" not in sizes
+    with pytest.raises(ValueError, match="at least two model sizes"):
+        predict.validate([{**r, "params": 5} for r in size_rows()], ["log(fisher_diag)"], by="sizes")
+
+
 # ---- features of a tiny model -------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
     mpqc predict collect [MODEL] --out data.csv --n-plans 40      # append one model's plans (resumable)
     mpqc predict fit data.csv [more.csv] --out predictor.json      # fit + held-out validation
+    mpqc predict fit data.csv --validate sizes                     # each size's Q_r,max predicted from the others
     mpqc predict plan [MODEL] --predictor predictor.json --plan a.json --plan b.json [--measure]
 
 The library is ``mpqc.studies.predict``; the model of the prediction and its features are described there
@@ -88,9 +89,15 @@ def _add_fit(ps) -> None:
     f.add_argument(
         "--validate",
         default="auto",
-        choices=["auto", "plans", "models", "both", "none"],
-        help="held-out plans (k-fold), leave-one-model-out, both, or none; auto: both when there are "
-        "several models, else plans",
+        choices=["auto", "plans", "models", "sizes", "both", "none"],
+        help="held-out plans (k-fold), leave-one-model-out, leave-one-size-out (each size's Q_r curve "
+        "and Q_r,max per --budgets predicted from the other sizes), both (plans and models), or none; "
+        "auto: plans and models when there are several models, else plans",
+    )
+    f.add_argument(
+        "--budgets",
+        default="0.05,0.1,0.2",
+        help="loss budgets (relative delta_ppl) of --validate sizes' Q_r,max, comma-separated",
     )
     f.add_argument("-k", type=int, default=5, help="folds of the held-out-plans validation")
     f.add_argument("--seed", type=int, default=0, help="fold assignment")
@@ -188,12 +195,37 @@ def validation_table(result: dict) -> str:
         "| held out | model | plans | R^2 (ln dNLL) | MAE (pp) | median rel. err | Spearman | same-Q_r pairs ordered |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    label = "plans" if result["by"] == "plans" else "model"
+    label = {"plans": "plans", "models": "model"}.get(result["by"], "size")
     for m, s in [("all", result["overall"]), *result["per_model"].items()]:
         pairs = f"{_fmt(s.get('pairs_same_ratio'))} ({s.get('n_pairs', 0)})"
         lines.append(
             f"| {label} | {m} | {s['n']} | {_fmt(s['r2_log'])} | {_fmt(s['mae'], True)} | "
             f"{_fmt(s['median_rel'])} | {_fmt(s['spearman'])} | {pairs} |"
+        )
+    return "\n".join(lines)
+
+
+def _q_max(m: dict) -> str:
+    if m["status"] == "never_reached":
+        return "-"
+    return f"{'>=' if m['status'] == 'above_measured' else ''}{m['value']:.3f}"
+
+
+def curves_table(result: dict) -> str:
+    """Measured against predicted Q_r,max per budget and the curve error, one row per held-out model."""
+    budgets = result["budgets"]
+    lines = [
+        "| model | params | plans | curve MAE (pp) | "
+        + " | ".join(f"Q_r,max at {100 * b:g}%: measured / predicted" for b in budgets)
+        + " |",
+        "| --- | ---: | ---: | ---: |" + " ---: |" * len(budgets),
+    ]
+    for c in result["curves"]:
+        cells = [f"{_q_max(b['measured'])} / {_q_max(b['predicted'])}" for b in c["budgets"]]
+        lines.append(
+            f"| {c['model']} | {int(c['params']):,} | {c['n_plans']} | {_fmt(c['curve_mae'], True)} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -232,12 +264,21 @@ def cmd_fit(args) -> int:
         "none": [],
     }.get(args.validate, [args.validate])
     report = {"predictor": predictor.to_dict(), "validation": {}}
+    budgets = tuple(float(b) for b in args.budgets.split(","))
     for by in modes:
-        result = predict.validate(rows, terms, by=by, k=args.k, seed=args.seed)
+        if by == "sizes":
+            result = predict.leave_one_size_out(rows, terms, budgets=budgets)
+        else:
+            result = predict.validate(rows, terms, by=by, k=args.k, seed=args.seed)
         report["validation"][by] = {k: v for k, v in result.items() if k != "predictions"}
-        what = f"{result['k']}-fold over plans" if by == "plans" else "leave one model out"
+        what = {"plans": f"{result['k']}-fold over plans", "models": "leave one model out"}.get(
+            by, "leave one size out"
+        )
         print(f"\nheld-out validation ({what}):")
         print(validation_table(result))
+        if by == "sizes":
+            print("\neach held-out model's Q_r curve, predicted from the other sizes:")
+            print(curves_table(result))
     predictor.save(args.out)
     if args.json:
         write_json_atomic(args.json, json_safe(report))

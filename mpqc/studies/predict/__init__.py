@@ -42,6 +42,8 @@ coefficients. It predicts delta_ppl = exp(exp(fit)) - 1.
     predictor.predict(rows)                                   # delta_ppl per row
     mpqc.studies.predict.validate(rows, by="plans")                   # held-out plans: R^2, MAE, Spearman
     mpqc.studies.predict.validate(rows_of_several_models, by="models")  # leave one model out
+    mpqc.studies.predict.leave_one_size_out(rows_of_several_sizes)      # each size's Q_r curve and
+                                                                        # Q_r,max per budget, from the others
     mpqc.studies.predict.write_data("data.csv", rows); mpqc.studies.predict.read_data("data.csv")
     predictor.save("predictor.json"); mpqc.studies.predict.Predictor.load("predictor.json")
 
@@ -50,7 +52,8 @@ The modules:
     mpqc.studies.predict.features     Features: the measurements of one model, any plan's features
     mpqc.studies.predict.dataset      collect(), sample_plans(), write_data(), read_data(): the rows
     mpqc.studies.predict.model        Predictor, parse_term(), DEFAULT_TERMS: the fit
-    mpqc.studies.predict.validation   metrics(), validate(): how well it predicts held-out plans
+    mpqc.studies.predict.validation   metrics(), validate(), leave_one_size_out(): how well it predicts
+                                      held-out plans, models and sizes (their Q_r,max per budget)
 """
 
 from __future__ import annotations
@@ -59,7 +62,13 @@ from __future__ import annotations
 from mpqc.studies.predict.dataset import COLUMNS, collect, read_data, sample_plans, write_data  # noqa: F401
 from mpqc.studies.predict.features import FEATURES, MODEL_FEATURES, PLAN_FEATURES, Features, fisher_gradients  # noqa: F401
 from mpqc.studies.predict.model import DEFAULT_TERMS, LOG_FLOOR, Predictor, design, parse_term  # noqa: F401
-from mpqc.studies.predict.validation import SIMILAR_RATIO, metrics, validate  # noqa: F401
+from mpqc.studies.predict.validation import (  # noqa: F401
+    SIMILAR_RATIO,
+    leave_one_size_out,
+    metrics,
+    ratio_curves,
+    validate,
+)
 
 __all__ = [
     "COLUMNS",
@@ -69,6 +78,7 @@ __all__ = [
     "Predictor",
     "collect",
     "fisher_gradients",
+    "leave_one_size_out",
     "metrics",
     "read_data",
     "validate",

@@ -1,4 +1,6 @@
-"""Out-of-sample quality of the predictor: k-fold over plans, or leave one model out."""
+"""Out-of-sample quality of the predictor: k-fold over plans, leave one model out, or leave one
+size out; and the predictor put to use: each held-out size's delta_ppl-vs-Q_r curve and its
+Q_r,max per loss budget, predicted from the other sizes against the measured ones."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from mpqc.studies import laws
 from mpqc.studies.predict.model import DEFAULT_TERMS, LOG_FLOOR, Predictor
+from mpqc.studies.report.analysis import BUDGETS
 
-__all__ = ["SIMILAR_RATIO", "metrics", "validate"]
+__all__ = ["SIMILAR_RATIO", "leave_one_size_out", "metrics", "ratio_curves", "validate"]
 
 SIMILAR_RATIO = 0.05  # plans this close in Q_r count as "the same budget" when scoring the ranking
 
@@ -57,9 +61,10 @@ def metrics(true_delta, pred_delta, *, ratios=None, models=None) -> dict:
 def validate(
     rows: Sequence[Mapping], terms: Sequence[str] = DEFAULT_TERMS, *, by: str = "plans", k: int = 5, seed: int = 0
 ) -> dict:
-    """Out-of-sample quality: ``by="plans"`` (k-fold over plans; every model seen in training)
-    or ``by="models"`` (leave one model out: the held-out model's plans are predicted from the
-    other models). Returns metrics pooled over all held-out predictions ("overall"), per model
+    """Out-of-sample quality: ``by="plans"`` (k-fold over plans; every model seen in training),
+    ``by="models"`` (leave one model out: the held-out model's plans are predicted from the
+    other models) or ``by="sizes"`` (leave one size out: every model of that parameter count,
+    e.g. its training seeds, held out together). Returns metrics pooled over all held-out predictions ("overall"), per model
     ("per_model"), and the predictions themselves."""
     rows = list(rows)
     n = len(rows)
@@ -74,8 +79,16 @@ def validate(
         if len(names) < 2:
             raise ValueError(f"leave-one-model-out needs plans of at least two models, got {names}")
         folds = [np.flatnonzero(model_of == m) for m in names]
+    elif by == "sizes":
+        size_of = np.array([float(r["params"]) for r in rows])
+        sizes = np.unique(size_of)
+        if sizes.size < 2:
+            raise ValueError(
+                f"leave-one-size-out needs plans of at least two model sizes (params), got {sizes.tolist()}"
+            )
+        folds = [np.flatnonzero(size_of == s) for s in sizes]
     else:
-        raise ValueError(f"validate(by=...) takes 'plans' or 'models', got {by!r}")
+        raise ValueError(f"validate(by=...) takes 'plans', 'models' or 'sizes', got {by!r}")
     pred = np.full(n, math.nan)
     for test in folds:
         train_idx = np.setdiff1d(np.arange(n), test)
@@ -95,3 +108,57 @@ def validate(
         "per_model": per_model,
         "predictions": pred.tolist(),
     }
+
+
+def _max_ratio(ratios, deltas, budget) -> dict:
+    m = laws.max_ratio_at_budget(ratios, deltas, budget)
+    return {"value": None if math.isnan(m.value) else m.value, "status": m.status}
+
+
+def ratio_curves(rows: Sequence[Mapping], predicted, budgets: Sequence[float] = BUDGETS) -> list[dict]:
+    """Per model: its measured and its predicted delta_ppl-vs-Q_r curve over its plans, each made
+    monotone (``laws.monotone_envelope``: the best plan known at Q_r or above), the curves' mean
+    absolute difference in delta_ppl (``curve_mae``, at every plan's Q_r), and Q_r,max at each
+    budget read off both (``laws.max_ratio_at_budget``), with ``error`` = predicted - measured
+    where both were interpolated. ``predicted``: delta_ppl per row (e.g. held-out predictions)."""
+    pred = np.asarray(predicted, float)
+    out = []
+    for m in sorted({str(r["model"]) for r in rows}):
+        idx = [i for i, r in enumerate(rows) if str(r["model"]) == m]
+        ratio = [float(rows[i]["ratio"]) for i in idx]
+        true = [float(rows[i]["delta_ppl"]) for i in idx]
+        _, env_true = laws.monotone_envelope(ratio, true)
+        _, env_pred = laws.monotone_envelope(ratio, pred[idx])
+        budget_rows = []
+        for b in budgets:
+            measured, predicted_max = _max_ratio(ratio, true, b), _max_ratio(ratio, pred[idx], b)
+            both = measured["status"] == predicted_max["status"] == "interpolated"
+            budget_rows.append(
+                {
+                    "budget": b,
+                    "measured": measured,
+                    "predicted": predicted_max,
+                    "error": predicted_max["value"] - measured["value"] if both else None,
+                }
+            )
+        out.append(
+            {
+                "model": m,
+                "params": rows[idx[0]]["params"],
+                "n_plans": len(idx),
+                "curve_mae": float(np.mean(np.abs(env_pred - env_true))),
+                "budgets": budget_rows,
+            }
+        )
+    return sorted(out, key=lambda c: (float(c["params"]), c["model"]))
+
+
+def leave_one_size_out(
+    rows: Sequence[Mapping], terms: Sequence[str] = DEFAULT_TERMS, *, budgets: Sequence[float] = BUDGETS
+) -> dict:
+    """The predictor put to use: for each model size, fit on the other sizes and predict the
+    held-out size's plans; ``validate(by="sizes")``'s metrics plus ``curves``, each held-out
+    model's measured against predicted Q_r curve and Q_r,max per budget (``ratio_curves``)."""
+    rows = list(rows)
+    result = validate(rows, terms, by="sizes")
+    return {**result, "budgets": list(budgets), "curves": ratio_curves(rows, result["predictions"], budgets)}
