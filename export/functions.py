@@ -4,7 +4,7 @@ Four functions, one per format family, each ``Y = F(X)`` with the same shape and
 
     mpqc.MXQuantizeDequantize      OCP MX (mxint8 mxint4 mxfp8_e4m3 mxfp8_e5m2 mxfp6_* mxfp4)
     mpqc.NVFP4QuantizeDequantize   nvfp4: E2M1 elements, E4M3 block scales under an fp32 tensor scale
-    mpqc.AbsmaxQuantizeDequantize  int8 int4 fp4_e2m1: a float32 scale per block (absmax / max)
+    mpqc.AbsmaxQuantizeDequantize  int3 ... int8, fp4_e2m1: a float32 scale per block (absmax / max)
     mpqc.CastQuantizeDequantize    bf16 fp16: a round trip through the narrower float type
 
 Every call carries ``format`` (the mpqc format name), ``block_size`` (a positive int, -1 for

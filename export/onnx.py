@@ -248,8 +248,9 @@ def to_onnx(
     "table" (uint8 codes decoded through a lookup table; ONNX Runtime runs it) or "standard"
     (FLOAT4E2M1/FLOAT8 data, FLOAT8E8M0 scales, DequantizeLinear; onnx.reference runs it,
     ONNX Runtime has no kernel yet). Integer-element weights always use INT4/INT8
-    DequantizeLinear. ``external_data``: initializers in ``<path>.data`` (True), inside the
-    model file (False), or by size (None: external above 1 GiB). ``check``: run
+    DequantizeLinear (int3 in INT4, int5-int7 in INT8). ``external_data``: initializers in
+    ``<path>.data`` (True), inside the model file (False), or by size (None: external above
+    1 GiB). ``check``: run
     ``onnx.checker.check_model(full_check=True)`` before the file is moved into place.
 
     The translation by torch.onnx (most of the time of a small export) is done once per

@@ -167,10 +167,12 @@ class WeightEncoder:
             scales = packed.scales.to(torch.float32)
         scales = _scales_to_layout(scales, packed)
         shape = tuple(packed.shape)
-        if element.bits == 4:
+        # ONNX's integer types are INT4 and INT8: narrower elements (int3; int5-int7) are stored
+        # in the next one up, their values unchanged.
+        if element.bits <= 4:
             data = ir.PackedTensor(pack_bits(k & 15, 4).numpy(), ir.DataType.INT4, shape=shape)
             onnx_type = ir.DataType.INT4
-        elif element.bits == 8:
+        elif element.bits <= 8:
             data = ir.Tensor(k.to(torch.int8).numpy())
             onnx_type = ir.DataType.INT8
         else:

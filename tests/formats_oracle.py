@@ -44,7 +44,11 @@ ELEMS = {
     "nvfp4": Elem(False, 4, man_bits=1, bias=1, max_normal=6.0),
     "fp4_e2m1": Elem(False, 4, man_bits=1, bias=1, max_normal=6.0),
     "int8": Elem(True, 8, max_normal=127.0),
+    "int7": Elem(True, 7, max_normal=63.0),
+    "int6": Elem(True, 6, max_normal=31.0),
+    "int5": Elem(True, 5, max_normal=15.0),
     "int4": Elem(True, 4, max_normal=7.0),
+    "int3": Elem(True, 3, max_normal=3.0),
 }
 
 

@@ -14,7 +14,8 @@ from mpqc import formats
 from mpqc.formats import get_format, pack, quantize
 
 MX = ["mxint8", "mxint4", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4"]
-SCALED = MX + ["nvfp4", "fp4_e2m1", "int8", "int4"]
+INTS = ["int8", "int7", "int6", "int5", "int4", "int3"]  # absmax, fp32 scale per 128: the k-bit study's
+SCALED = MX + ["nvfp4", "fp4_e2m1", *INTS]
 ALL = SCALED + ["bf16", "fp16", "fp32"]
 
 
@@ -92,6 +93,20 @@ def test_mxint4_full_grid():
     assert torch.equal(packed.unpack(), quantize(x, "mxint4"))
 
 
+def test_int3_to_int8_grids_by_hand():
+    # absmax with an fp32 scale max|x| / (2**(k-1) - 1): a block whose max is qmax has scale 1.
+    assert [get_format(f"int{k}").element.qmax for k in range(3, 9)] == [3, 7, 15, 31, 63, 127]
+    assert [get_format(f"int{k}").bits_per_element for k in range(3, 9)] == [k + 32 / 128 for k in range(3, 9)]
+    assert_same(quantize(torch.tensor([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]), "int3"), [-3, -2, -1, 0, 1, 2, 3])
+    # 1.4 -> 1; 0.5 and -2.5 are ties: away from zero ("nearest") or to even
+    x = torch.tensor([3.0, 1.4, 0.5, -2.5])
+    assert quantize(x, "int3").tolist() == [3.0, 1.0, 1.0, -3.0]
+    assert quantize(x, "int3", rounding="even").tolist() == [3.0, 1.0, 0.0, -2.0]
+    # int5 at block 2: each pair scaled by its own max / 15
+    assert quantize(torch.tensor([15.0, 7.4, 30.0, 1.0]), "int5", block_size=2).tolist() == [15.0, 7.0, 30.0, 2.0]
+    assert torch.equal(pack(x, "int3").unpack(), quantize(x, "int3"))
+
+
 @pytest.mark.parametrize("name", SCALED)
 def test_every_code_round_trips(name):
     """Each finite code's value, placed in a block that fixes the scale, comes back with its own code."""
@@ -155,7 +170,7 @@ def test_saturation():
     assert quantize(torch.tensor([1.999, -1.999]), "mxint8").tolist() == [127 / 64, -127 / 64]
 
 
-@pytest.mark.parametrize("name", MX + ["int8", "int4", "fp4_e2m1"])
+@pytest.mark.parametrize("name", MX + [*INTS, "fp4_e2m1"])
 def test_nan_inf_and_zero_blocks(name):
     x = torch.tensor(
         [[1.0, 2.0, math.nan, 0.5], [1.0, math.inf, 3.0, 0.5], [0.0, -0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.5]]
@@ -251,7 +266,7 @@ def test_mx_matches_oracle(name, rounding):
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "even"])
-@pytest.mark.parametrize("name", ["int8", "int4", "fp4_e2m1"])
+@pytest.mark.parametrize("name", [*INTS, "fp4_e2m1"])
 def test_absmax_matches_oracle(name, rounding):
     x = _random_blocks(7, 16, 128)
     block = 128 if name != "fp4_e2m1" else "vector"

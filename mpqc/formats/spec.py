@@ -317,7 +317,11 @@ E5M2 = ElementType("e5m2", "float", 8, exp_bits=5, man_bits=2, bias=15, special=
 MXINT8_ELEMENT = ElementType("int8_fixed", "int", 8, frac_bits=6)  # k/64, |k| <= 127
 MXINT4_ELEMENT = ElementType("int4_fixed", "int", 4, frac_bits=2)  # k/4, |k| <= 7
 INT8 = ElementType("int8", "int", 8)
+INT7 = ElementType("int7", "int", 7)
+INT6 = ElementType("int6", "int", 6)
+INT5 = ElementType("int5", "int", 5)
 INT4 = ElementType("int4", "int", 4)
+INT3 = ElementType("int3", "int", 3)
 # llama.cpp's codes: Q4_0 -8..7, Q5_0 -16..15, Q6_K -32..31 (two's complement, full range);
 # Q8_0 and Q8_K -127..127 (INT8 above); the formats with a minimum store unsigned codes.
 INT4_FULL = ElementType("int4_full", "int", 4, full_range=True)
@@ -370,9 +374,14 @@ _PRESETS = [
     # FP4-E2M1 with a float scale per output channel (along the reduction axis) by default;
     # block_size="tensor" gives the per-tensor variant.
     Format("fp4_e2m1", "absmax", E2M1, FP32_SCALE, "vector"),
-    # Symmetric integer formats with an fp32 scale per group (the k-bit scaling study's blocks).
+    # Symmetric integer formats with an fp32 scale per group (the k-bit scaling study's blocks:
+    # Dettmers & Zettlemoyer sweep k = 3..8).
     Format("int8", "absmax", INT8, FP32_SCALE, 128),
+    Format("int7", "absmax", INT7, FP32_SCALE, 128),
+    Format("int6", "absmax", INT6, FP32_SCALE, 128),
+    Format("int5", "absmax", INT5, FP32_SCALE, 128),
     Format("int4", "absmax", INT4, FP32_SCALE, 128),
+    Format("int3", "absmax", INT3, FP32_SCALE, 128),
     *_GGML_PRESETS,
     Format("bf16", "cast", None, NO_SCALE, None, cast_dtype="bfloat16"),
     Format("fp16", "cast", None, NO_SCALE, None, cast_dtype="float16"),
