@@ -7,6 +7,7 @@
     mpqc export [MODEL] --plan P       ONNX with low-bit weights and precision metadata
     mpqc sweep CONFIG.toml             a resumable scaling-law sweep into one results table
     mpqc fit RESULTS.csv --out DIR     fitted laws, figures and a Markdown report
+    mpqc bitsweep CONFIG.toml          k-bit block formats x block sizes: perplexity against total bits
     mpqc predict collect|fit|plan      predict a plan's delta_ppl from cheap measurements
 
 MODEL is a local Hugging Face directory, a .gguf file, or (left out) the embedded default,

@@ -1,4 +1,4 @@
-"""mpqc sweep and mpqc fit: the scaling-law studies (mpqc.studies)."""
+"""mpqc sweep, mpqc fit and mpqc bitsweep: the scaling-law studies (mpqc.studies)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ def add_parsers(sub) -> None:
     ft.add_argument("--out", default="mpqc-fit", help="directory for laws.json, the PNG figures and report.md")
     ft.add_argument("--budgets", default="0.05,0.1,0.2", help="loss budgets (relative delta_ppl), comma-separated")
     ft.set_defaults(func=run_fit)
+
+    bs = sub.add_parser(
+        "bitsweep",
+        help="the bit-level sweep (Dettmers & Zettlemoyer): uniform weight-only k-bit plans at each block size, "
+        "perplexity against total model bits, the bit-optimal k (resumable)",
+    )
+    bs.add_argument("config", help="bit-level config TOML (schema: docs/scaling.md, 'The bit-level sweep')")
+    bs.add_argument("--out", default=None, help="results CSV (default: the config's out); the verdict goes beside it")
+    bs.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
+    bs.add_argument("--quiet", action="store_true", help="no progress bars")
+    bs.set_defaults(func=run_bitsweep)
 
 
 def run_sweep(args) -> int:
@@ -66,3 +77,46 @@ def run_fit(args) -> int:
     paths = report.write_report(args.results, args.out, budgets=budgets)
     print("wrote " + ", ".join(paths.values()))
     return 0
+
+
+def run_bitsweep(args) -> int:
+    import os
+
+    from mpqc.io import json_safe, write_json_atomic
+    from mpqc.studies import bitlevel
+
+    config = bitlevel.load_config(args.config)
+    if args.out:
+        config = dataclasses.replace(config, out=args.out)
+    check_output_file(config.out, "the results file (out)")  # before any model loads
+    if args.dry_run:
+        done = bitlevel.finished_keys(config.out)
+        for cell in config.cells():
+            state = "done" if config.key(cell) in done else "todo"
+            print(f"{state}  {cell.model.name} {cell.format} block {cell.block_size or '-'}")
+        return 0
+    summary = bitlevel.run(config, progress=not args.quiet)
+    result = bitlevel.bit_optimal(bitlevel.read_results(config.out))
+    verdict_path = os.path.splitext(config.out)[0] + "_bit_optimal.json"
+    write_json_atomic(verdict_path, json_safe(result))
+    print(bit_optimal_table(result))
+    print(
+        f"bitsweep: ran {summary.ran} cells, skipped {summary.skipped} finished ones, in {summary.seconds:.0f} s; "
+        f"results in {summary.out}, the bit-optimal k in {verdict_path}"
+    )
+    return 0
+
+
+def bit_optimal_table(result: dict) -> str:
+    """The best configuration within each total-bits budget, and the verdict."""
+    lines = [
+        "| total-bits budget | bits per parameter | k | format | block | model | perplexity |",
+        "| ---: | ---: | ---: | --- | ---: | --- | ---: |",
+    ]
+    for b in result["budgets"]:
+        block = "-" if not isinstance(b["block_size"], int) else b["block_size"]
+        lines.append(
+            f"| {b['budget_bits']:,.0f} | {b['bits_per_param']:.3f} | {b['bits']} | {b['format']} | {block} | "
+            f"{b['model']} | {b['ppl']:.3f} |"
+        )
+    return "\n".join([*lines, "", result["verdict"]])

@@ -20,6 +20,7 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "search": {"out": "dir", "json": "file"},
     "export": {"output": "file", "json": "file"},
     "sweep": {"out": "file"},
+    "bitsweep": {"out": "file"},
     "fit": {"out": "dir"},
     "predict collect": {"out": "file"},
     "predict fit": {"out": "file", "json": "file"},
@@ -150,7 +151,7 @@ def interrupted(args) -> str:
         if args.storage:
             return f"the completed trials are stored in {args.storage}: run the same command to resume"
         return "no --storage was given, so its trials are lost; add --storage FILE to make a search resumable"
-    if name == "sweep":
+    if name in ("sweep", "bitsweep"):
         return "the finished cells are kept: run the same command to resume"
     if name == "predict collect":
         return f"the finished plans are kept in {args.out}: run the same command to resume"
