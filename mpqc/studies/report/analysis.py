@@ -132,7 +132,12 @@ def seed_max_ratios(rows, budget: float) -> list[dict]:
     for r in rows:
         curves[(r["params"], r["model"], _train_seed(r), r["seed"])].append(r)
     points = []
-    for (params, model, train_seed, seed), rs in sorted(curves.items(), key=lambda kv: str(kv[0])):
+
+    def order(key):  # smallest first; a missing training seed before any
+        params, model, train_seed, seed = key
+        return (params, model, -1 if train_seed is None else train_seed, seed)
+
+    for (params, model, train_seed, seed), rs in sorted(curves.items(), key=lambda kv: order(kv[0])):
         m = laws.max_ratio_at_budget([r["achieved"] for r in rs], [r["delta_ppl"] for r in rs], budget)
         points.append(
             {
