@@ -49,8 +49,6 @@ class PlanContext:
     scores: Mapping[str, float]
     layers: Mapping[str, int | None]
     base_loss: float | None = None
-    # The all-high plan's log loss after each chunk of the windows, for trials the pruner stopped.
-    base_steps: tuple[float, ...] | None = None
 
     def meets(self, low) -> bool:
         return sum(self.sizes[n] for n in low) >= self.target - _MEET
@@ -126,7 +124,7 @@ class RefineSampler(PlanSampler):
         if not done:
             first = solve_knapsack(ctx.scores, ctx.sizes, ctx.target, exclude=tried)
             return first if first is not None else list(ctx.names)
-        costs = corrected_costs(ctx, measured_evidence(study, ctx), ridge=self.ridge)
+        costs = corrected_costs(ctx, done, ridge=self.ridge)
         candidates = self._candidates(done, costs, tried)
         if not candidates:  # every nearby plan was tried: the next knapsack optimum
             nxt = solve_knapsack(costs_positive(costs), ctx.sizes, ctx.target, exclude=tried)
@@ -162,52 +160,26 @@ def completed_plans(study: optuna.Study) -> list[tuple[frozenset[str], float]]:
     return out
 
 
-def measured_evidence(study: optuna.Study, ctx: PlanContext) -> list[tuple[frozenset[str], float, float]]:
-    """(low set, log loss over the all-high plan's, weight) of every measured trial: completed ones
-    over all windows (weight 1), and pruned ones over the chunks they ran, against the all-high
-    plan on the same chunks, weighted by the share of windows they saw. A pruned trial is still
-    a measurement of which components hurt; most trials of a pruned search are pruned."""
-    out = []
-    if ctx.base_loss is None:  # nothing to measure losses against: completed trials, relative to the best
-        done = completed_plans(study)
-        base = min((loss for _, loss in done), default=0.0) - 1e-3
-        return [(low, loss - base, 1.0) for low, loss in done]
-    for low, loss in completed_plans(study):
-        out.append((low, loss - ctx.base_loss, 1.0))
-    if ctx.base_steps is None:
-        return out
-    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
-        low, values = t.user_attrs.get("low"), t.intermediate_values
-        if low is None or not values:
-            continue
-        step = max(values)
-        if step < len(ctx.base_steps) and 0 < values[step] < math.inf:
-            out.append(
-                (frozenset(low), math.log(values[step]) - ctx.base_steps[step], (step + 1) / len(ctx.base_steps))
-            )
-    return out
-
-
-def corrected_costs(ctx: PlanContext, evidence, *, ridge: float) -> dict[str, float]:
+def corrected_costs(ctx: PlanContext, done, *, ridge: float) -> dict[str, float]:
     """Per-component costs c = gamma * Fisher + delta fitted to the measured losses.
 
-    ``evidence``: (low set, loss over the all-high plan's, weight) per measured plan. Excess loss
-    = sum_{c in L} cost_c; gamma by weighted least squares on the Fisher sums, delta the
-    weighted ridge solution of the residuals (dual form: trials are fewer than components).
+    loss(L) - base = sum_{c in L} cost_c; gamma by least squares on the Fisher sums, delta
+    the ridge solution of the residuals (dual form: trials are fewer than components).
     """
     names = list(ctx.names)
     index = {n: i for i, n in enumerate(names)}
-    X = np.zeros((len(evidence), len(names)))
-    for row, (low, _, _) in enumerate(evidence):
+    X = np.zeros((len(done), len(names)))
+    for row, (low, _) in enumerate(done):
         X[row, [index[n] for n in low if n in index]] = 1.0
-    r = np.array([excess for _, excess, _ in evidence])
-    w = np.array([weight for _, _, weight in evidence])
+    y = np.array([loss for _, loss in done])
     fisher = np.array([ctx.scores[n] for n in names])
+    base = ctx.base_loss if ctx.base_loss is not None else float(np.min(y)) - 1e-3
+    r = y - base
     f = X @ fisher
-    gamma = float((w * f) @ r / ((w * f) @ f)) if (w * f) @ f > 0 else 1.0
+    gamma = float(f @ r / (f @ f)) if f @ f > 0 else 1.0
     gamma = max(gamma, 0.0)
     residual = r - gamma * f
-    delta = X.T @ np.linalg.solve(X @ X.T + ridge * np.diag(1.0 / w), residual)
+    delta = X.T @ np.linalg.solve(X @ X.T + ridge * np.eye(len(done)), residual)
     return {n: float(gamma * fisher[i] + delta[i]) for n, i in index.items()}
 
 

@@ -197,12 +197,10 @@ def _prepare_sampler(
         if seeds:
             seed_study(study, runner.space, sens, n_seeded=config.n_seeded, seed=config.seed)
         return
-    steps = study.user_attrs.get("base_perplexity_steps")
-    if steps is None:  # one evaluation of the all-high plan, reporting after every chunk
-        steps = runner.running_perplexity(runner.space.plan([]))
-        study.set_user_attr("base_perplexity_steps", steps)
-        study.set_user_attr("base_perplexity", steps[-1])
-    base = steps[-1]
+    base = study.user_attrs.get("base_perplexity")
+    if base is None:
+        base = runner.evaluate_perplexity(runner.space.plan([]))
+        study.set_user_attr("base_perplexity", base)
     layers = {c.name: c.layer for c in runner.space.variables()}
     sampler.prepare(
         PlanContext(
@@ -212,7 +210,6 @@ def _prepare_sampler(
             scores={n: sens[n] for n in runner.names},
             layers=layers,
             base_loss=math.log(base) if 0 < base < math.inf else None,
-            base_steps=tuple(math.log(v) for v in steps) if all(0 < v < math.inf for v in steps) else None,
         )
     )
 

@@ -61,12 +61,6 @@ class TrialRunner:
             return WindowPerplexity(w, batch, None if eager else self.perplexity.forward).evaluate(self.qmodel).value
         return self.perplexity.evaluate(self.qmodel).value
 
-    def running_perplexity(self, plan: Plan) -> list[float]:
-        """``plan``'s perplexity after each chunk the trials report (one full evaluation; the last
-        value is ``evaluate_perplexity``'s)."""
-        self.qmodel.set_plan(plan)
-        return list(self.perplexity.running(self.qmodel, self.steps))
-
     def measure(self, plan: Plan, trial: optuna.Trial | None = None) -> tuple[float, dict]:
         """(what the study minimizes, what the trial records) for ``plan``."""
         ppl = self._perplexity(plan, trial)
