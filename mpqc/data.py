@@ -38,18 +38,22 @@ from mpqc.io import atomic_file, installed_file
 
 __all__ = [
     "DEFAULT_TEXT",
+    "GENSIM_PIP",
     "cache_dir",
     "load_text",
     "load_tokens",
+    "save_tensor_atomic",
     "split_tokens",
     "strip_wiki_markup",
     "tokenize",
+    "tokenizer_fingerprint",
+    "wiki_documents",
     "wiki_sample_path",
 ]
 
 DEFAULT_TEXT = "wiki"
 _WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-_GENSIM_PIP = "pip install --no-deps gensim==4.4.0"
+GENSIM_PIP = "pip install --no-deps gensim==4.4.0"
 # Bump when strip_wiki_markup changes, so cached token streams of the old text die.
 _STRIPPER_VERSION = 1
 
@@ -62,7 +66,7 @@ def wiki_sample_path() -> Path:
     return installed_file(
         "gensim",
         _WIKI_FILE,
-        install=_GENSIM_PIP,
+        install=GENSIM_PIP,
         missing="the default text 'wiki' is the Wikipedia sample inside the gensim wheel, and gensim is not "
         "installed; install it with `{install}`, or pass a path to a .txt file or directory instead",
     )
@@ -152,13 +156,17 @@ def _wiki_articles(path: Path):
         yield page.findtext("m:title", "", ns), page.findtext("m:revision/m:text", "", ns)
 
 
-def _load_wiki() -> str:
-    articles = []
+def wiki_documents():
+    """(title, plain text) of every article of the Wikipedia sample with text left after
+    :func:`strip_wiki_markup`, in dump order; the text starts with the title."""
     for title, wikitext in _wiki_articles(wiki_sample_path()):
         body = strip_wiki_markup(wikitext)
         if body:
-            articles.append(f"{title}\n\n{body}")
-    return "\n\n".join(articles)
+            yield title, f"{title}\n\n{body}"
+
+
+def _load_wiki() -> str:
+    return "\n\n".join(text for _, text in wiki_documents())
 
 
 @contextlib.contextmanager
@@ -249,7 +257,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MPQC_CACHE") or Path.home() / ".cache" / "mpqc")
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
     # The serialized fast tokenizer covers vocab, merges, normalizer and
     # pre-tokenizer: anything that changes token ids changes the hash.
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -294,7 +302,7 @@ def tokenize(tokenizer, text: str, *, chunk_chars: int = 65536, batch: int = 16)
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _save_tensor_atomic(tensor: torch.Tensor, path: Path) -> None:
+def save_tensor_atomic(tensor: torch.Tensor, path: Path) -> None:
     with atomic_file(path, "wb") as f:  # readers see the old file or the whole new one
         torch.save(tensor, f)
 
@@ -318,7 +326,7 @@ def load_tokens(
     if not text:
         raise ValueError(f"text {str(spec)!r} is empty")
     text_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = cache_dir() / "tokens" / f"{text_hash}-{_tokenizer_fingerprint(tokenizer)}.pt"
+    path = cache_dir() / "tokens" / f"{text_hash}-{tokenizer_fingerprint(tokenizer)}.pt"
     tokens = None
     if cache and path.is_file():
         try:
@@ -328,7 +336,7 @@ def load_tokens(
     if tokens is None:
         tokens = tokenize(tokenizer, text)
         if cache:
-            _save_tensor_atomic(tokens, path)
+            save_tensor_atomic(tokens, path)
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
