@@ -303,7 +303,7 @@ def _manpages(path) -> Iterator[Document]:
             for f in lists
             if f.is_file()
             for line in f.read_text().splitlines()
-            if re.fullmatch(r"/usr/share/man/man\d/[^/]+\.gz", line)
+            if re.fullmatch(r".*/man/man\d/[^/]+\.gz", line)  # English pages only: no /man/<lang>/
         }
     )
     for page in pages:

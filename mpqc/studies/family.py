@@ -127,19 +127,20 @@ PRESETS = {
         lr_width=256,
         steps=2000,
     ),
-    # Six sizes, 11.8k to 1.17M non-embedding parameters (2.0 decades), three training seeds each,
+    # Six sizes, 7.0k to 1.17M non-embedding parameters (2.2 decades), three training seeds each,
     # 20 tokens per non-embedding parameter capped at 4 passes over the corpus's train split
-    # (docs/scaling.md has the table and the measured CPU budget).
+    # (docs/scaling.md has the table and the measured CPU budget). Smaller batches for the small
+    # sizes give them a few hundred steps at least.
     "cpu-family": Preset(
         sizes=(
-            Size("fam-1", 32, 1, 2, batch=4),
-            Size("fam-2", 32, 3, 2, batch=4),
+            Size("fam-1", 24, 1, 2, batch=2),
+            Size("fam-2", 32, 2, 2, batch=4),
             Size("fam-3", 48, 3, 4, batch=8),
-            Size("fam-4", 64, 4, 4, batch=8),
-            Size("fam-5", 96, 5, 4, batch=16),
-            Size("fam-6", 128, 6, 4, batch=16),
+            Size("fam-4", 64, 4, 4, batch=16),
+            Size("fam-5", 96, 4, 4, batch=16),
+            Size("fam-6", 128, 6, 4, batch=32),
         ),
-        vocab=4096,
+        vocab=2048,
         batch=8,
         seq_len=128,
         lr=3e-3,
@@ -447,11 +448,16 @@ def _tokenizer_for(folder: Path, text_for_training, vocab: int, source: dict):
 
 
 def corpus_data(out: Path, vocab: int, corpus_dir: Path | None = None, corpus_paths: dict | None = None) -> FamilyData:
-    """The corpus's train and held-out splits, tokenized with a tokenizer trained on train alone."""
-    from mpqc.corpus import build_corpus, corpus_text, tokenize_corpus
+    """The corpus's train and held-out splits, tokenized with a tokenizer trained on train alone.
 
+    ``corpus_dir``: a corpus built before (used as it is), or where to build one from every
+    source (default ``<out>/corpus``; ``corpus_paths`` as in ``build_corpus``)."""
+    from mpqc.corpus import build_corpus, corpus_text, load_manifest, tokenize_corpus
+
+    manifest = load_manifest(corpus_dir) if corpus_dir is not None else None
     corpus_dir = corpus_dir or out / "corpus"
-    manifest = build_corpus(corpus_dir, paths=corpus_paths)
+    if manifest is None:
+        manifest = build_corpus(corpus_dir, paths=corpus_paths)
     source = {
         "corpus": {split: manifest["splits"][split]["sha256"] for split in ("train", "heldout")},
         "used": [s for s, e in manifest["sources"].items() if e["status"] == "used"],
