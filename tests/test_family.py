@@ -150,3 +150,15 @@ def test_budget_rows_come_from_timed_steps(monkeypatch):
         ("b", 2.0 * plans[2].steps * 2 / 3600),
     ]
     assert family.measure_step_seconds(MICRO.sizes[0], MICRO, 300, 2, CPU, steps=1, warmup=1) > 0
+
+
+def test_the_example_sweep_config_lists_every_cpu_family_run():
+    from pathlib import Path
+
+    from mpqc.studies import sweep
+
+    preset = family.PRESETS["cpu-family"]
+    config = sweep.load_config(str(Path(__file__).parent.parent / "examples" / "sweep_cpu_family.toml"))
+    plans = family.plan_runs(preset, vocab=preset.vocab, train_tokens=2_400_000, seeds=preset.seeds, seeded=True)
+    assert [(m.name, m.train_seed) for m in config.models] == [(p.name, p.train_seed) for p in plans]
+    assert config.search["keep_high"] == ["lm_head"] and config.text.endswith("cpu-family/corpus/heldout")
