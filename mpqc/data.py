@@ -15,6 +15,8 @@ Text specs accepted by :func:`load_text` and :func:`load_tokens`:
   ``datasets`` cache (nothing can be downloaded here); its ``text`` column is
   joined with blank lines. SPLIT defaults to ``test``.
 
+A training corpus from several sources, with a held-out split by document, is mpqc.corpus.
+
 Holdout convention: :func:`split_tokens` cuts a stream into a leading search part
 and a trailing holdout part (by default the last 10%), so a search and the final
 report it is judged by never share text.

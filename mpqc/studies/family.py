@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -641,16 +642,19 @@ def train_family(out, preset: Preset, *, seeds, seeded: bool, device, threads: i
 def measure_step_seconds(
     size: Size, preset: Preset, vocab: int, batch: int, device: torch.device, *, steps: int = 5, warmup: int = 2
 ) -> float:
-    """Seconds per training step of ``size``, timed over ``steps`` steps after ``warmup`` (random tokens)."""
+    """Seconds per training step of ``size``: the median of ``steps`` timed steps after ``warmup``
+    (random tokens; the median, since other jobs on a shared machine slow some steps a lot)."""
     model = build_model(size, vocab, preset.seq_len, seed=0).to(device).train()
     opt, sched = _optimizer(model, 1e-3, 1000)
     x = torch.randint(0, vocab, (batch, preset.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     for _ in range(warmup):
         _step(model, opt, sched, x, device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         _step(model, opt, sched, x, device)
-    return (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def estimate_budget(
