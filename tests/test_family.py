@@ -102,6 +102,19 @@ def test_micro_family_resumes_to_the_same_weights_and_skips_finished_runs(tmp_pa
         run(tmp_path / "whole", corpus_dir, dataclasses.replace(MICRO, lr=1e-3))
 
 
+def test_a_deadline_starts_no_run_and_an_old_log_is_refused(tmp_path, corpus_dir):
+    import time
+
+    preset = dataclasses.replace(MICRO, sizes=MICRO.sizes[:1])
+    assert run(tmp_path, corpus_dir, preset, deadline=time.monotonic() - 1) == dict.fromkeys(
+        ["a-seed0", "a-seed1"], "not started"
+    )
+    (tmp_path / "a-seed0").mkdir()
+    (tmp_path / "a-seed0" / family.MARKER).write_text('{"params": 1}')  # a log of the older script
+    with pytest.raises(ValueError, match="trained before runs recorded their settings"):
+        run(tmp_path, corpus_dir, preset)
+
+
 def test_the_run_log_records_what_a_sweep_needs(tmp_path, corpus_dir):
     import mpqc
 

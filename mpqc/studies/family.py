@@ -516,6 +516,11 @@ def train_run(
     identity = _identity(plan, preset, data)
     if (run_dir / MARKER).is_file():
         log = json.loads((run_dir / MARKER).read_text())
+        if "identity" not in log:
+            raise ValueError(
+                f"{run_dir} was trained before runs recorded their settings, so it cannot be checked against "
+                "these; give another --out, or delete it to retrain"
+            )
         _check_identity(log["identity"], identity, run_dir)
         return "done", log
     model = build_model(plan.size, len(data.tokenizer), preset.seq_len, seed=plan.init_seed)
