@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from collections import Counter
 
@@ -225,31 +224,21 @@ def read_results(path: str) -> list[dict]:
 # ---- running ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class BitSummary:
-    ran: int
-    skipped: int
-    out: str
-    seconds: float
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(config: BitConfig, *, progress: bool = True) -> BitSummary:
+def run(config: BitConfig, *, progress: bool = True) -> sweep.SweepSummary:
     """Run every cell not yet in ``config.out``; a model whose cells are all done is not loaded."""
     t_start = time.perf_counter()
     rows = _read_raw(config.out)
     done = {r["key"] for r in rows}
     cells = config.cells()
     pending = [c for c in cells if config.key(c) not in done]
-    _log(f"bitsweep: {len(cells)} cells, {len(cells) - len(pending)} already in {config.out}, {len(pending)} to run")
+    sweep._log(
+        f"bitsweep: {len(cells)} cells, {len(cells) - len(pending)} already in {config.out}, {len(pending)} to run"
+    )
     for model in config.models:
         todo = [c for c in pending if c.model == model]
         if todo:
             _run_model(config, model, todo, rows, progress)
-    return BitSummary(len(pending), len(cells) - len(pending), config.out, time.perf_counter() - t_start)
+    return sweep.SweepSummary(len(pending), len(cells) - len(pending), config.out, time.perf_counter() - t_start)
 
 
 class _Model:
@@ -272,7 +261,9 @@ class _Model:
         self.batch_size = e["batch_size"]
         self.ppl_base = self.perplexity()
         self.kept = resolve_keep_high(self.graph, "matmul", e["keep_high"])
-        _log(f"bitsweep: {model.name}: {self.params:,} parameters, all-{e['high']} held-out ppl {self.ppl_base:.3f}")
+        sweep._log(
+            f"bitsweep: {model.name}: {self.params:,} parameters, all-{e['high']} held-out ppl {self.ppl_base:.3f}"
+        )
 
     def perplexity(self) -> float:
         from mpqc.evaluate import perplexity
@@ -331,7 +322,7 @@ def _run_cell(config: BitConfig, bench: _Model, cell: BitCell) -> dict:
         "seconds": round(time.perf_counter() - t0, 3),
         "key": config.key(cell),
     }
-    _log(
+    sweep._log(
         f"bitsweep: {cell.model.name} {cell.format} block {cell.block_size}: {row['bits_per_param']:.3f} bits per "
         f"parameter, held-out ppl {bench.ppl_base:.3f} -> {ppl:.3f}"
     )
