@@ -109,3 +109,18 @@ def test_a_search_over_preference_lists_meets_the_budget_with_each_components_ca
     assert result.study.user_attrs[SETTINGS_ATTR]["low"] == LOW
     formats = {result.plan.weight_format(m).name for m in graph.matmuls if m.has_weight}
     assert "q4_k" in formats or "q6_k" in formats  # the k-quants are searched where they fit
+
+
+def test_the_command_line_takes_preference_lists_and_checks_every_candidate():
+    from types import SimpleNamespace
+
+    from mpqc.cli import build_parser
+    from mpqc.cli.validate import search_settings
+    from mpqc.search import SearchConfig
+
+    args = build_parser().parse_args(["search", "--target", "llama.cpp", "--low", LOW, "--high", HIGH])
+    assert (args.low, args.high) == (LOW, HIGH)
+    config = SearchConfig(budget=Budget("bits", 6.5), low=args.low, high=args.high, target="llama.cpp")
+    search_settings(config, SimpleNamespace())  # every candidate's format and block size pass
+    with pytest.raises(ValueError, match="unknown format .q9_9."):
+        search_settings(config.replace(low="q4_k,q9_9"), SimpleNamespace())
