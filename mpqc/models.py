@@ -232,3 +232,14 @@ def load_model(
         _CACHE[key] = (model, tokenizer)
         return copy.deepcopy(model), tokenizer
     return model, tokenizer
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """{"total": every parameter once (a tied lm_head is the embedding), "non_embedding": the rest
+    without the token embedding (and an untied output embedding), Kaplan et al.'s count}."""
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight.numel()}
+    output = model.get_output_embeddings()
+    if output is not None:
+        embeddings[id(output.weight)] = output.weight.numel()
+    return {"total": total, "non_embedding": total - sum(embeddings.values())}

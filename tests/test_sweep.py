@@ -282,6 +282,14 @@ def test_fit_writes_report_from_a_real_sweep(first_run, tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000  # a real image, not an empty canvas
     data = json.loads((out / "laws.json").read_text())
     assert data["n_rows"] == len(rows) and [m["model"] for m in data["models"]] == ["tiny-a", "tiny-b"]
+    for name in ("tiny-a", "tiny-b"):  # the non-embedding count beside the total, by hand
+        model = mpqc.load_model(str(config_path.parent / name), cache=False)[0]
+        embeddings = model.get_input_embeddings().weight.numel()
+        if not model.config.tie_word_embeddings:
+            embeddings += model.get_output_embeddings().weight.numel()
+        assert {(r["params"], r["params_non_embedding"]) for r in rows if r["model"] == name} == {
+            (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters()) - embeddings)
+        }
     assert len(data["max_ratio"]) == 2 * 4 * 3  # models x settings x budgets
     assert all(e["fit"] is None for e in data["law1"])  # two models cannot fit Law 1: said, not faked
     report = (out / "report.md").read_text()
@@ -349,6 +357,37 @@ def synthetic_rows():
     for i, r in enumerate(rows):
         r["key"] = str(i)
     return rows
+
+
+def test_fit_takes_non_embedding_size_when_asked_and_refuses_files_without_it(tmp_path):
+    import json
+    import math
+
+    from mpqc.studies import report
+
+    rows = [{**r, "params_non_embedding": r["params"] // 2} for r in synthetic_rows()]
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    total = json.loads(open(report.write_report(str(path), str(tmp_path / "total"))["json"]).read())
+    half = json.loads(open(report.write_report(str(path), str(tmp_path / "ne"), size="non_embedding")["json"]).read())
+    assert (total["size"], half["size"]) == (report.SIZES["total"], report.SIZES["non_embedding"])
+
+    def law1(data):
+        return next(e for e in data["law1"] if e["budget"] == 0.1 and e["fit"])["fit"]
+
+    # size halved: the same k, c lower by ln 2
+    assert law1(half)["k"] == pytest.approx(law1(total)["k"], rel=1e-9)
+    assert law1(half)["c"] == pytest.approx(law1(total)["c"] - math.log(2), rel=1e-9)
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c for c in sweep.COLUMNS if c != "params_non_embedding"])
+        writer.writeheader()
+        writer.writerows(synthetic_rows())
+    with pytest.raises(ValueError, match=r"no params_non_embedding.*fit with size total"):
+        report.write_report(str(old), str(tmp_path / "old"), size="non_embedding")
 
 
 def test_fit_recovers_laws_written_into_a_results_table(tmp_path):

@@ -25,6 +25,12 @@ def add_parsers(sub) -> None:
     ft.add_argument("results", help="results CSV written by mpqc sweep")
     ft.add_argument("--out", default="mpqc-fit", help="directory for laws.json, the PNG figures and report.md")
     ft.add_argument("--budgets", default="0.05,0.1,0.2", help="loss budgets (relative delta_ppl), comma-separated")
+    ft.add_argument(
+        "--size",
+        choices=("total", "non_embedding"),
+        default="total",
+        help="model size for the laws: all parameters, or without the token embedding (Kaplan et al.)",
+    )
     ft.set_defaults(func=run_fit)
 
     bs = sub.add_parser(
@@ -74,7 +80,7 @@ def run_fit(args) -> int:
     from mpqc.studies import report
 
     budgets = tuple(float(b) for b in args.budgets.split(","))
-    paths = report.write_report(args.results, args.out, budgets=budgets)
+    paths = report.write_report(args.results, args.out, budgets=budgets, size=args.size)
     print("wrote " + ", ".join(paths.values()))
     return 0
 

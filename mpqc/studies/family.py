@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from mpqc.io import atomic_file, write_json_atomic
+from mpqc.models import parameter_counts
 
 __all__ = [
     "PRESETS",
@@ -201,17 +202,6 @@ def build_model(size: Size, vocab_size: int, seq_len: int, seed: int, device: st
     torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(config)
-
-
-def parameter_counts(model) -> dict[str, int]:
-    """{"total": every parameter once (a tied lm_head is the embedding), "non_embedding": the rest
-    without the token embedding (and an untied output embedding), Kaplan et al.'s count}."""
-    total = sum(p.numel() for p in model.parameters())
-    embeddings = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight.numel()}
-    output = model.get_output_embeddings()
-    if output is not None:
-        embeddings[id(output.weight)] = output.weight.numel()
-    return {"total": total, "non_embedding": total - sum(embeddings.values())}
 
 
 def train_tokenizer(text: str, vocab_size: int):

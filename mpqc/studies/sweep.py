@@ -26,6 +26,7 @@ import tomllib
 import torch
 
 from mpqc.io import json_safe, read_csv, typed_rows, write_csv_atomic
+from mpqc.models import parameter_counts
 from mpqc.plan import Q_R_ALL, keep_high_entries
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
 COLUMNS = (
     "model",
     "params",
+    "params_non_embedding",
     "matmul_params",
     "granularity",
     "ratio",
@@ -77,6 +79,7 @@ _LEGACY_COLUMNS = {
     "q_r_definition": Q_R_ALL,  # before keep_high, Q_r counted every matmul
     "block_elements": "",  # not measured: Law 2 then leaves per-vector/per-tensor rows out
     "train_seed": "",  # not recorded: mpqc fit clusters the slope test by search seed alone
+    "params_non_embedding": "",  # not recorded: mpqc fit --size non_embedding refuses the file
 }
 _FLOAT = {
     "block_elements",
@@ -91,6 +94,7 @@ _FLOAT = {
 }
 _INT = {
     "params",
+    "params_non_embedding",
     "matmul_params",
     "seed",
     "train_seed",
@@ -458,7 +462,8 @@ class _Bench:
         hf_model, tokenizer = mpqc.load_model(
             model.path, cache=False, device=s["device"], dtype=getattr(torch, s["dtype"])
         )
-        self.params = sum(p.numel() for p in hf_model.parameters())
+        counts = parameter_counts(hf_model)
+        self.params, self.params_non_embedding = counts["total"], counts["non_embedding"]
         example = torch.zeros(2, min(s["seq_len"], 64), dtype=torch.long)
         self.graph = mpqc.capture(hf_model, (example,))
         self.search_tokens, holdout = split_tokens(load_tokens(tokenizer, config.text))
@@ -534,6 +539,7 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
     row = {
         "model": cell.model.name,
         "params": bench.params,
+        "params_non_embedding": bench.params_non_embedding,
         "matmul_params": bench.graph.total_params,
         "granularity": cell.granularity,
         "ratio": cell.ratio,

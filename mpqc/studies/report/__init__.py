@@ -27,6 +27,7 @@ attribute names (import the modules with ``importlib.import_module`` if ever nee
 
 from __future__ import annotations
 
+import math
 import os
 
 from mpqc.io import json_safe, write_json_atomic, write_text_atomic
@@ -64,10 +65,15 @@ from mpqc.studies.sweep import read_results
 __all__ = ["BUDGETS", "PAPER", "analyze", "figures", "markdown", "write_report"]
 
 
-def write_report(csv_path: str, out_dir: str, budgets=BUDGETS) -> dict[str, str]:
-    """laws.json, five PNG figures and report.md in ``out_dir``; returns their paths."""
-    rows = read_results(csv_path)
-    analysis = analyze(rows, budgets)
+SIZES = {"total": "all parameters", "non_embedding": "parameters without the token embedding (and an untied output)"}
+
+
+def write_report(csv_path: str, out_dir: str, budgets=BUDGETS, *, size: str = "total") -> dict[str, str]:
+    """laws.json, five PNG figures and report.md in ``out_dir``; returns their paths. ``size``:
+    what the laws take as model size, "total" (the ``params`` column) or "non_embedding"
+    (``params_non_embedding``, Kaplan et al.'s count, which spans more of a small family)."""
+    rows = sized_rows(read_results(csv_path), size, where=csv_path)
+    analysis = {**analyze(rows, budgets), "size": SIZES[size]}
     os.makedirs(out_dir, exist_ok=True)
     paths = figures(rows, analysis, out_dir)
     paths["json"] = os.path.join(out_dir, "laws.json")
@@ -75,3 +81,23 @@ def write_report(csv_path: str, out_dir: str, budgets=BUDGETS) -> dict[str, str]
     paths["report"] = os.path.join(out_dir, "report.md")
     write_text_atomic(paths["report"], markdown(analysis, {k: paths[k] for k in FIGURES}, source=csv_path))
     return paths
+
+
+def sized_rows(rows: list[dict], size: str, *, where: str) -> list[dict]:
+    """``rows`` with ``params`` the model size the laws are fitted over."""
+    if size not in SIZES:
+        raise ValueError(f"size is one of {', '.join(SIZES)}, got {size!r}")
+    if size == "total":
+        return rows
+    missing = sorted({r["model"] for r in rows if not _recorded(r.get("params_non_embedding"))})
+    if missing:
+        raise ValueError(
+            f"{where}: models {missing} have no params_non_embedding (results written before sweeps "
+            "recorded it); rerun their cells into a new file, or fit with size total"
+        )
+    return [{**r, "params": r["params_non_embedding"]} for r in rows]
+
+
+def _recorded(value) -> bool:
+    # an empty cell reads as NaN (mpqc.io.parse_cell)
+    return value not in (None, "") and not (isinstance(value, float) and math.isnan(value))

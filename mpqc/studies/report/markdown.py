@@ -29,7 +29,8 @@ def _models_section(a, source: str) -> list[str]:
     out = ["# Mixed-precision scaling laws: fitted report", ""]
     out += [
         f"Source: `{source}`, {a['n_rows']} searched cells, {len(a['models'])} models, "
-        f"settings: {' | '.join(a['settings'])}. delta_ppl = (ppl_q - ppl_base) / ppl_base on held-out text.",
+        f"settings: {' | '.join(a['settings'])}. delta_ppl = (ppl_q - ppl_base) / ppl_base on held-out text. "
+        f"Model size: {a.get('size', 'all parameters')}.",
         "",
         "Which parameters Q_r counts (components kept high are out of its numerator and denominator): "
         + "; ".join(f"`{d}`" for d in a["q_r_definitions"])
