@@ -30,7 +30,6 @@ import os
 import time
 from collections import Counter
 
-import tomllib
 import torch
 
 from mpqc.io import read_csv, typed_rows, write_csv_atomic
@@ -134,11 +133,7 @@ class BitConfig:
 
 def load_config(path: str) -> BitConfig:
     """Read and validate a bit-level TOML file; paths in it are relative to its folder."""
-    with open(path, "rb") as f:
-        try:
-            data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"bit-level config {path}: not valid TOML: {e}") from e
+    data = sweep.read_toml(path, "bit-level config")
     return config_from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)), where=path)
 
 

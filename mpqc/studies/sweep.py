@@ -206,12 +206,18 @@ class SweepConfig:
 
 def load_config(path: str) -> SweepConfig:
     """Read and validate a sweep TOML file; paths in it are relative to its folder."""
+    return config_from_dict(
+        read_toml(path, "sweep config"), base_dir=os.path.dirname(os.path.abspath(path)), where=path
+    )
+
+
+def read_toml(path: str, what: str) -> dict:
+    """A study config file's table; invalid TOML is a ValueError naming ``what`` and the file."""
     with open(path, "rb") as f:
         try:
-            data = tomllib.load(f)
+            return tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"sweep config {path}: not valid TOML: {e}") from e
-    return config_from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)), where=path)
+            raise ValueError(f"{what} {path}: not valid TOML: {e}") from e
 
 
 def config_from_dict(data: dict, *, base_dir: str = ".", where: str = "sweep config") -> SweepConfig:
