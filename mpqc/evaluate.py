@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["check_windows_fit", "max_windows", "nll", "perplexity", "running_nll", "sample_windows"]
+__all__ = [
+    "check_windows_fit",
+    "max_windows",
+    "nll",
+    "perplexity",
+    "perplexity_of",
+    "running_nll",
+    "sample_windows",
+    "window_nlls",
+]
 
 # math.exp overflows (OverflowError) past ~709.78: code that exponentiates a loss or a loss
 # difference caps its argument at, or compares it with, this one constant.
@@ -45,6 +54,13 @@ def _check_stream(tokens) -> torch.Tensor:
     if tokens.dtype != torch.long:
         raise TypeError(f"tokens must have dtype torch.long (int64), got {tokens.dtype}")
     return tokens
+
+
+def _check_windows(windows) -> None:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise ValueError("windows must be a [n, seq_len] torch.long tensor, as sample_windows() returns")
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows of shape {tuple(windows.shape)} hold no token to predict")
 
 
 def max_windows(n_tokens: int, seq_len: int, prefix_len: int = 0) -> int:
@@ -153,10 +169,8 @@ def nll(
     _positive_int("batch_size", batch_size)
     if windows is None:
         windows = sample_windows(tokens, seq_len, n_samples, seed, prefix)
-    elif not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
-        raise ValueError("windows must be a [n, seq_len] torch.long tensor, as sample_windows() returns")
-    elif windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError(f"windows of shape {tuple(windows.shape)} hold no token to predict")
+    else:
+        _check_windows(windows)
 
     with _eval_mode(model):
         total, count = _sum_nll(model, windows, batch_size, progress)
@@ -201,10 +215,20 @@ def _sum_nll(model, windows, batch_size, progress) -> tuple[float, int]:
 
 def _running_sums(model, windows, batch_size, progress) -> Iterator[tuple[torch.Tensor, int]]:
     """(summed NLL, predicted tokens) after each batch; the sum is updated in place."""
+    total, count = None, 0
+    for row_sums in _window_sums(model, windows, batch_size, progress):
+        if total is None:
+            # float64 accumulation, on the model's device so a GPU run never waits on .item().
+            total = torch.zeros((), dtype=torch.float64, device=row_sums.device)
+        for row_sum in row_sums:  # one window at a time, in order: the same sums as always
+            total += row_sum
+        count += row_sums.numel() * (windows.shape[1] - 1)
+        yield total, count
+
+
+def _window_sums(model, windows, batch_size, progress) -> Iterator[torch.Tensor]:
+    """Each batch's summed NLL per window (float64, on the model's device)."""
     device = model_device(model)
-    # float64 accumulation, on the model's device so a GPU run never waits on .item().
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
     batches = range(0, windows.shape[0], batch_size)
     with torch.no_grad():
         for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
@@ -213,11 +237,23 @@ def _running_sums(model, windows, batch_size, progress) -> Iterator[tuple[torch.
             targets = batch[:, 1:]
             # One row at a time: a float32 copy of a whole batch's logits
             # (8 x 512 x 49k) would be another 800 MB.
-            for row in range(batch.shape[0]):
-                losses = F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
-                total += losses.double().sum()
-                count += targets.shape[1]
-            yield total, count
+            yield torch.stack(
+                [
+                    F.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none").double().sum()
+                    for row in range(batch.shape[0])
+                ]
+            )
+
+
+def window_nlls(model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """The mean NLL of each window (float64, [n], on the CPU): what a bootstrap over evaluation
+    windows resamples. With windows of one length, as sample_windows() gives, their mean is
+    ``nll(model, windows=windows)`` up to float rounding."""
+    _positive_int("batch_size", batch_size)
+    _check_windows(windows)
+    with _eval_mode(model):
+        sums = torch.cat(list(_window_sums(model, windows, batch_size, progress)))
+    return sums.cpu() / (windows.shape[1] - 1)
 
 
 def perplexity(
@@ -244,4 +280,9 @@ def perplexity(
         prefix=prefix,
         progress=progress,
     )
-    return math.inf if mean > EXP_LIMIT else math.exp(mean)  # nan stays nan
+    return perplexity_of(mean)
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL), inf past what a float holds; nan stays nan."""
+    return math.inf if mean_nll > EXP_LIMIT else math.exp(mean_nll)

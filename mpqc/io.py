@@ -200,6 +200,7 @@ CELL_KINDS: dict[str, Callable[[str], object]] = {
     "int": lambda v: math.nan if v == "" else _parse_int(v),
     "bool": lambda v: v == "True",
     "block": _parse_block,  # a block size: an int or a word ("vector", "tensor", "default")
+    "floats": lambda v: tuple(float(x) for x in v.split()),  # space-separated; "" is none
 }
 
 

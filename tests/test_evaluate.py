@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpqc.evaluate import nll, perplexity, sample_windows
+from mpqc.evaluate import nll, perplexity, sample_windows, window_nlls
 
 
 class Uniform(torch.nn.Module):
@@ -163,6 +163,25 @@ def test_hf_model_matches_hand_computation_and_reused_windows():
     # Passing the stream with the same seed samples the same windows.
     assert nll(model, tokens, seq_len=32, n_samples=12, seed=5, batch_size=5, progress=False) == got
     assert perplexity(model, windows=windows, batch_size=5, progress=False) == pytest.approx(math.exp(got), rel=1e-12)
+
+
+def test_window_nlls_are_each_windows_own_mean_and_average_to_nll():
+    model = tiny_llama()
+    tokens = torch.randint(0, 64, (3000,), generator=torch.Generator().manual_seed(3))
+    windows = sample_windows(tokens, seq_len=32, n_samples=11, seed=2)
+    per_window = window_nlls(model, windows, batch_size=4)  # 11 windows: batches of 4, 4 and 3
+    assert per_window.shape == (11,) and per_window.dtype == torch.float64
+    with torch.no_grad():
+        logits = model(windows).logits.double()
+    for i in (0, 5, 10):  # the first, a middle one (second batch) and the last (short batch)
+        expected = F.cross_entropy(logits[i, :-1], windows[i, 1:]).item()
+        assert per_window[i].item() == pytest.approx(expected, rel=1e-5)
+    # the windows are all one length: their mean is the mean over every token
+    assert per_window.mean().item() == pytest.approx(nll(model, windows=windows, progress=False), rel=1e-12)
+    # each window is scored alone: a different batching gives the same values
+    assert torch.allclose(per_window, window_nlls(model, windows, batch_size=11), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="torch.long tensor"):
+        window_nlls(model, windows.float())
 
 
 def test_training_mode_model_is_evaluated_without_dropout_and_restored():

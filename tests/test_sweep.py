@@ -104,11 +104,11 @@ def first_run(study_dir, tmp_path_factory):
     counters = {
         "search": Counter(mpqc.search.run),
         "load": Counter(mpqc.load_model),
-        "perplexity": Counter(mpqc.evaluate.perplexity),
+        "window_nlls": Counter(mpqc.evaluate.window_nlls),
     }
     mp.setattr(mpqc.search, "run", counters["search"])
     mp.setattr(mpqc, "load_model", counters["load"])
-    mp.setattr(mpqc.evaluate, "perplexity", counters["perplexity"])
+    mp.setattr(mpqc.evaluate, "window_nlls", counters["window_nlls"])
     try:
         assert main(["sweep", str(study_dir / "sweep.toml"), "--quiet"]) == 0
     finally:
@@ -122,7 +122,7 @@ def test_sweep_writes_one_row_per_cell(first_run):
     assert len(rows) == 16 and len({r["key"] for r in rows}) == 16
     assert counters["search"].calls == 16
     # Each model loaded once; its baseline evaluated once, plus one held-out evaluation per cell.
-    assert counters["load"].calls == 2 and counters["perplexity"].calls == 2 + 16
+    assert counters["load"].calls == 2 and counters["window_nlls"].calls == 2 + 16
     for model in ("tiny-a", "tiny-b"):
         assert len({r["ppl_base"] for r in rows if r["model"] == model}) == 1
     blocks = {(r["low"], r["block_size"]) for r in rows}
@@ -133,6 +133,10 @@ def test_sweep_writes_one_row_per_cell(first_run):
         assert r["total_bits"] == pytest.approx(r["average_bits"] * r["matmul_params"], rel=1e-12)
         assert r["trials"] == 2 and math.isfinite(r["ppl_q"]) and r["seconds"] > 0
         assert r["params"] > r["matmul_params"] > 0
+        # each held-out window's NLL is recorded; their mean is the row's perplexity
+        assert len(r["window_nll_base"]) == len(r["window_nll_q"]) == r["eval_samples"]
+        assert math.exp(sum(r["window_nll_q"]) / r["eval_samples"]) == pytest.approx(r["ppl_q"], rel=1e-8)
+        assert math.exp(sum(r["window_nll_base"]) / r["eval_samples"]) == pytest.approx(r["ppl_base"], rel=1e-8)
     sizes = {r["model"]: r["params"] for r in rows}
     assert sizes["tiny-b"] > sizes["tiny-a"]
     # sweeps keep the lm_head high by default: Q_r counts the decoder layers, and every row says so

@@ -60,6 +60,8 @@ COLUMNS = (
     "ppl_base",
     "ppl_q",
     "delta_ppl",
+    "window_nll_base",
+    "window_nll_q",
     "achieved",
     "q_r_definition",
     "average_bits",
@@ -80,6 +82,8 @@ _LEGACY_COLUMNS = {
     "block_elements": "",  # not measured: Law 2 then leaves per-vector/per-tensor rows out
     "train_seed": "",  # not recorded: mpqc fit clusters the slope test by search seed alone
     "params_non_embedding": "",  # not recorded: mpqc fit --size non_embedding refuses the file
+    "window_nll_base": "",  # not recorded: the slope test resamples seeds, not evaluation windows
+    "window_nll_q": "",
 }
 _FLOAT = {
     "block_elements",
@@ -104,6 +108,8 @@ _INT = {
     "n_samples",
     "eval_samples",
 }
+
+_WINDOW_NLLS = ("window_nll_base", "window_nll_q")  # mean NLL per held-out window, space-separated
 
 _TOP_KEYS = {"out", "text", "models", "grid", "search", "eval"}
 _GRID_DEFAULTS = {
@@ -410,7 +416,13 @@ def finished_keys(path: str) -> set[str]:
 
 def read_results(path: str) -> list[dict]:
     """The results CSV with typed values (floats, ints, bools; block_size an int or a word)."""
-    kinds = {**{k: "float" for k in _FLOAT}, **{k: "int" for k in _INT}, "weights_only": "bool", "block_size": "block"}
+    kinds = {
+        **{k: "float" for k in _FLOAT},
+        **{k: "int" for k in _INT},
+        **{k: "floats" for k in _WINDOW_NLLS},
+        "weights_only": "bool",
+        "block_size": "block",
+    }
     rows = typed_rows(_read_raw(path), kinds, where=f"results file {path}")
     if not rows:
         raise ValueError(f"results file {path} is missing or has no rows; run `mpqc sweep CONFIG.toml` first")
@@ -461,7 +473,7 @@ class _Bench:
     def __init__(self, config: SweepConfig, model: ModelEntry):
         import mpqc
         from mpqc.data import load_tokens, split_tokens, text_prefix
-        from mpqc.evaluate import check_windows_fit, perplexity, sample_windows
+        from mpqc.evaluate import check_windows_fit, perplexity_of, sample_windows, window_nlls
 
         t0 = time.perf_counter()
         s = config.search
@@ -479,7 +491,8 @@ class _Bench:
         check_windows_fit(self.search_tokens, s["seq_len"], s["n_samples"], self.prefix, part=part)  # before any cell
         self.windows = sample_windows(holdout, s["seq_len"], config.eval["n_samples"], config.eval["seed"], self.prefix)
         self.qmodel = mpqc.compile(self.graph, mpqc.Plan.uniform(self.graph, s["high"]))
-        self.ppl_base = perplexity(self.qmodel, windows=self.windows, batch_size=s["batch_size"], progress=False)
+        self.nll_base = window_nlls(self.qmodel, self.windows, batch_size=s["batch_size"])
+        self.ppl_base = perplexity_of(float(self.nll_base.mean()))
         _log(
             f"sweep: {model.name}: {self.params:,} parameters ({self.graph.total_params:,} in matmuls), "
             f"all-{s['high']} held-out perplexity {self.ppl_base:.3f}; ready in {time.perf_counter() - t0:.1f} s"
@@ -528,7 +541,7 @@ def _search_config(config: SweepConfig, cell: Cell, key: str, prefix):
 
 def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
     import mpqc
-    from mpqc.evaluate import perplexity
+    from mpqc.evaluate import perplexity_of, window_nlls
 
     s, key = config.search, config.key(cell)
     t0 = time.perf_counter()
@@ -540,7 +553,8 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         progress=False,
     )
     bench.qmodel.set_plan(result.plan)
-    ppl_q = perplexity(bench.qmodel, windows=bench.windows, batch_size=s["batch_size"], progress=False)
+    nll_q = window_nlls(bench.qmodel, bench.windows, batch_size=s["batch_size"])
+    ppl_q = perplexity_of(float(nll_q.mean()))
     trials = sum(t.state.name == "COMPLETE" for t in result.study.trials)
     row = {
         "model": cell.model.name,
@@ -560,6 +574,9 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         "ppl_base": bench.ppl_base,
         "ppl_q": ppl_q,
         "delta_ppl": (ppl_q - bench.ppl_base) / bench.ppl_base,
+        # each window's mean NLL, so mpqc fit can resample the evaluation windows too
+        "window_nll_base": _floats_text(bench.nll_base),
+        "window_nll_q": _floats_text(nll_q),
         "achieved": result.achieved,
         "q_r_definition": result.plan.q_r_definition,
         "average_bits": result.plan.average_bits(),
@@ -581,6 +598,10 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         f"({100 * row['delta_ppl']:+.2f}%) in {row['seconds']:.1f} s"
     )
     return row
+
+
+def _floats_text(values: torch.Tensor) -> str:
+    return " ".join(f"{v:.9g}" for v in values.tolist())  # 9 digits: the NLL to ~1e-9, relative
 
 
 # ---- several workers on one storage -------------------------------------------------------------
