@@ -12,6 +12,7 @@ from mpqc.studies.laws import (
     fit_power,
     implied_slope,
     max_ratio_at_budget,
+    max_ratios_at_budget,
     monotone_envelope,
     slope_test,
 )
@@ -200,6 +201,88 @@ def test_the_cluster_bootstrap_covers_where_the_point_bootstrap_does_not():
         naive.append(a.ci_low <= SLOPE <= a.ci_high)
         clustered.append(b.ci_low <= SLOPE <= b.ci_high)
     assert np.mean(naive) < 0.90 <= np.mean(clustered) <= 0.99
+
+
+def window_tilt_data(seed, *, seeds=4, windows=32, tilt_sd=0.1, noise=0.02):
+    """A flat family (true slope 0) measured on ``windows`` shared evaluation windows, each of
+    which favours large or small models (its tilt, sd ``tilt_sd`` per decade): (sizes, q_max,
+    clusters, per-window values [points x windows]). Every seed sees the same windows, so the
+    windows' mean tilt moves every point together and no cluster resample can see it."""
+    rng = np.random.default_rng(seed)
+    tilt = rng.normal(0, tilt_sd, windows)
+    sizes, clusters, per_window = [], [], []
+    for s in range(seeds):
+        for size in SIZES:
+            sizes.append(size)
+            clusters.append(f"seed {s}")
+            per_window.append(0.5 + tilt * math.log10(size / 1e5) + rng.normal(0, noise, windows))
+    per_window = np.array(per_window)
+    return np.array(sizes), per_window.mean(axis=1), clusters, per_window
+
+
+def resampled_windows(per_window, n_boot, seed):
+    """Each point's mean over ``n_boot`` resamples of the windows (the same draw for every point)."""
+    idx = np.random.default_rng(seed).integers(0, per_window.shape[1], (n_boot, per_window.shape[1]))
+    return per_window[:, idx].mean(axis=2).T  # n_boot x points
+
+
+def test_resampling_the_windows_covers_a_slope_the_shared_windows_fake():
+    # With the windows' noise left out, the seeds' clusters take the windows' tilt for a slope
+    # (7.5% of these 200 replicates covered the true 0); with q_max_draws the interval covers at
+    # about the nominal rate (92.5%; the percentile bootstrap of 32 windows runs a little short).
+    seeds_only, with_windows = [], []
+    for seed in range(200):
+        sizes, q, clusters, per_window = window_tilt_data(seed)
+        a = slope_test(sizes, q, clusters=clusters, n_boot=400, seed=seed)
+        draws = resampled_windows(per_window, 400, seed + 1000)
+        b = slope_test(sizes, q, clusters=clusters, n_boot=400, seed=seed, q_max_draws=draws)
+        assert a.slope == b.slope and b.ci_high - b.ci_low > a.ci_high - a.ci_low
+        seeds_only.append(a.ci_low <= 0 <= a.ci_high)
+        with_windows.append(b.ci_low <= 0 <= b.ci_high)
+    assert np.mean(seeds_only) < 0.5 and 0.90 <= np.mean(with_windows) <= 0.99
+
+
+def test_window_draws_equal_to_the_points_change_nothing_and_nans_leave_points_out():
+    sizes, q, clusters = slope_data(2, seeds=3)
+    plain = slope_test(sizes, q, clusters=clusters, n_boot=300, seed=4)
+    same = slope_test(sizes, q, clusters=clusters, n_boot=300, seed=4, q_max_draws=np.tile(q, (300, 1)))
+    assert same == plain
+    # the smallest size not interpolated on half the resamples: those leave it out, the rest stand
+    draws = np.tile(q, (300, 1))
+    draws[::2, sizes == SIZES[0]] = np.nan
+    holed = slope_test(sizes, q, clusters=clusters, n_boot=300, seed=4, q_max_draws=draws)
+    assert holed.slope == plain.slope and np.isfinite([holed.ci_low, holed.ci_high]).all()
+    with pytest.raises(ValueError, match=r"n_boot x points = \(300, 18\), got \(300, 17\)"):
+        slope_test(sizes, q, clusters=clusters, n_boot=300, q_max_draws=draws[:, :-1])
+    with pytest.raises(ValueError, match="finite or NaN"):
+        slope_test(sizes, q, clusters=clusters, n_boot=300, q_max_draws=np.full((300, 18), np.inf))
+
+
+def test_max_ratios_at_budget_reads_every_curve_as_one_at_a_time():
+    def by_hand(r, d, budget):  # the reading written out: envelope, last point within, interpolate
+        order = np.argsort(r, kind="stable")
+        r, d = r[order], np.where(np.isnan(d[order]), np.inf, d[order])
+        env = [min(d[i:]) for i in range(len(d))]
+        within = [i for i in range(len(r)) if env[i] <= budget]
+        if not within:
+            return math.nan, 0
+        i = within[-1]
+        if r[i] == r[-1]:
+            return r[i], 2
+        if not math.isfinite(env[i + 1]):
+            return r[i], 1
+        return r[i] + (budget - env[i]) * (r[i + 1] - r[i]) / (env[i + 1] - env[i]), 1
+
+    rng = np.random.default_rng(0)
+    ratios = np.array([0.9, 0.3, 0.5, 0.5, 0.7, 1.0])  # unsorted, with a tie
+    deltas = rng.uniform(0, 0.3, (400, ratios.size)) * rng.uniform(0.2, 2, (400, 1))
+    deltas[::7, 3] = np.nan  # broken plans
+    deltas[::11, -1] = np.inf
+    values, status = max_ratios_at_budget(ratios, deltas, 0.1)
+    expected = [by_hand(ratios, d, 0.1) for d in deltas]
+    assert set(status.tolist()) == {0, 1, 2}  # every case met
+    assert status.tolist() == [e[1] for e in expected]
+    np.testing.assert_allclose(values, [e[0] for e in expected], rtol=0, atol=1e-12)
 
 
 def test_the_slope_test_is_seeded_and_reproducible():

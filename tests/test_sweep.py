@@ -7,6 +7,7 @@ import dataclasses
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -434,10 +435,13 @@ def test_rows_of_two_q_r_definitions_are_two_settings():
     assert sorted(e["q_r_definition"] for e in data["law2"] if e["fit"]) == ["params of all matmuls", KEPT_HEAD]
 
 
-def slope_rows(slope: float, *, train_seeds=(0, 1, 2), seeds=(0, 1), noise=0.02, train_column=True):
+def slope_rows(slope: float, *, train_seeds=(0, 1, 2), seeds=(0, 1), noise=0.02, train_column=True, window_noise=None):
     """Six sizes over two decades, each trained with each of ``train_seeds`` and searched with each
     of ``seeds``, whose Q_r,max at the 10% budget is 0.5 + slope * (log10(size) - 6) plus seeded
-    noise: each curve a straight delta_ppl line through (Q_r,max, 10%), so interpolation is exact."""
+    noise: each curve a straight delta_ppl line through (Q_r,max, 10%), so interpolation is exact.
+    With ``window_noise`` (an sd of log perplexity), every row records 16 held-out windows' NLLs
+    whose mean gives its delta_ppl exactly; 0 makes every window alike."""
+    window_rng = np.random.default_rng(11)
     (template,) = [r for r in synthetic_rows() if r["model"] == "m1000000" and r["ratio"] == 0.1]
     rng = random.Random(7)
     rows = []
@@ -462,7 +466,21 @@ def slope_rows(slope: float, *, train_seeds=(0, 1, 2), seeds=(0, 1), noise=0.02,
                             "key": f"{params}-{train}-{seed}-{r}",
                         }
                     )
+                    if window_noise is not None:
+                        rows[-1] |= _window_columns(delta, window_noise, window_rng)
     return rows
+
+
+def _window_columns(delta: float, sd: float, rng) -> dict:
+    """16 windows' NLLs of a base model at perplexity 10 and of a plan ``delta`` worse, each
+    window off the mean by its own noise (centred, so the means are exact)."""
+    base = math.log(10) + rng.normal(0, 0.3, 16)
+    noise = rng.normal(0, sd, 16)
+    q = base + math.log1p(delta) + noise - noise.mean()
+    return {
+        "window_nll_base": tuple(base - base.mean() + math.log(10)),
+        "window_nll_q": tuple(q - base.mean() + math.log(10)),
+    }
 
 
 def law1_entry(data, budget=0.1):
@@ -511,6 +529,34 @@ def test_fit_finds_no_slope_in_a_flat_family():
         "vs the paper's 0.197"
     )
     assert "the paper's slope lies above the interval" in st["verdict"]  # 0.197 is far off a flat family
+
+
+def test_the_slope_test_resamples_the_evaluation_windows_when_the_rows_record_them():
+    from mpqc.studies import report
+
+    seeds_only = law1_entry(report.analyze(slope_rows(0.15)))["slope_test"]
+    alike = law1_entry(report.analyze(slope_rows(0.15, window_noise=0.0)))["slope_test"]
+    noisy = law1_entry(report.analyze(slope_rows(0.15, window_noise=0.05)))["slope_test"]
+    assert seeds_only["resampled"] == "training seed x search seed"
+    assert alike["resampled"] == noisy["resampled"] == "training seed x search seed x evaluation windows"
+    # windows that all say the same add no noise: the very interval of the seeds alone
+    assert alike["test"] == pytest.approx(seeds_only["test"], rel=1e-9)
+    # windows that disagree widen it, around the same slope
+    t, s = noisy["test"], seeds_only["test"]
+    assert t["slope"] == pytest.approx(s["slope"], rel=1e-9) and t["ci_high"] - t["ci_low"] > s["ci_high"] - s["ci_low"]
+    assert t["ci_low"] < 0.15 < t["ci_high"]
+
+
+def test_window_nlls_round_trip_through_the_results_csv(tmp_path):
+    rows = slope_rows(0.15, seeds=(0,), train_seeds=(0,), window_noise=0.05)
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows({**r, **{c: sweep._floats_text(torch.tensor(r[c])) for c in sweep._WINDOW_NLLS}} for r in rows)
+    back = sweep.read_results(str(path))
+    for r, b in zip(rows, back, strict=True):
+        assert b["window_nll_q"] == pytest.approx(r["window_nll_q"], rel=1e-8) and len(b["window_nll_base"]) == 16
 
 
 def test_slope_test_clusters_by_search_seed_without_a_train_seed_and_by_points_with_one_seed():

@@ -47,6 +47,7 @@ __all__ = [
     "fit_power",
     "implied_slope",
     "max_ratio_at_budget",
+    "max_ratios_at_budget",
     "monotone_envelope",
     "slope_test",
 ]
@@ -196,18 +197,24 @@ def monotone_envelope(ratios, delta_ppls) -> tuple[np.ndarray, np.ndarray]:
 
     A plan found under "Q_r >= r'" also meets "Q_r >= r" for every r <= r', so the best loss at r
     is at most the best at any larger ratio: the suffix minimum. It is nondecreasing in r by
-    construction and removes search noise that would make a curve dip.
+    construction and removes search noise that would make a curve dip. ``delta_ppls`` may also be
+    a matrix with one curve per row (the same ratios): each row is enveloped.
     """
     r = np.asarray(ratios, dtype=float).ravel()
-    d = np.asarray(delta_ppls, dtype=float).ravel()
-    if r.shape != d.shape or r.size == 0:
-        raise ValueError(f"ratios and delta_ppls must be non-empty and of the same length, got {r.size} and {d.size}")
+    d = np.asarray(delta_ppls, dtype=float)
+    if d.ndim not in (1, 2) or r.shape != d.shape[-1:] or r.size == 0:
+        raise ValueError(
+            f"ratios and delta_ppls must be non-empty and of the same length, got {r.size} and {d.shape[-1:]}"
+        )
     if not np.all(np.isfinite(r)):
         raise ValueError(f"ratios must be finite, got {r.tolist()}")
     d = np.where(np.isnan(d), np.inf, d)  # a broken plan (NaN perplexity) is as bad as can be
     order = np.argsort(r, kind="stable")
-    r, d = r[order], d[order]
-    return r, np.minimum.accumulate(d[::-1])[::-1]
+    r, d = r[order], d[..., order]
+    return r, np.flip(np.minimum.accumulate(np.flip(d, -1), axis=-1), -1)
+
+
+_STATUS = ("never_reached", "interpolated", "above_measured")
 
 
 def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
@@ -217,19 +224,31 @@ def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
     The curve is first made monotone (:func:`monotone_envelope`); the budget is then read off by
     linear interpolation between the last ratio within it and the next one above it.
     """
+    values, status = max_ratios_at_budget(ratios, np.asarray(delta_ppls, dtype=float).reshape(1, -1), budget)
+    return MaxRatio(float(values[0]), _STATUS[status[0]])
+
+
+def max_ratios_at_budget(ratios, delta_draws, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`max_ratio_at_budget` for many curves over the same ratios at once (``delta_draws``:
+    one row of delta_ppls per curve, e.g. per resample of the evaluation windows): (values,
+    status index into ("never_reached", "interpolated", "above_measured")), NaN where never reached."""
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget is a positive relative perplexity increase such as 0.1, got {budget!r}")
-    r, env = monotone_envelope(ratios, delta_ppls)
-    within = np.nonzero(env <= budget)[0]
-    if within.size == 0:
-        return MaxRatio(math.nan, "never_reached")
-    i = int(within[-1])  # env is nondecreasing: everything up to i is within the budget
-    if r[i] == r[-1]:  # within the budget at the largest measured ratio (some plan there, if several)
-        return MaxRatio(float(r[i]), "above_measured")
-    r0, r1, d0, d1 = r[i], r[i + 1], env[i], env[i + 1]
-    if not math.isfinite(d1):  # the next plan diverged: no slope to interpolate along
-        return MaxRatio(float(r0), "interpolated")
-    return MaxRatio(float(r0 + (budget - d0) * (r1 - r0) / (d1 - d0)), "interpolated")
+    r, env = monotone_envelope(ratios, delta_draws)
+    if env.ndim != 2:
+        raise ValueError(f"delta_draws must be a matrix, one curve per row, got shape {env.shape}")
+    rows = np.arange(env.shape[0])
+    i = np.count_nonzero(env <= budget, axis=1) - 1  # env is nondecreasing: 0..i are within the budget
+    above = (i >= 0) & (r[np.maximum(i, 0)] == r[-1])  # within it at the largest measured ratio
+    inside = (i >= 0) & ~above
+    j = np.minimum(i + 1, r.size - 1)
+    r0, r1 = r[np.maximum(i, 0)], r[j]
+    d0, d1 = env[rows, np.maximum(i, 0)], env[rows, j]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # the next plan diverged (d1 infinite): no slope to interpolate along, r0 stands
+        step = np.where(np.isfinite(d1) & (d1 > d0), (budget - d0) * (r1 - r0) / (d1 - d0), 0.0)
+    values = np.where(above, r0, np.where(inside, r0 + step, np.nan))
+    return values, np.where(above, 2, np.where(inside, 1, 0))
 
 
 # ---- Law 1 as a slope test ----------------------------------------------------------------------
@@ -268,7 +287,7 @@ def implied_slope(k: float) -> float:
     return -math.log(10) / k
 
 
-def slope_test(sizes, q_max, clusters=None, n_boot: int = 2000, seed: int = 0) -> SlopeTest:
+def slope_test(sizes, q_max, clusters=None, n_boot: int = 2000, seed: int = 0, q_max_draws=None) -> SlopeTest:
     """Does Q_r,max grow with model size? The OLS slope of ``q_max`` on log10(``sizes``) per
     decade, a 95% percentile-bootstrap interval, and the one-sided p-value of slope > 0.
 
@@ -279,14 +298,20 @@ def slope_test(sizes, q_max, clusters=None, n_boot: int = 2000, seed: int = 0) -
     p-value is (1 + resamples with slope <= 0) / (1 + n_boot): the level at which the
     one-sided percentile bound reaches zero, never exactly 0. Seeded: the same inputs and
     ``seed`` give the same numbers.
+
+    ``q_max_draws`` (``n_boot`` x points) adds the evaluation windows' noise: row b holds every
+    point's Q_r,max read off its curve on the b-th resample of the windows, and resample b of
+    the clusters takes its values from it. NaN there (the budget no longer crossed inside the
+    measured ratios on those windows) leaves the point out of that resample, as the fit does.
     """
     u, y, groups = _slope_points(sizes, q_max, clusters)
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < MIN_BOOT:
         raise ValueError(f"n_boot must be an int >= {MIN_BOOT} (resamples of the bootstrap), got {n_boot!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    draws = _draws(q_max_draws, n_boot, u.size)
     line = _weighted_slopes(u, y, np.ones((1, u.size)))
-    slopes = _bootstrap_slopes(u, y, groups, n_boot, np.random.default_rng(seed))
+    slopes = _bootstrap_slopes(u, y, groups, n_boot, np.random.default_rng(seed), draws)
     tail = (1 - CI_LEVEL) / 2
     low, high = np.quantile(slopes, [tail, 1 - tail])
     slope = float(line[0])
@@ -333,9 +358,24 @@ def _slope_points(sizes, q_max, clusters) -> tuple[np.ndarray, np.ndarray, np.nd
     return np.log10(x), y, np.array([index[label] for label in labels])
 
 
+def _draws(q_max_draws, n_boot: int, n: int) -> np.ndarray | None:
+    """``q_max_draws`` checked: None, or an ``n_boot`` x ``n`` matrix of values in [0, 1] or NaN."""
+    if q_max_draws is None:
+        return None
+    d = np.asarray(q_max_draws, dtype=float)
+    if d.shape != (n_boot, n):
+        raise ValueError(f"slope_test: q_max_draws must be n_boot x points = {(n_boot, n)}, got {d.shape}")
+    if np.any(np.isinf(d)):
+        raise ValueError("slope_test: q_max_draws must be finite or NaN (a point left out of that resample)")
+    return d
+
+
 def _weighted_slopes(u: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The OLS slope of y on u for each row of point weights ``w`` (how often a resample drew
-    each point); NaN where the drawn points have one size only."""
+    each point); NaN where the drawn points have one size only. ``y`` is one vector, or one row
+    per row of ``w``, whose NaNs weigh nothing."""
+    missing = np.isnan(y)
+    w, y = np.where(missing, 0.0, w), np.where(missing, 0.0, y)
     total = w.sum(axis=1, keepdims=True)
     du = u - (w * u).sum(axis=1, keepdims=True) / total
     dy = y - (w * y).sum(axis=1, keepdims=True) / total
@@ -345,9 +385,10 @@ def _weighted_slopes(u: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         return np.where(sxx > 1e-12 * max(1.0, float(np.max(u * u))), (w * du * dy).sum(axis=1) / sxx, np.nan)
 
 
-def _bootstrap_slopes(u, y, groups, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """``n_boot`` slopes, each of the clusters (or points) drawn with replacement; a resample
-    with one size only has no slope and is drawn again."""
+def _bootstrap_slopes(u, y, groups, n_boot: int, rng: np.random.Generator, y_draws=None) -> np.ndarray:
+    """``n_boot`` slopes, each of the clusters (or points) drawn with replacement (resample b
+    with the values of ``y_draws[b]``, when given); a resample with one size only has no slope
+    and is drawn again."""
     n_groups = int(groups.max()) + 1
     slopes = np.full(n_boot, np.nan)
     todo = np.arange(n_boot)
@@ -355,7 +396,7 @@ def _bootstrap_slopes(u, y, groups, n_boot: int, rng: np.random.Generator) -> np
         draws = rng.integers(0, n_groups, size=(todo.size, n_groups))
         counts = np.zeros((todo.size, n_groups))
         np.add.at(counts, (np.arange(todo.size)[:, None], draws), 1.0)
-        slopes[todo] = _weighted_slopes(u, y, counts[:, groups])
+        slopes[todo] = _weighted_slopes(u, y if y_draws is None else y_draws[todo], counts[:, groups])
         todo = todo[np.isnan(slopes[todo])]
         if todo.size == 0:
             return slopes

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
+import numpy as np
+
 from mpqc.studies import laws
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "seed_max_ratios",
     "setting_label",
     "slope_verdict",
+    "window_draws",
 ]
 
 BUDGETS = (0.05, 0.10, 0.20)
@@ -125,19 +128,25 @@ def _train_seed(row) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def seed_max_ratios(rows, budget: float) -> list[dict]:
-    """Q_r,max at ``budget`` of each (model, training seed, search seed) curve in ``rows`` (one
-    setting's rows): the points of the slope test, each seed's own search noise in it."""
+def _seed_curves(rows) -> list[tuple[tuple, list[dict]]]:
+    """The rows of each (params, model, training seed, search seed) curve, smallest model first
+    (a missing training seed before any)."""
     curves = defaultdict(list)
     for r in rows:
         curves[(r["params"], r["model"], _train_seed(r), r["seed"])].append(r)
-    points = []
 
-    def order(key):  # smallest first; a missing training seed before any
+    def order(key):
         params, model, train_seed, seed = key
         return (params, model, -1 if train_seed is None else train_seed, seed)
 
-    for (params, model, train_seed, seed), rs in sorted(curves.items(), key=lambda kv: order(kv[0])):
+    return sorted(curves.items(), key=lambda kv: order(kv[0]))
+
+
+def seed_max_ratios(rows, budget: float) -> list[dict]:
+    """Q_r,max at ``budget`` of each (model, training seed, search seed) curve in ``rows`` (one
+    setting's rows): the points of the slope test, each seed's own search noise in it."""
+    points = []
+    for (params, model, train_seed, seed), rs in _seed_curves(rows):
         m = laws.max_ratio_at_budget([r["achieved"] for r in rs], [r["delta_ppl"] for r in rs], budget)
         points.append(
             {
@@ -150,6 +159,42 @@ def seed_max_ratios(rows, budget: float) -> list[dict]:
             }
         )
     return points
+
+
+N_BOOT = 2000  # resamples of the slope test
+WINDOW_SEED = 1  # the evaluation windows' resamples, drawn apart from the clusters' (seed 0)
+
+
+def _window_nlls(rows) -> int | None:
+    """How many held-out windows every row records NLLs for; None when any row records none
+    (results written before window_nll_*) or they differ in number."""
+    counts = {len(r.get(c) or ()) for r in rows for c in ("window_nll_base", "window_nll_q")}
+    return counts.pop() if len(counts) == 1 and 0 not in counts else None
+
+
+def window_draws(rows, points, budget: float, n_boot: int = N_BOOT, seed: int = WINDOW_SEED) -> np.ndarray | None:
+    """Each slope-test point's Q_r,max on ``n_boot`` resamples of the evaluation windows (NaN
+    where not interpolated on those windows), for :func:`laws.slope_test`'s ``q_max_draws``; None
+    without per-window NLLs. Resample b draws the same window indices for every row: a model's
+    cells share their windows, and so do the sizes of a family sharing one tokenizer."""
+    n_windows = _window_nlls(rows)
+    if n_windows is None:
+        return None
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, n_windows))
+    np.add.at(counts, (np.arange(n_boot)[:, None], rng.integers(0, n_windows, (n_boot, n_windows))), 1.0)
+    weights = counts / n_windows  # resample b's mean NLL of a row: weights[b] @ its window NLLs
+    curves = dict(_seed_curves(rows))
+    draws = np.empty((n_boot, len(points)))
+    for k, p in enumerate(points):
+        rs = curves[(p["params"], p["model"], p["train_seed"], p["seed"])]
+        nll_q = np.array([r["window_nll_q"] for r in rs]).T  # windows x rows
+        nll_base = np.array([r["window_nll_base"] for r in rs]).T
+        with np.errstate(over="ignore"):
+            delta = np.expm1(weights @ nll_q - weights @ nll_base)
+        values, status = laws.max_ratios_at_budget([r["achieved"] for r in rs], delta, budget)
+        draws[:, k] = np.where(status == 1, values, np.nan)  # interpolated, as the fit's points
+    return draws
 
 
 def _clusters(points) -> tuple[list[str] | None, str]:
@@ -194,8 +239,17 @@ def law1_slope_test(rows, budget: float) -> dict:
             f"{laws.MIN_POINTS} needed"
         )
         return entry
+    draws = window_draws(rows, used, budget)
+    if draws is not None:
+        entry["resampled"] += " x evaluation windows"
     try:
-        test = laws.slope_test([p["params"] for p in used], [p["max_ratio"] for p in used], clusters=labels)
+        test = laws.slope_test(
+            [p["params"] for p in used],
+            [p["max_ratio"] for p in used],
+            clusters=labels,
+            n_boot=N_BOOT,
+            q_max_draws=draws,
+        )
     except ValueError as e:  # e.g. every resample of the clusters held one size: said, not faked
         entry["verdict"] = f"not tested: {e}"
         return entry
