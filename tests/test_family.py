@@ -150,8 +150,9 @@ def test_the_cpu_family_preset_spans_two_decades_with_three_seeds():
     plans = family.plan_runs(preset, vocab=preset.vocab, train_tokens=2_400_000, seeds=preset.seeds, seeded=True)
     sizes = sorted({p.non_embedding for p in plans})
     assert len(sizes) >= 6 and sizes[-1] / sizes[0] >= 100 and len(preset.seeds) >= 3
-    matched = [p for p in plans if not p.capped]
-    assert all(abs(p.tokens / p.non_embedding - 20) < 0.5 for p in matched)
+    # every size gets its 20 tokens per parameter from a corpus of this machine's 2.4M tokens
+    assert not any(p.capped for p in plans)
+    assert all(abs(p.tokens / p.non_embedding - 20) < 0.5 for p in plans)
 
 
 def test_budget_rows_come_from_timed_steps(monkeypatch):
@@ -173,5 +174,5 @@ def test_the_example_sweep_config_lists_every_cpu_family_run():
     preset = family.PRESETS["cpu-family"]
     config = sweep.load_config(str(Path(__file__).parent.parent / "examples" / "sweep_cpu_family.toml"))
     plans = family.plan_runs(preset, vocab=preset.vocab, train_tokens=2_400_000, seeds=preset.seeds, seeded=True)
-    assert [(m.name, m.train_seed) for m in config.models] == [(p.name, p.train_seed) for p in plans]
+    assert sorted((m.name, m.train_seed) for m in config.models) == sorted((p.name, p.train_seed) for p in plans)
     assert config.search["keep_high"] == ["lm_head"] and config.text.endswith("cpu-family/corpus/heldout")
