@@ -239,11 +239,12 @@ def max_ratios_at_budget(ratios, delta_draws, budget: float) -> tuple[np.ndarray
         raise ValueError(f"delta_draws must be a matrix, one curve per row, got shape {env.shape}")
     rows = np.arange(env.shape[0])
     i = np.count_nonzero(env <= budget, axis=1) - 1  # env is nondecreasing: 0..i are within the budget
-    above = (i >= 0) & (r[np.maximum(i, 0)] == r[-1])  # within it at the largest measured ratio
+    last = np.maximum(i, 0)  # the last ratio within it (index 0 where none is: masked below)
+    above = (i >= 0) & (r[last] == r[-1])  # within it at the largest measured ratio
     inside = (i >= 0) & ~above
-    j = np.minimum(i + 1, r.size - 1)
-    r0, r1 = r[np.maximum(i, 0)], r[j]
-    d0, d1 = env[rows, np.maximum(i, 0)], env[rows, j]
+    after = np.minimum(i + 1, r.size - 1)
+    r0, r1 = r[last], r[after]
+    d0, d1 = env[rows, last], env[rows, after]
     with np.errstate(invalid="ignore", divide="ignore"):
         # the next plan diverged (d1 infinite): no slope to interpolate along, r0 stands
         step = np.where(np.isfinite(d1) & (d1 > d0), (budget - d0) * (r1 - r0) / (d1 - d0), 0.0)
@@ -359,7 +360,7 @@ def _slope_points(sizes, q_max, clusters) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _draws(q_max_draws, n_boot: int, n: int) -> np.ndarray | None:
-    """``q_max_draws`` checked: None, or an ``n_boot`` x ``n`` matrix of values in [0, 1] or NaN."""
+    """``q_max_draws`` checked: None, or an ``n_boot`` x ``n`` matrix of finite values or NaN."""
     if q_max_draws is None:
         return None
     d = np.asarray(q_max_draws, dtype=float)

@@ -493,6 +493,7 @@ class _Bench:
         self.qmodel = mpqc.compile(self.graph, mpqc.Plan.uniform(self.graph, s["high"]))
         self.nll_base = window_nlls(self.qmodel, self.windows, batch_size=s["batch_size"])
         self.ppl_base = perplexity_of(float(self.nll_base.mean()))
+        self.nll_base_text = _floats_text(self.nll_base)  # the same in every row of the model
         _log(
             f"sweep: {model.name}: {self.params:,} parameters ({self.graph.total_params:,} in matmuls), "
             f"all-{s['high']} held-out perplexity {self.ppl_base:.3f}; ready in {time.perf_counter() - t0:.1f} s"
@@ -575,7 +576,7 @@ def _run_cell(config: SweepConfig, bench: _Bench, cell: Cell) -> dict:
         "ppl_q": ppl_q,
         "delta_ppl": (ppl_q - bench.ppl_base) / bench.ppl_base,
         # each window's mean NLL, so mpqc fit can resample the evaluation windows too
-        "window_nll_base": _floats_text(bench.nll_base),
+        "window_nll_base": bench.nll_base_text,
         "window_nll_q": _floats_text(nll_q),
         "achieved": result.achieved,
         "q_r_definition": result.plan.q_r_definition,

@@ -165,7 +165,7 @@ N_BOOT = 2000  # resamples of the slope test
 WINDOW_SEED = 1  # the evaluation windows' resamples, drawn apart from the clusters' (seed 0)
 
 
-def _window_nlls(rows) -> int | None:
+def _recorded_windows(rows) -> int | None:
     """How many held-out windows every row records NLLs for; None when any row records none
     (results written before window_nll_*) or they differ in number."""
     counts = {len(r.get(c) or ()) for r in rows for c in ("window_nll_base", "window_nll_q")}
@@ -177,7 +177,7 @@ def window_draws(rows, points, budget: float, n_boot: int = N_BOOT, seed: int = 
     where not interpolated on those windows), for :func:`laws.slope_test`'s ``q_max_draws``; None
     without per-window NLLs. Resample b draws the same window indices for every row: a model's
     cells share their windows, and so do the sizes of a family sharing one tokenizer."""
-    n_windows = _window_nlls(rows)
+    n_windows = _recorded_windows(rows)
     if n_windows is None:
         return None
     rng = np.random.default_rng(seed)
