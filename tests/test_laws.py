@@ -13,6 +13,7 @@ from mpqc.studies.laws import (
     implied_slope,
     max_ratio_at_budget,
     max_ratios_at_budget,
+    READ_STATUSES,
     monotone_envelope,
     slope_test,
 )
@@ -130,9 +131,10 @@ def test_max_ratio_edge_cases():
     assert math.isnan(never.value) and never.status == "never_reached" and not never.reached
     above = max_ratio_at_budget([0.5, 0.9], [0.01, 0.02], 0.05)
     assert above.value == 0.9 and above.status == "above_measured"
-    # Two plans at the largest ratio (two seeds), one within the budget: still only a lower bound.
+    # Within the budget at Q_r = 1 (one of two seeds' plans there): Q_r,max is 1 itself, not a bound.
     tied = max_ratio_at_budget([0.5, 1.0, 1.0], [0.01, 0.03, 0.08], 0.05)
-    assert tied.value == 1.0 and tied.status == "above_measured"
+    assert tied.value == 1.0 and tied.status == "all_low" and tied.status in READ_STATUSES
+    assert max_ratio_at_budget([0.5, 0.999], [0.01, 0.03], 0.05).status == "above_measured"
     diverged = max_ratio_at_budget([0.5, 0.9], [0.01, math.nan], 0.05)  # NaN perplexity counts as infinite
     assert diverged.value == 0.5 and diverged.status == "interpolated"
     with pytest.raises(ValueError, match="positive relative perplexity"):
@@ -268,21 +270,24 @@ def test_max_ratios_at_budget_reads_every_curve_as_one_at_a_time():
             return math.nan, 0
         i = within[-1]
         if r[i] == r[-1]:
-            return r[i], 2
+            return r[i], 3 if r[i] == 1.0 else 2  # within the budget at Q_r = 1: all_low
         if not math.isfinite(env[i + 1]):
             return r[i], 1
         return r[i] + (budget - env[i]) * (r[i + 1] - r[i]) / (env[i + 1] - env[i]), 1
 
     rng = np.random.default_rng(0)
-    ratios = np.array([0.9, 0.3, 0.5, 0.5, 0.7, 1.0])  # unsorted, with a tie
-    deltas = rng.uniform(0, 0.3, (400, ratios.size)) * rng.uniform(0.2, 2, (400, 1))
-    deltas[::7, 3] = np.nan  # broken plans
-    deltas[::11, -1] = np.inf
-    values, status = max_ratios_at_budget(ratios, deltas, 0.1)
-    expected = [by_hand(ratios, d, 0.1) for d in deltas]
-    assert set(status.tolist()) == {0, 1, 2}  # every case met
-    assert status.tolist() == [e[1] for e in expected]
-    np.testing.assert_allclose(values, [e[0] for e in expected], rtol=0, atol=1e-12)
+    seen = set()
+    for top in (1.0, 0.95):  # curves that end at Q_r = 1 (all_low possible) and below it
+        ratios = np.array([0.9, 0.3, 0.5, 0.5, 0.7, top])  # unsorted, with a tie
+        deltas = rng.uniform(0, 0.3, (400, ratios.size)) * rng.uniform(0.2, 2, (400, 1))
+        deltas[::7, 3] = np.nan  # broken plans
+        deltas[::11, -1] = np.inf
+        values, status = max_ratios_at_budget(ratios, deltas, 0.1)
+        expected = [by_hand(ratios, d, 0.1) for d in deltas]
+        assert status.tolist() == [e[1] for e in expected]
+        np.testing.assert_allclose(values, [e[0] for e in expected], rtol=0, atol=1e-12)
+        seen |= set(status.tolist())
+    assert seen == {0, 1, 2, 3}  # every case met
 
 
 def test_the_slope_test_is_seeded_and_reproducible():

@@ -547,6 +547,25 @@ def test_the_slope_test_resamples_the_evaluation_windows_when_the_rows_record_th
     assert t["ci_low"] < 0.15 < t["ci_high"]
 
 
+def test_a_size_whose_all_low_plan_meets_the_budget_enters_the_test_at_q_r_max_1():
+    import importlib
+
+    from mpqc.studies import report
+
+    analysis = importlib.import_module("mpqc.studies.report.analysis")
+    rows = slope_rows(0.15, window_noise=0.05)
+    for r in rows:  # the largest size: +5% at Q_r = 1, within the 10% budget everywhere
+        if r["params"] == 10_000_000:
+            r |= {"delta_ppl": 0.05 * r["ratio"], "ppl_q": 10 * (1 + 0.05 * r["ratio"])}
+            r |= _window_columns(r["delta_ppl"], 0.05, np.random.default_rng(3))
+    st = law1_entry(report.analyze(rows))["slope_test"]
+    top = [p for p in st["points"] if p["params"] == 10_000_000]
+    assert len(top) == 3 * 2 and {(p["max_ratio"], p["status"]) for p in top} == {(1.0, "all_low")}
+    assert st["left_out"] == {} and st["test"]["n"] == 6 * 3 * 2  # a ceiling, not a bound: kept
+    draws = analysis.window_draws(rows, st["points"], 0.1, n_boot=200)
+    assert np.isfinite(draws[:, [i for i, p in enumerate(st["points"]) if p["params"] == 10_000_000]]).all()
+
+
 def test_window_nlls_round_trip_through_the_results_csv(tmp_path):
     rows = slope_rows(0.15, seeds=(0,), train_seeds=(0,), window_noise=0.05)
     path = tmp_path / "results.csv"

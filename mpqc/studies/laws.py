@@ -180,8 +180,9 @@ class MaxRatio:
 
     ``status``: "interpolated" (the budget is crossed between two measured ratios),
     "above_measured" (every measured ratio meets the budget: ``value`` is the largest measured
-    ratio, a lower bound), or "never_reached" (even the smallest measured ratio exceeds the
-    budget: ``value`` is NaN).
+    ratio, a lower bound), "all_low" (a plan with every searchable component low, Q_r = 1, meets
+    it: ``value`` is 1, exact, since no larger Q_r exists) or "never_reached" (even the smallest
+    measured ratio exceeds the budget: ``value`` is NaN).
     """
 
     value: float
@@ -214,7 +215,10 @@ def monotone_envelope(ratios, delta_ppls) -> tuple[np.ndarray, np.ndarray]:
     return r, np.flip(np.minimum.accumulate(np.flip(d, -1), axis=-1), -1)
 
 
-_STATUS = ("never_reached", "interpolated", "above_measured")
+STATUSES = ("never_reached", "interpolated", "above_measured", "all_low")
+# The statuses whose value is Q_r,max itself, not a bound: the points a law is fitted and tested on.
+READ_STATUSES = ("interpolated", "all_low")
+_ALL_LOW = 1.0 - 1e-9  # an achieved Q_r this close to 1 is the plan with every searchable component low
 
 
 def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
@@ -225,13 +229,14 @@ def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
     linear interpolation between the last ratio within it and the next one above it.
     """
     values, status = max_ratios_at_budget(ratios, np.asarray(delta_ppls, dtype=float).reshape(1, -1), budget)
-    return MaxRatio(float(values[0]), _STATUS[status[0]])
+    return MaxRatio(float(values[0]), STATUSES[status[0]])
 
 
 def max_ratios_at_budget(ratios, delta_draws, budget: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`max_ratio_at_budget` for many curves over the same ratios at once (``delta_draws``:
     one row of delta_ppls per curve, e.g. per resample of the evaluation windows): (values,
-    status index into ("never_reached", "interpolated", "above_measured")), NaN where never reached."""
+    status index into ``STATUSES``: never_reached, interpolated, above_measured, all_low), NaN
+    where never reached."""
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget is a positive relative perplexity increase such as 0.1, got {budget!r}")
     r, env = monotone_envelope(ratios, delta_draws)
@@ -249,7 +254,8 @@ def max_ratios_at_budget(ratios, delta_draws, budget: float) -> tuple[np.ndarray
         # the next plan diverged (d1 infinite): no slope to interpolate along, r0 stands
         step = np.where(np.isfinite(d1) & (d1 > d0), (budget - d0) * (r1 - r0) / (d1 - d0), 0.0)
     values = np.where(above, r0, np.where(inside, r0 + step, np.nan))
-    return values, np.where(above, 2, np.where(inside, 1, 0))
+    status = np.where(above, np.where(r0 >= _ALL_LOW, 3, 2), np.where(inside, 1, 0))
+    return values, status
 
 
 # ---- Law 1 as a slope test ----------------------------------------------------------------------

@@ -120,7 +120,7 @@ def ratio_curves(rows: Sequence[Mapping], predicted, budgets: Sequence[float] = 
     monotone (``laws.monotone_envelope``: the best plan known at Q_r or above), the curves' mean
     absolute difference in delta_ppl (``curve_mae``, at every plan's Q_r), and Q_r,max at each
     budget read off both (``laws.max_ratio_at_budget``), with ``error`` = predicted - measured
-    where both were interpolated. ``predicted``: delta_ppl per row (e.g. held-out predictions)."""
+    where both are read, not bounds (``laws.READ_STATUSES``). ``predicted``: delta_ppl per row (e.g. held-out predictions)."""
     pred = np.asarray(predicted, float)
     out = []
     for m in sorted({str(r["model"]) for r in rows}):
@@ -132,7 +132,7 @@ def ratio_curves(rows: Sequence[Mapping], predicted, budgets: Sequence[float] = 
         budget_rows = []
         for b in budgets:
             measured, predicted_max = _max_ratio(ratio, true, b), _max_ratio(ratio, pred[idx], b)
-            both = measured["status"] == predicted_max["status"] == "interpolated"
+            both = measured["status"] in laws.READ_STATUSES and predicted_max["status"] in laws.READ_STATUSES
             budget_rows.append(
                 {
                     "budget": b,

@@ -6,7 +6,8 @@
   ratio curve (achieved Q_r against held-out delta_ppl, made monotone), per setting
   (granularity, low format, weights-only, block size); with several seeds, also per seed.
 * Law 1 per setting and budget: size = exp(k * (1 - Q_r,max) + c) over the models whose
-  Q_r,max was interpolated (at least three), size = all model parameters.
+  Q_r,max was read (interpolated, or 1 where the all-low plan meets the budget; at least three),
+  size = all model parameters.
 * Law 1 as a test, beside the fit: the slope of Q_r,max on log10(size) over every (model,
   training seed, search seed), its 95% cluster-bootstrap interval, the one-sided p-value of
   slope > 0 and a verdict against the paper's implied +0.197 per decade.

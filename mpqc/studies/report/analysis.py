@@ -89,7 +89,8 @@ def max_ratios(rows, budgets=BUDGETS) -> list[dict]:
 
 
 def law1_fits(max_ratio_rows, budgets=BUDGETS) -> list[dict]:
-    """One Law 1 fit per (setting, budget) where at least three models have an interpolated Q_r,max;
+    """One Law 1 fit per (setting, budget) where at least three models have a read Q_r,max
+    (``laws.READ_STATUSES``: interpolated, or 1 where the all-low plan meets the budget);
     settings without a ratio curve (one Q_r per model) are not listed."""
     fits = []
     # A setting searched at one Q_r per model (e.g. one point of a block-size sweep) has no ratio curve.
@@ -97,8 +98,8 @@ def law1_fits(max_ratio_rows, budgets=BUDGETS) -> list[dict]:
     for setting in settings:
         for b in budgets:
             ms = [m for m in max_ratio_rows if m["setting"] == setting and m["budget"] == b]
-            used = [m for m in ms if m["status"] == "interpolated"]
-            left = {m["model"]: m["status"] for m in ms if m["status"] != "interpolated"}
+            used = [m for m in ms if m["status"] in laws.READ_STATUSES]
+            left = {m["model"]: m["status"] for m in ms if m["status"] not in laws.READ_STATUSES}
             entry = {
                 "setting": setting,
                 "budget": b,
@@ -109,7 +110,7 @@ def law1_fits(max_ratio_rows, budgets=BUDGETS) -> list[dict]:
             }
             if len({m["params"] for m in used}) < laws.MIN_POINTS:
                 entry["note"] = (
-                    f"not fitted: {len(used)} model(s) with an interpolated Q_r,max, "
+                    f"not fitted: {len(used)} model(s) with a read Q_r,max (not a bound), "
                     f"{laws.MIN_POINTS} distinct sizes needed"
                 )
             else:
@@ -174,7 +175,7 @@ def _recorded_windows(rows) -> int | None:
 
 def window_draws(rows, points, budget: float, n_boot: int = N_BOOT, seed: int = WINDOW_SEED) -> np.ndarray | None:
     """Each slope-test point's Q_r,max on ``n_boot`` resamples of the evaluation windows (NaN
-    where not interpolated on those windows), for :func:`laws.slope_test`'s ``q_max_draws``; None
+    where not read on those windows), for :func:`laws.slope_test`'s ``q_max_draws``; None
     without per-window NLLs. Resample b draws the same window indices for every row: a model's
     cells share their windows, and so do the sizes of a family sharing one tokenizer."""
     n_windows = _recorded_windows(rows)
@@ -193,7 +194,8 @@ def window_draws(rows, points, budget: float, n_boot: int = N_BOOT, seed: int = 
         with np.errstate(over="ignore"):
             delta = np.expm1(weights @ nll_q - weights @ nll_base)
         values, status = laws.max_ratios_at_budget([r["achieved"] for r in rs], delta, budget)
-        draws[:, k] = np.where(status == 1, values, np.nan)  # interpolated, as the fit's points
+        read = np.isin(status, [laws.STATUSES.index(s) for s in laws.READ_STATUSES])
+        draws[:, k] = np.where(read, values, np.nan)  # as the point estimates: interpolated or all_low
     return draws
 
 
@@ -220,10 +222,10 @@ def slope_verdict(test: laws.SlopeTest, paper: float = PAPER["law1_slope_per_dec
 
 def law1_slope_test(rows, budget: float) -> dict:
     """Law 1 as a test on one setting's rows: the slope of Q_r,max on log10(size) over every
-    (model, training seed, search seed) with an interpolated Q_r,max (as the fit uses), a
+    (model, training seed, search seed) with a read Q_r,max (as the fit uses), a
     cluster bootstrap over the seeds, and the verdict."""
     points = seed_max_ratios(rows, budget)
-    used = [p for p in points if p["status"] == "interpolated"]
+    used = [p for p in points if p["status"] in laws.READ_STATUSES]
     labels, resampled = _clusters(used)
     entry = {
         "test": None,
@@ -231,11 +233,11 @@ def law1_slope_test(rows, budget: float) -> dict:
         "resampled": resampled,
         "paper_slope": PAPER["law1_slope_per_decade"],
         "points": used,
-        "left_out": dict(Counter(p["status"] for p in points if p["status"] != "interpolated")),
+        "left_out": dict(Counter(p["status"] for p in points if p["status"] not in laws.READ_STATUSES)),
     }
     if len({p["params"] for p in used}) < laws.MIN_POINTS:
         entry["verdict"] = (
-            f"not tested: {len({p['params'] for p in used})} size(s) with an interpolated Q_r,max, "
+            f"not tested: {len({p['params'] for p in used})} size(s) with a read Q_r,max (not a bound), "
             f"{laws.MIN_POINTS} needed"
         )
         return entry

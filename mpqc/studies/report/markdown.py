@@ -49,7 +49,8 @@ def _max_ratio_section(a) -> list[str]:
         "",
         "Read off each model's ratio curve (achieved Q_r, made monotone: a plan found at a higher ratio "
         "also meets a lower one), interpolated linearly. `>=` marks a budget met at every measured "
-        "ratio (a lower bound), `-` one never met.",
+        "ratio below 1 (a lower bound), `-` one never met; 1.000 is a budget met with every searchable "
+        "matmul low (exact: no larger Q_r exists).",
         "",
     ]
     for setting in sorted({e["setting"] for e in a["law1"]}):
@@ -127,7 +128,8 @@ def _slope_section(a) -> list[str]:
     out = [
         "## Law 1 as a slope test: Q_r,max against log10(size)",
         "",
-        "One point per (model, training seed, search seed) with an interpolated Q_r,max; ordinary least "
+        "One point per (model, training seed, search seed) with a read Q_r,max (interpolated, or 1 where "
+        "the all-low plan meets the budget); ordinary least "
         "squares of Q_r,max on log10(parameters), the slope per decade of size with a 95% bootstrap "
         "interval (clusters: the seeds a point shares, resampled whole), and the one-sided p-value of "
         f"slope > 0. The paper's k = {PAPER['law1_slope_k']} implies {paper:+.3f} per decade.",
