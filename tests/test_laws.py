@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from mpqc.studies.laws import (
+    READ_STATUSES,
     fit_exponential,
     fit_power,
     implied_slope,
     max_ratio_at_budget,
     max_ratios_at_budget,
-    READ_STATUSES,
     monotone_envelope,
     slope_test,
 )
