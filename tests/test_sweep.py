@@ -684,3 +684,45 @@ def test_search_windows_that_do_not_fit_the_text_fail_before_any_cell(study_dir,
     with pytest.raises(ValueError, match="1000000 windows of 16 tokens do not fit in the search part"):
         sweep.run(config, progress=False)
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_layer_wise_plans_are_read_against_the_matmul_wise_curve_at_their_own_q_r():
+    import importlib
+
+    analysis = importlib.import_module("mpqc.studies.report.analysis")
+    base = {"params": 1000, "low": "int3", "weights_only": False, "block_size": 32, "q_r_definition": "x", "seed": 0}
+
+    def row(model, train, granularity, achieved, delta):
+        return {
+            **base,
+            "model": model,
+            "train_seed": train,
+            "granularity": granularity,
+            "achieved": achieved,
+            "delta_ppl": delta,
+        }
+
+    rows = []
+    for train in (0, 1):
+        m = f"m-t{train}"
+        # matmul-wise: 0.1 * Q_r, with one noisy dip at 0.7 the envelope removes (0.8's plan beats it)
+        rows += [
+            row(m, train, "matmul", q, d) for q, d in ((0.3, 0.03), (0.5, 0.05), (0.7, 0.09), (0.8, 0.08), (1.0, 0.1))
+        ]
+        rows += [
+            row(m, train, "layer", 0.25, 0.9),  # below the matmul-wise curve: left out
+            row(m, train, "layer", 0.6, 0.07 + train * 0.02),  # matmul-wise reads 0.065 at 0.6
+            row(m, train, "layer", 0.75, 0.08),  # the envelope: 0.08 at 0.7 and 0.8
+            row(m, train, "layer", 1.0, 0.1),
+        ]
+    rows.append(row("other", 0, "layer", 0.6, 0.5))  # no matmul-wise curve of its own: no pair
+    pairs = analysis.granularity_pairs(rows)
+    assert [(p["model"], p["achieved"]) for p in pairs] == [(f"m-t{t}", q) for t in (0, 1) for q in (0.6, 0.75, 1.0)]
+    assert [p["difference"] for p in pairs] == pytest.approx([0.005, 0.0, 0.0, 0.025, 0.0, 0.0])
+    (summary,) = analysis.granularity_comparison(rows)
+    assert summary["n"] == 4 and summary["layer_worse"] == 2 and summary["achieved"] == [0.6, 0.75]
+    assert summary["mean"] == pytest.approx(0.0075) and summary["max"] == pytest.approx(0.025)
+    assert summary["n_all_low"] == 2 and summary["all_low_max_abs"] == pytest.approx(0.0)
+    markdown = importlib.import_module("mpqc.studies.report.markdown")
+    text = "\n".join(markdown._granularity_section({"granularity": [summary]}))
+    assert "| 1,000 | int3, block 32 | 0.6, 0.75 | 4 | +0.75 pp | +0.25 pp | +0.00 to +2.50 pp | 2 of 4 | 0 pp |" in text

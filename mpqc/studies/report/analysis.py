@@ -19,6 +19,8 @@ __all__ = [
     "SETTING_KEYS",
     "analyze",
     "bits_view",
+    "granularity_comparison",
+    "granularity_pairs",
     "law1_fits",
     "law1_slope_test",
     "law2_fits",
@@ -337,6 +339,79 @@ def _law2_note(points, ratio) -> str:
     return "".join(f"{n} point(s) left out: {why}; " for why, n in reasons.items())
 
 
+# Layer-wise against matmul-wise (Cao et al.'s comparison): the same curve but for granularity.
+_PAIR_KEYS = ("model", "params", "low", "weights_only", "block_size", "q_r_definition", "seed")
+_ALL_LOW_Q_R = 1.0 - 1e-9
+
+
+def _pair_key(row) -> tuple:
+    return (*(row[k] for k in _PAIR_KEYS), _train_seed(row))
+
+
+def granularity_pairs(rows) -> list[dict]:
+    """Each layer-wise plan beside the matmul-wise curve of the same model, training seed, search
+    seed and format, read at the layer-wise plan's achieved Q_r (monotone envelope, linear
+    between measured ratios): ``difference`` = layer-wise minus matmul-wise delta_ppl. A plan
+    outside the matmul-wise curve's measured ratios is left out (no extrapolation)."""
+    matmul = defaultdict(list)
+    for r in rows:
+        if r["granularity"] == "matmul":
+            matmul[_pair_key(r)].append(r)
+    pairs = []
+    for r in rows:
+        curve = matmul.get(_pair_key(r)) if r["granularity"] == "layer" else None
+        if not curve:
+            continue
+        ratios, env = laws.monotone_envelope([c["achieved"] for c in curve], [c["delta_ppl"] for c in curve])
+        q = r["achieved"]
+        if not ratios[0] <= q <= ratios[-1] or not np.all(np.isfinite(env)):
+            continue
+        read = float(np.interp(q, ratios, env))
+        pairs.append(
+            {
+                **{k: r[k] for k in ("model", "params", "low", "weights_only", "block_size", "seed")},
+                "train_seed": _train_seed(r),
+                "achieved": q,
+                "delta_layer": r["delta_ppl"],
+                "delta_matmul": read,
+                "difference": r["delta_ppl"] - read,
+            }
+        )
+    return pairs
+
+
+def granularity_comparison(rows) -> list[dict]:
+    """:func:`granularity_pairs` summed up per (size, format): at Q_r < 1 the mean, median and
+    range of the difference and how many layer-wise plans lost; at Q_r = 1 (the same matmuls
+    low at both granularities) the largest absolute difference, a consistency check."""
+    groups = defaultdict(list)
+    for p in granularity_pairs(rows):
+        groups[(p["params"], p["low"], p["weights_only"], p["block_size"])].append(p)
+    out = []
+    for (params, low, wo, bs), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1:]))):
+        mixed = np.array([p["difference"] for p in ps if p["achieved"] < _ALL_LOW_Q_R])
+        full = [abs(p["difference"]) for p in ps if p["achieved"] >= _ALL_LOW_Q_R]
+        out.append(
+            {
+                "params": params,
+                "models": sorted({p["model"] for p in ps}),
+                "low": low,
+                "weights_only": wo,
+                "block_size": bs,
+                "achieved": sorted({round(p["achieved"], 4) for p in ps if p["achieved"] < _ALL_LOW_Q_R}),
+                "n": int(mixed.size),
+                "mean": float(mixed.mean()) if mixed.size else None,
+                "median": float(np.median(mixed)) if mixed.size else None,
+                "min": float(mixed.min()) if mixed.size else None,
+                "max": float(mixed.max()) if mixed.size else None,
+                "layer_worse": int(np.count_nonzero(mixed > 0)),
+                "n_all_low": len(full),
+                "all_low_max_abs": max(full) if full else None,
+            }
+        )
+    return out
+
+
 def bits_view(rows) -> dict:
     """Perplexity against total weight bits: every point, the all-high baselines, the Pareto front."""
     points = [
@@ -392,6 +467,7 @@ def analyze(rows, budgets=BUDGETS) -> dict:
         "max_ratio": mr,
         "law1": law1,
         "law2": law2_fits(rows),
+        "granularity": granularity_comparison(rows),
         "bits": bits_view(rows),
         "paper": PAPER,
     }

@@ -20,6 +20,7 @@ def markdown(analysis, figure_paths, *, source: str = "") -> str:
     out += _law1_section(a)
     out += _slope_section(a)
     out += _law2_section(a)
+    out += _granularity_section(a)
     out += _bits_section(a)
     out += _figures_section(figure_paths)
     return "\n".join(out)
@@ -183,6 +184,35 @@ def _law2_section(a) -> list[str]:
             out.append(f"| {e['model']} | {fmt} | {e['ratio']:g} | - | - | - | {len(e['points'])} | {e['note']} |")
     out.append("")
     return out
+
+
+def _granularity_section(a) -> list[str]:
+    if not a["granularity"]:
+        return []  # no layer-wise rows with matmul-wise curves of the same models
+    out = [
+        "## Layer-wise against matmul-wise at equal Q_r",
+        "",
+        "Each layer-wise plan's delta_ppl minus the matmul-wise delta_ppl of the same model, training "
+        "seed, search seed and format, read off the matmul-wise curve (monotone, linear) at the "
+        "layer-wise plan's achieved Q_r. Positive: the layer-wise plan loses more. At Q_r = 1 both "
+        "quantize the same matmuls, so that column should be 0.",
+        "",
+        "| size | format | achieved Q_r < 1 | pairs | mean | median | range | layer-wise worse | max abs at Q_r = 1 |",
+        "| ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for e in a["granularity"]:
+        fmt = f"{e['low']}{' W-only' if e['weights_only'] else ''}, block {e['block_size']}"
+        qs = ", ".join(f"{q:.3g}" for q in e["achieved"])
+        at_one = "-" if e["all_low_max_abs"] is None else f"{100 * e['all_low_max_abs']:.2g} pp"
+        if e["n"]:
+            stats = (
+                f"{100 * e['mean']:+.2f} pp | {100 * e['median']:+.2f} pp | "
+                f"{100 * e['min']:+.2f} to {100 * e['max']:+.2f} pp | {e['layer_worse']} of {e['n']}"
+            )
+        else:
+            stats = "- | - | - | -"
+        out.append(f"| {e['params']:,} | {fmt} | {qs} | {e['n']} | {stats} | {at_one} |")
+    return out + [""]
 
 
 def _bits_section(a) -> list[str]:
