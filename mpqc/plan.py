@@ -179,6 +179,12 @@ class Plan:
         """Components at the default (the high precision) and outside Q_r, numerator and denominator."""
         self.keep_high: tuple[str, ...] = keep_high_entries(keep_high)
         self.kept_high: tuple[str, ...] = resolve_keep_high(self.graph, self.granularity, self.keep_high)
+        if self.kept_high and self.default.is_low:  # a kept-high component is at the default
+            raise ValueError(
+                f"keep_high={list(self.keep_high)} keeps {list(self.kept_high)} at the plan's default, but the "
+                f"default is {self.default}, a low precision; give a high default (e.g. default='bf16') and "
+                "assign the low precision to the other components, as Plan.uniform(..., keep_high=...) does"
+            )
         assigned = sorted(n for n in self.kept_high if n in self.assignments and self.assignments[n] != self.default)
         if assigned:
             raise ValueError(
@@ -191,8 +197,15 @@ class Plan:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def uniform(cls, graph: Graph, fmt, *, granularity: Granularity = "matmul", activations: bool = True, **kw) -> Plan:
-        """Every component at ``fmt`` (activations too, unless ``activations=False``)."""
-        return cls(graph, {}, default=fmt, granularity=granularity, activations=activations, **kw)
+        """Every component at ``fmt`` (activations too, unless ``activations=False``); with
+        ``keep_high``, every other component, the kept-high ones at ``high`` (bf16 by default)."""
+        kept = resolve_keep_high(graph, granularity, kw.get("keep_high", ()))
+        if not kept:
+            return cls(graph, {}, default=fmt, granularity=granularity, activations=activations, **kw)
+        others = {c.name: fmt for c in graph.components(granularity) if c.name not in kept}
+        return cls(
+            graph, others, default=kw.get("high", "bf16"), granularity=granularity, activations=activations, **kw
+        )
 
     def replace(self, assignments: Mapping) -> Plan:
         """A plan like this one with these components reassigned."""

@@ -75,6 +75,18 @@ def test_keep_high_errors_name_the_problem():
         mpqc.search.SearchConfig(budget=("params", 0.5), keep_high="lm_head")
 
 
+def test_a_uniform_plan_keeps_its_kept_high_components_high():
+    _, graph = captured("llama")
+    plan = mpqc.Plan.uniform(graph, "int3", granularity="layer", keep_high=("lm_head",))
+    assert str(plan.precision("lm_head")) == "bf16" and plan.quantization_ratio() == 1.0
+    assert {str(plan.precision(f"layers.{i}")) for i in range(2)} == {"int3"}
+    both = mpqc.Plan.uniform(graph, "int3", keep_high=("lm_head",))  # matmul-wise: the same matmuls low
+    assert [str(both.precision_of(m)) for m in graph.matmuls] == [str(plan.precision_of(m)) for m in graph.matmuls]
+    # a low default would quantize what keep_high keeps high: refused, with what to do instead
+    with pytest.raises(ValueError, match=r"default is int3, a low precision; give a high default"):
+        mpqc.Plan(graph, {}, default="int3", keep_high=("lm_head",))
+
+
 def test_plan_json_keeps_the_definition():
     _, graph = captured("llama")
     plan = mpqc.Plan(graph, {"layers.0": "mxint4"}, granularity="layer", keep_high=("lm_head",))

@@ -725,4 +725,6 @@ def test_layer_wise_plans_are_read_against_the_matmul_wise_curve_at_their_own_q_
     assert summary["n_all_low"] == 2 and summary["all_low_max_abs"] == pytest.approx(0.0)
     markdown = importlib.import_module("mpqc.studies.report.markdown")
     text = "\n".join(markdown._granularity_section({"granularity": [summary]}))
-    assert "| 1,000 | int3, block 32 | 0.6, 0.75 | 4 | +0.75 pp | +0.25 pp | +0.00 to +2.50 pp | 2 of 4 | 0 pp |" in text
+    assert (
+        "| 1,000 | int3, block 32 | 0.6, 0.75 | 4 | +0.75 pp | +0.25 pp | +0.00 to +2.50 pp | 2 of 4 | 0 pp |" in text
+    )

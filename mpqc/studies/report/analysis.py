@@ -115,6 +115,8 @@ def law1_fits(max_ratio_rows, budgets=BUDGETS) -> list[dict]:
                     f"not fitted: {len(used)} model(s) with a read Q_r,max (not a bound), "
                     f"{laws.MIN_POINTS} distinct sizes needed"
                 )
+            elif len({m["max_ratio"] for m in used}) < 2:  # e.g. every size meets it all low: no k
+                entry["note"] = f"not fitted: every read Q_r,max is {used[0]['max_ratio']:.3g}, no slope to fit"
             else:
                 fit = laws.fit_exponential([1 - m["max_ratio"] for m in used], [m["params"] for m in used])
                 entry["fit"] = fit.to_dict()
@@ -382,8 +384,9 @@ def granularity_pairs(rows) -> list[dict]:
 
 def granularity_comparison(rows) -> list[dict]:
     """:func:`granularity_pairs` summed up per (size, format): at Q_r < 1 the mean, median and
-    range of the difference and how many layer-wise plans lost; at Q_r = 1 (the same matmuls
-    low at both granularities) the largest absolute difference, a consistency check."""
+    range of the difference and how many layer-wise plans lost; at Q_r = 1 (every weight matmul
+    low at both) the largest absolute difference: the attention matmuls, which have no weights,
+    are low with their layer but may stay high in a matmul-wise plan."""
     groups = defaultdict(list)
     for p in granularity_pairs(rows):
         groups[(p["params"], p["low"], p["weights_only"], p["block_size"])].append(p)
