@@ -541,3 +541,22 @@ def test_cli_compile_and_search_run_the_model_in_the_dtype_asked(saved_model, tm
     assert abs(found["achieved"] - 0.5) < 0.2 and found["holdout"]["perplexity_plan"] > 1
     assert main(["compile", str(d / "tiny"), "--device", "gpu"]) == 2
     assert "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in capsys.readouterr().err
+
+
+def test_cli_collect_keeps_kept_high_components_out_of_every_plan_and_q_r(saved_model, tmp_path):
+    d = saved_model
+    data = tmp_path / "data.csv"
+    args = ["predict", "collect", str(d / "tiny"), "--text", str(d / "text.txt"), "--out", str(data)]
+    args += ["--n-plans", "6", "--seq-len", "16", "--calib-samples", "2", "--eval-samples", "2", "--quiet"]
+    assert main([*args, "--keep-high", "lm_head", "--min-ratio", "0.9"]) == 0
+    rows = predict.read_data(str(data))
+    assert len(rows) == 6 and {r["keep_high"] for r in rows} == {"lm_head"}
+    assert not any("lm_head" in r["low_components"].split(";") for r in rows)
+    graph = mpqc.capture(mpqc.load_model(str(d / "tiny"))[0], (torch.zeros(2, 16, dtype=torch.long),))
+    for r in rows:  # Q_r over the other matmuls, as the plan itself counts it
+        plan = mpqc.Plan(graph, {n: "mxint4" for n in r["low_components"].split(";")}, keep_high=("lm_head",))
+        assert r["ratio"] == pytest.approx(plan.quantization_ratio()) and r["ratio"] >= 0.9 - 1e-9
+    assert main(args) == 0  # without keep_high: another setup, measured anew beside the first
+    again = predict.read_data(str(data))
+    assert len(again) == 12 and len({r["setup"] for r in again}) == 2
+    assert {r["keep_high"] for r in again} == {"lm_head", ""}

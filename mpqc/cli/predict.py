@@ -44,6 +44,12 @@ def _add_collect(ps) -> None:
     c.add_argument("--weights-only", action="store_true", help="activations stay at --high")
     c.add_argument("--granularity", default="matmul", choices=["matmul", "layer"])
     common.add_block_size_arg(c)
+    c.add_argument(
+        "--keep-high",
+        default="",
+        metavar="NAMES",
+        help="comma-separated components or roles (e.g. lm_head) kept at --high, in no plan and left out of Q_r",
+    )
     c.add_argument("--text", default=None, help="text: 'wiki' (embedded default), a .txt file or dir, hf:NAME")
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--calib-samples", type=int, default=4, help="calibration windows for the features (search text)")
@@ -164,6 +170,7 @@ def cmd_collect(args) -> int:
         on_row=lambda rs: predict.write_data(args.out, rs),
         progress=not args.quiet,
         prefix=text_prefix(tokenizer),
+        keep_high=_names(args.keep_high),
     )
     predict.write_data(args.out, rows)
     mine = [r for r in rows if r["model"] == name]
@@ -180,7 +187,14 @@ def cmd_collect(args) -> int:
 
 # ---- fit ----------------------------------------------------------------------------------------
 
-_SETTING = ("low", "high", "weights_only", "granularity", "block_size")
+_SETTING = ("low", "high", "weights_only", "granularity", "block_size", "keep_high")
+
+
+def _names(text) -> tuple[str, ...]:
+    """A comma-separated list (``--keep-high``, a data row's ``keep_high``) as names; None or "": none."""
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
 _MEASURE = ("seq_len", "calib_samples", "probe_samples", "seed")
 
 
@@ -241,10 +255,10 @@ def cmd_fit(args) -> int:
         if unknown:
             raise ValueError(f"--models names {unknown}, which the data does not have; it has {have}")
         rows = [r for r in rows if r["model"] in wanted]
-    settings = {tuple(r.get(k) for k in _SETTING) for r in rows}
+    settings = {tuple(r.get(k) or "" if k == "keep_high" else r.get(k) for k in _SETTING) for r in rows}
     if len(settings) > 1:
         raise ValueError(
-            f"the data mixes plan settings (low, high, weights_only, granularity, block_size): "
+            f"the data mixes plan settings ({', '.join(_SETTING)}): "
             f"{sorted(map(str, settings))}; fit one setting at a time (--models, or separate files)"
         )
     measured = {tuple(r.get(k) for k in _MEASURE) for r in rows}
@@ -298,7 +312,7 @@ def cmd_plan(args) -> int:
 
     predictor = predict.Predictor.load(args.predictor)
     s = predictor.setup
-    missing = [k for k in _SETTING + _MEASURE if k not in s]
+    missing = [k for k in _SETTING + _MEASURE if k not in s and k != "keep_high"]  # none before keep_high
     if missing:
         raise ValueError(
             f"{args.predictor} does not say how its features were measured (setup lacks {missing}); "
@@ -312,7 +326,13 @@ def cmd_plan(args) -> int:
     plans = {path: mpqc.Plan.from_file(graph, path) for path in texts}  # errors name the file
     low_p, high_p = search_precisions(s["low"], s["high"], weights_only=bool(s["weights_only"]))
     space = SearchSpace(
-        graph, s["granularity"], low_p, high_p, Budget("params", 0.0), parse_block_size(s["block_size"])
+        graph,
+        s["granularity"],
+        low_p,
+        high_p,
+        Budget("params", 0.0),
+        parse_block_size(s["block_size"]),
+        keep_high=_names(s.get("keep_high")),  # as the data was collected (none before keep_high)
     )
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     prefix = text_prefix(tokenizer)

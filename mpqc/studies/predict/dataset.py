@@ -37,6 +37,7 @@ COLUMNS = (
     "high",
     "weights_only",
     "block_size",
+    "keep_high",
     "target_ratio",
     "n_low",
     *FEATURES,
@@ -53,7 +54,7 @@ COLUMNS = (
     "eval_seconds",
     "low_components",
 )
-_STR = {"model", "setup", "source", "granularity", "low", "high", "block_size", "low_components"}
+_STR = {"model", "setup", "source", "granularity", "low", "high", "block_size", "keep_high", "low_components"}
 _INT = {"plan_id", "n_low", "params", "calib_samples", "probe_samples", "eval_samples", "seq_len", "seed"}
 
 
@@ -131,6 +132,7 @@ class CollectSetup:
     search_trials: int = 0
     search_ratios: tuple = (0.5, 0.9)
     prefix: tuple = ()
+    keep_high: tuple = ()  # components or roles kept high: not in the plans, outside Q_r
 
     def key(self) -> str:
         setup = dataclasses.asdict(self)
@@ -139,6 +141,9 @@ class CollectSetup:
         setup["prefix"] = [int(t) for t in self.prefix]
         if not setup["prefix"]:  # only with one: data collected before windows had prefixes keep their keys
             del setup["prefix"]
+        setup["keep_high"] = list(self.keep_high)
+        if not setup["keep_high"]:  # likewise: data collected before keep_high keep their keys
+            del setup["keep_high"]
         return _setup_key(setup)
 
     def search(self) -> SearchConfig:
@@ -157,6 +162,7 @@ class CollectSetup:
             seed=self.seed,
             block_size=self.block_size,
             prefix=tuple(self.prefix),
+            keep_high=tuple(self.keep_high),
             # The trials are data: every one scored on all windows, as the data has always been.
             pruner=None,
             rescore=0,
@@ -193,7 +199,9 @@ def collect(
     c = CollectSetup(**settings)
     key = c.key()
     low_p, high_p = search_precisions(c.low, c.high, weights_only=c.weights_only)
-    space = SearchSpace(graph, c.granularity, low_p, high_p, Budget("params", 0.0), c.block_size)
+    space = SearchSpace(
+        graph, c.granularity, low_p, high_p, Budget("params", 0.0), c.block_size, keep_high=tuple(c.keep_high)
+    )
     rows = [dict(r) for r in existing]
     done = {int(r["plan_id"]) for r in rows if r["model"] == model and r["setup"] == key}
     qmodel = qmodel or mpqc.compile(graph, space.plan([]))
@@ -229,6 +237,7 @@ def collect(
         "setup": key,
         "ppl_base": math.exp(nll_base),
         "block_size": "default" if c.block_size is None else str(c.block_size),
+        "keep_high": ",".join(c.keep_high),
     }
     feature_share = model_seconds / max(len(plans), 1)  # the per-model measurements, spread over the plans
     for p in tqdm(

@@ -105,7 +105,8 @@ class Features:
             sq = float(((low.detach().double() - high.detach().double()) ** 2).sum())
             self._sigma[mname] = math.sqrt(sq / max(w.numel(), 1))
             if m.params:  # a shared weight counts once, at its owner
-                self._energy[self._index[component_of[mname]]] += sq
+                if mname in component_of:  # not kept high (keep_high): a plan can put it low
+                    self._energy[self._index[component_of[mname]]] += sq
                 total += float((w.detach().double() ** 2).sum())
         self._weight_total = total
 
