@@ -218,7 +218,7 @@ def monotone_envelope(ratios, delta_ppls) -> tuple[np.ndarray, np.ndarray]:
 STATUSES = ("never_reached", "interpolated", "above_measured", "all_low")
 # The statuses whose value is Q_r,max itself, not a bound: the points a law is fitted and tested on.
 READ_STATUSES = ("interpolated", "all_low")
-_ALL_LOW = 1.0 - 1e-9  # an achieved Q_r this close to 1 is the plan with every searchable component low
+ALL_LOW_Q_R = 1.0 - 1e-9  # an achieved Q_r this close to 1 is the plan with every searchable component low
 
 
 def max_ratio_at_budget(ratios, delta_ppls, budget: float) -> MaxRatio:
@@ -254,7 +254,7 @@ def max_ratios_at_budget(ratios, delta_draws, budget: float) -> tuple[np.ndarray
         # the next plan diverged (d1 infinite): no slope to interpolate along, r0 stands
         step = np.where(np.isfinite(d1) & (d1 > d0), (budget - d0) * (r1 - r0) / (d1 - d0), 0.0)
     values = np.where(above, r0, np.where(inside, r0 + step, np.nan))
-    status = np.where(above, np.where(r0 >= _ALL_LOW, 3, 2), np.where(inside, 1, 0))
+    status = np.where(above, np.where(r0 >= ALL_LOW_Q_R, 3, 2), np.where(inside, 1, 0))
     return values, status
 
 

@@ -343,7 +343,6 @@ def _law2_note(points, ratio) -> str:
 
 # Layer-wise against matmul-wise (Cao et al.'s comparison): the same curve but for granularity.
 _PAIR_KEYS = ("model", "params", "low", "weights_only", "block_size", "q_r_definition", "seed")
-_ALL_LOW_Q_R = 1.0 - 1e-9
 
 
 def _pair_key(row) -> tuple:
@@ -392,8 +391,8 @@ def granularity_comparison(rows) -> list[dict]:
         groups[(p["params"], p["low"], p["weights_only"], p["block_size"])].append(p)
     out = []
     for (params, low, wo, bs), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1:]))):
-        mixed = np.array([p["difference"] for p in ps if p["achieved"] < _ALL_LOW_Q_R])
-        full = [abs(p["difference"]) for p in ps if p["achieved"] >= _ALL_LOW_Q_R]
+        mixed = np.array([p["difference"] for p in ps if p["achieved"] < laws.ALL_LOW_Q_R])
+        full = [abs(p["difference"]) for p in ps if p["achieved"] >= laws.ALL_LOW_Q_R]
         out.append(
             {
                 "params": params,
@@ -401,7 +400,7 @@ def granularity_comparison(rows) -> list[dict]:
                 "low": low,
                 "weights_only": wo,
                 "block_size": bs,
-                "achieved": sorted({round(p["achieved"], 4) for p in ps if p["achieved"] < _ALL_LOW_Q_R}),
+                "achieved": sorted({round(p["achieved"], 4) for p in ps if p["achieved"] < laws.ALL_LOW_Q_R}),
                 "n": int(mixed.size),
                 "mean": float(mixed.mean()) if mixed.size else None,
                 "median": float(np.median(mixed)) if mixed.size else None,
