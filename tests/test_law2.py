@@ -94,3 +94,28 @@ def test_law2_without_element_counts_leaves_per_vector_out_and_says_so():
     assert entry["fit"]["n"] == 3 and "1 point(s) left out: no element count" in entry["note"]
     (few,) = analysis.law2_fits([row(16, law(16)), row(32, -0.01), row(64, law(64))])
     assert few["fit"] is None and "delta_ppl <= 0" in few["note"] and "fewer than 3 block sizes" in few["note"]
+
+
+def test_law2_per_size_gathers_the_sizes_models_and_fits_their_points_together():
+    rows = []
+    for m, k in (("m-t0", 0.40), ("m-t1", 0.50)):  # two training seeds of one size, each its own k
+        rows += [{**row(b, A * b**k), "model": m} for b in (16, 32, 64, 128)]
+    rows += [{**row(b, law(b)), "model": "other", "params": 5000} for b in (16, 32, 64)]  # one model: no pooling
+    fits = analysis.law2_fits(rows)
+    (size,) = [e for e in analysis.law2_by_size(fits) if e["params"] == 1000]
+    assert size["models"] == ["m-t0", "m-t1"] and size["k"] == pytest.approx([0.40, 0.50], rel=1e-9)
+    assert size["k_mean"] == pytest.approx(0.45) and (size["k_min"], size["k_max"]) == pytest.approx((0.40, 0.50))
+    # the pooled line through both seeds' 8 points: between the two slopes, with a standard error
+    assert 0.40 < size["pooled"]["k"] < 0.50 and size["pooled"]["n"] == 8 and size["pooled"]["k_err"] > 0
+    (alone,) = [e for e in analysis.law2_by_size(fits) if e["params"] == 5000]
+    assert alone["pooled"] is None and alone["k"] == pytest.approx([K], rel=1e-9)
+
+
+def test_a_block_longer_than_the_rows_sits_at_the_elements_it_really_shares():
+    # rows of 64: a 512 block is one scale per row, as per-vector is; the nominal 512 would fake a slope
+    rows = [row(b, law(b)) for b in (16, 32)] + [row(64, law(64)), row(512, law(64), elements=64.0)]
+    (entry,) = analysis.law2_fits(rows)
+    assert {p["block_size"]: p["x"] for p in entry["points"]} == {16: 16.0, 32: 32.0, 64: 64.0, 512: 64.0}
+    assert entry["fit"]["k"] == pytest.approx(K, rel=1e-9)
+    legacy = {**row(128, law(128)), "block_elements": math.nan}  # results written before block_elements
+    assert analysis.law2_position(legacy) == 128.0

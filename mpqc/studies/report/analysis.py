@@ -23,6 +23,7 @@ __all__ = [
     "granularity_pairs",
     "law1_fits",
     "law1_slope_test",
+    "law2_by_size",
     "law2_fits",
     "law2_position",
     "max_ratios",
@@ -271,12 +272,14 @@ LAW2_MAX_DELTA = 1.0
 
 
 def law2_position(row) -> float | None:
-    """Where a row sits on Law 2's block-size axis: its block size, or for "vector"/"tensor" its
-    plan's average elements per scale (``block_elements``; None in results written before it)."""
-    if isinstance(row["block_size"], int):
-        return float(row["block_size"])
+    """Where a row sits on Law 2's block-size axis: its plan's average elements per scale
+    (``block_elements``), which is the block size wherever the rows are whole blocks, and what a
+    block longer than a model's rows really shares (a 512 block on rows of 64 is per-vector);
+    without it (results written before it) the block size, and None for "vector"/"tensor"."""
     elements = row.get("block_elements")
-    return float(elements) if isinstance(elements, (int, float)) and math.isfinite(elements) else None
+    if isinstance(elements, (int, float)) and math.isfinite(elements):
+        return float(elements)
+    return float(row["block_size"]) if isinstance(row["block_size"], int) else None
 
 
 def _law2_point(row) -> dict:
@@ -327,6 +330,40 @@ def law2_fits(rows) -> list[dict]:
             entry["note"] += f"not fitted: fewer than {laws.MIN_POINTS} block sizes left to fit"
         fits.append(entry)
     return fits
+
+
+def law2_by_size(fits) -> list[dict]:
+    """Law 2's k per (size, granularity, format, asked Q_r) over the models of that size that were
+    fitted (e.g. its training seeds): each one's k, their mean and range, and one fit through all
+    their kept points together (``pooled``: k with one standard error)."""
+    groups = defaultdict(list)
+    for f in fits:
+        if f["fit"] is not None:
+            groups[
+                (f["params"], f["granularity"], f["low"], f["weights_only"], f["ratio"], f["q_r_definition"])
+            ].append(f)
+    out = []
+    for (params, g, low, wo, ratio, q_r), fs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1:]))):
+        ks = [f["fit"]["k"] for f in fs]
+        used = [p for f in fs for p in f["points"] if p["left_out"] is None]
+        pooled = laws.fit_power([p["x"] for p in used], [p["delta_ppl"] for p in used]) if len(fs) > 1 else None
+        out.append(
+            {
+                "params": params,
+                "granularity": g,
+                "low": low,
+                "weights_only": wo,
+                "ratio": ratio,
+                "q_r_definition": q_r,
+                "models": [f["model"] for f in fs],
+                "k": ks,
+                "k_mean": float(np.mean(ks)),
+                "k_min": min(ks),
+                "k_max": max(ks),
+                "pooled": None if pooled is None else pooled.to_dict(),
+            }
+        )
+    return out
 
 
 def _law2_note(points, ratio) -> str:
@@ -468,7 +505,8 @@ def analyze(rows, budgets=BUDGETS) -> dict:
         "budgets": list(budgets),
         "max_ratio": mr,
         "law1": law1,
-        "law2": law2_fits(rows),
+        "law2": (law2 := law2_fits(rows)),
+        "law2_by_size": law2_by_size(law2),
         "granularity": granularity_comparison(rows),
         "bits": bits_view(rows),
         "paper": PAPER,
