@@ -116,6 +116,6 @@ def test_a_block_longer_than_the_rows_sits_at_the_elements_it_really_shares():
     rows = [row(b, law(b)) for b in (16, 32)] + [row(64, law(64)), row(512, law(64), elements=64.0)]
     (entry,) = analysis.law2_fits(rows)
     assert {p["block_size"]: p["x"] for p in entry["points"]} == {16: 16.0, 32: 32.0, 64: 64.0, 512: 64.0}
-    assert entry["fit"]["k"] == pytest.approx(K, rel=1e-9)
+    assert entry["fit"]["k"] == pytest.approx(K, rel=1e-9) and entry["fit"]["n"] == 3  # 64 and 512: one point
     legacy = {**row(128, law(128)), "block_elements": math.nan}  # results written before block_elements
     assert analysis.law2_position(legacy) == 128.0

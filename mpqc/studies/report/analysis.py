@@ -325,11 +325,22 @@ def law2_fits(rows) -> list[dict]:
             "note": _law2_note(points, ratio),
         }
         if ratio <= LAW2_MAX_RATIO and len({p["x"] for p in used}) >= laws.MIN_POINTS:
-            entry["fit"] = laws.fit_power([p["x"] for p in used], [p["delta_ppl"] for p in used]).to_dict()
+            entry["fit"] = laws.fit_power(*_at_distinct_x(used)).to_dict()
         elif ratio <= LAW2_MAX_RATIO:
             entry["note"] += f"not fitted: fewer than {laws.MIN_POINTS} block sizes left to fit"
         fits.append(entry)
     return fits
+
+
+def _at_distinct_x(points) -> tuple[list[float], list[float]]:
+    """One Law 2 point per element count: blocks that share as many elements a scale (in a small
+    model, every block as long as its rows or longer) are one point on the axis, at the geometric
+    mean of their delta_ppl (the fit is a line in logs), not several that outweigh the rest."""
+    at = defaultdict(list)
+    for p in points:
+        at[p["x"]].append(math.log(p["delta_ppl"]))
+    xs = sorted(at)
+    return xs, [math.exp(sum(at[x]) / len(at[x])) for x in xs]
 
 
 def law2_by_size(fits) -> list[dict]:
@@ -345,8 +356,11 @@ def law2_by_size(fits) -> list[dict]:
     out = []
     for (params, g, low, wo, ratio, q_r), fs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1:]))):
         ks = [f["fit"]["k"] for f in fs]
-        used = [p for f in fs for p in f["points"] if p["left_out"] is None]
-        pooled = laws.fit_power([p["x"] for p in used], [p["delta_ppl"] for p in used]) if len(fs) > 1 else None
+        xs, ys = [], []
+        for f in fs:  # each model's distinct element counts, pooled
+            x, y = _at_distinct_x([p for p in f["points"] if p["left_out"] is None])
+            xs, ys = xs + x, ys + y
+        pooled = laws.fit_power(xs, ys) if len(fs) > 1 else None
         out.append(
             {
                 "params": params,
@@ -360,6 +374,7 @@ def law2_by_size(fits) -> list[dict]:
                 "k_mean": float(np.mean(ks)),
                 "k_min": min(ks),
                 "k_max": max(ks),
+                "x_range": [min(xs), max(xs)],  # elements per scale the fits span
                 "pooled": None if pooled is None else pooled.to_dict(),
             }
         )

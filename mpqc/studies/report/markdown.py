@@ -195,15 +195,15 @@ def _law2_size_lines(a) -> list[str]:
         "Per size (the fitted models of one size, e.g. its training seeds): each one's k, and one fit "
         "through all their points (k ± one standard error).",
         "",
-        "| size | format | Q_r | models | k each | k mean (range) | pooled k | pooled R² |",
-        "| ---: | --- | ---: | ---: | --- | --- | ---: | ---: |",
+        "| size | format | Q_r | models | elements per scale | k each | k mean (range) | pooled k | pooled R² |",
+        "| ---: | --- | ---: | ---: | --- | --- | --- | ---: | ---: |",
     ]
     for e in sizes:
         fmt = f"{e['granularity']}, {e['low']}{' W-only' if e['weights_only'] else ''}"
         p = e["pooled"]
         out.append(
             f"| {e['params']:,} | {fmt} | {e['ratio']:g} | {len(e['models'])} | "
-            f"{', '.join(f'{k:.2f}' for k in e['k'])} | {e['k_mean']:.2f} ({e['k_min']:.2f} to {e['k_max']:.2f}) | "
+            f"{e['x_range'][0]:.3g} to {e['x_range'][1]:.3g} | {', '.join(f'{k:.2f}' for k in e['k'])} | {e['k_mean']:.2f} ({e['k_min']:.2f} to {e['k_max']:.2f}) | "
             f"{_pm(p['k'], p['k_err'])} | {p['r2']:.3f} |"
         )
     return out + [""]
