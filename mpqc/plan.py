@@ -179,12 +179,6 @@ class Plan:
         """Components at the default (the high precision) and outside Q_r, numerator and denominator."""
         self.keep_high: tuple[str, ...] = keep_high_entries(keep_high)
         self.kept_high: tuple[str, ...] = resolve_keep_high(self.graph, self.granularity, self.keep_high)
-        if self.kept_high and self.default.is_low:  # a kept-high component is at the default
-            raise ValueError(
-                f"keep_high={list(self.keep_high)} keeps {list(self.kept_high)} at the plan's default, but the "
-                f"default is {self.default}, a low precision; give a high default (e.g. default='bf16') and "
-                "assign the low precision to the other components, as Plan.uniform(..., keep_high=...) does"
-            )
         assigned = sorted(n for n in self.kept_high if n in self.assignments and self.assignments[n] != self.default)
         if assigned:
             raise ValueError(

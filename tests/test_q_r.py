@@ -82,9 +82,9 @@ def test_a_uniform_plan_keeps_its_kept_high_components_high():
     assert {str(plan.precision(f"layers.{i}")) for i in range(2)} == {"int3"}
     both = mpqc.Plan.uniform(graph, "int3", keep_high=("lm_head",))  # matmul-wise: the same matmuls low
     assert [str(both.precision_of(m)) for m in graph.matmuls] == [str(plan.precision_of(m)) for m in graph.matmuls]
-    # a low default would quantize what keep_high keeps high: refused, with what to do instead
-    with pytest.raises(ValueError, match=r"default is int3, a low precision; give a high default"):
-        mpqc.Plan(graph, {}, default="int3", keep_high=("lm_head",))
+    # the kept-high components sit at a plan's default: q8_0 is the high of a llama.cpp search
+    gguf = mpqc.Plan.uniform(graph, "q4_0", keep_high=("lm_head",), high="q8_0", activations=False)
+    assert str(gguf.precision("lm_head").weight.name) == "q8_0" and gguf.quantization_ratio() == 1.0
 
 
 def test_plan_json_keeps_the_definition():
