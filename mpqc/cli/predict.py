@@ -303,11 +303,27 @@ def cmd_fit(args) -> int:
 # ---- plan ---------------------------------------------------------------------------------------
 
 
+def _space_of(graph, setup):
+    """The plan space a predictor's data were collected in (its ``setup``)."""
+    from mpqc.search.budget import Budget, SearchSpace, search_precisions
+
+    s = setup
+    low_p, high_p = search_precisions(s["low"], s["high"], weights_only=bool(s["weights_only"]))
+    return SearchSpace(
+        graph,
+        s["granularity"],
+        low_p,
+        high_p,
+        Budget("params", 0.0),
+        parse_block_size(s["block_size"]),
+        keep_high=_names(s.get("keep_high")),  # as the data was collected (none before keep_high)
+    )
+
+
 def cmd_plan(args) -> int:
     import mpqc
     from mpqc.data import load_tokens, split_tokens, text_prefix
     from mpqc.evaluate import nll, sample_windows
-    from mpqc.search.budget import Budget, SearchSpace, search_precisions
     from mpqc.studies import predict
 
     predictor = predict.Predictor.load(args.predictor)
@@ -324,16 +340,7 @@ def cmd_plan(args) -> int:
             texts[path] = f.read()
     _, tokenizer, graph = common.load_and_capture(args.model, s["seq_len"], args.device, args.dtype)
     plans = {path: mpqc.Plan.from_file(graph, path) for path in texts}  # errors name the file
-    low_p, high_p = search_precisions(s["low"], s["high"], weights_only=bool(s["weights_only"]))
-    space = SearchSpace(
-        graph,
-        s["granularity"],
-        low_p,
-        high_p,
-        Budget("params", 0.0),
-        parse_block_size(s["block_size"]),
-        keep_high=_names(s.get("keep_high")),  # as the data was collected (none before keep_high)
-    )
+    space = _space_of(graph, s)
     search_tokens, holdout = split_tokens(load_tokens(tokenizer, args.text))
     prefix = text_prefix(tokenizer)
     calib = sample_windows(search_tokens, s["seq_len"], s["calib_samples"], s["seed"] + 1, prefix)
