@@ -343,6 +343,9 @@ def _at_distinct_x(points) -> tuple[list[float], list[float]]:
     return xs, [math.exp(sum(at[x]) / len(at[x])) for x in xs]
 
 
+_LAW2_CURVE = ("granularity", "low", "weights_only", "ratio", "q_r_definition")  # what one Law 2 line holds fixed
+
+
 def law2_by_size(fits) -> list[dict]:
     """Law 2's k per (size, granularity, format, asked Q_r) over the models of that size that were
     fitted (e.g. its training seeds): each one's k, their mean and range, and one fit through all
@@ -350,11 +353,9 @@ def law2_by_size(fits) -> list[dict]:
     groups = defaultdict(list)
     for f in fits:
         if f["fit"] is not None:
-            groups[
-                (f["params"], f["granularity"], f["low"], f["weights_only"], f["ratio"], f["q_r_definition"])
-            ].append(f)
+            groups[(f["params"], *(f[k] for k in _LAW2_CURVE))].append(f)
     out = []
-    for (params, g, low, wo, ratio, q_r), fs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1:]))):
+    for (params, *curve), fs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1:]))):
         ks = [f["fit"]["k"] for f in fs]
         xs, ys = [], []
         for f in fs:  # each model's distinct element counts, pooled
@@ -364,11 +365,7 @@ def law2_by_size(fits) -> list[dict]:
         out.append(
             {
                 "params": params,
-                "granularity": g,
-                "low": low,
-                "weights_only": wo,
-                "ratio": ratio,
-                "q_r_definition": q_r,
+                **dict(zip(_LAW2_CURVE, curve)),
                 "models": [f["model"] for f in fs],
                 "k": ks,
                 "k_mean": float(np.mean(ks)),
