@@ -68,6 +68,8 @@ def test_bitsweep_measures_every_cell_with_total_bits_by_hand(study, capsys, mon
     assert "is 4 bits bit-optimal here?" in out and "| total-bits budget |" in out
     verdict = json.loads((study / "bits_bit_optimal.json").read_text())
     assert verdict["models"] == ["a", "b"] and len(verdict["budgets"]) == bitlevel.N_BUDGETS
+    png = (study / "bits_bits.png").read_bytes()  # perplexity against total bits, the front drawn
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
     # Run again: every cell is finished, no model loads.
     monkeypatch.setattr("mpqc.load_model", lambda *a, **k: pytest.fail("a finished study loaded a model"))

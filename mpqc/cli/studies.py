@@ -90,6 +90,7 @@ def run_bitsweep(args) -> int:
 
     from mpqc.io import json_safe, write_json_atomic
     from mpqc.studies import bitlevel
+    from mpqc.studies.report.figures import fig_bitlevel
 
     config = bitlevel.load_config(args.config)
     if args.out:
@@ -105,10 +106,12 @@ def run_bitsweep(args) -> int:
     result = bitlevel.bit_optimal(bitlevel.read_results(config.out))
     verdict_path = os.path.splitext(config.out)[0] + "_bit_optimal.json"
     write_json_atomic(verdict_path, json_safe(result))
+    figure_path = os.path.splitext(config.out)[0] + "_bits.png"
+    fig_bitlevel(bitlevel.read_results(config.out), result, figure_path)
     print(bit_optimal_table(result))
     print(
         f"bitsweep: ran {summary.ran} cells, skipped {summary.skipped} finished ones, in {summary.seconds:.0f} s; "
-        f"results in {summary.out}, the bit-optimal k in {verdict_path}"
+        f"results in {summary.out}, the bit-optimal k in {verdict_path}, the figure in {figure_path}"
     )
     return 0
 

@@ -226,6 +226,44 @@ def fig_bits(analysis, path):
     _save(fig, path)
 
 
+def fig_bitlevel(rows, result, path):
+    """``mpqc bitsweep``'s figure: held-out perplexity against total model bits, a colour per k,
+    a marker per model, and the Pareto front of ``bitlevel.bit_optimal`` (``result``)."""
+    plt = _plt()
+    ks = sorted({r["bits"] for r in rows})
+    cmap = plt.get_cmap("viridis")
+    color = {k: cmap(i / max(1, len(ks) - 1) * 0.9) for i, k in enumerate(ks)}
+    models = sorted({r["model"] for r in rows}, key=lambda m: min(r["params"] for r in rows if r["model"] == m))
+    marker = {m: "osD^vP*X"[i % 8] for i, m in enumerate(models)}
+    fig, axes = _grid(1, width=6.5, height=4.5)
+    ax = axes[0]
+    for r in rows:
+        if math.isfinite(r["ppl"]):
+            ax.scatter(r["total_bits"], r["ppl"], color=color[r["bits"]], marker=marker[r["model"]], s=16)
+    for k in ks:
+        ax.scatter([], [], color=color[k], marker="s", label=f"k = {k}")
+    for m in models:
+        ax.scatter([], [], color="grey", marker=marker[m], label=m)
+    front = result["pareto"]
+    ax.plot(
+        [p["total_bits"] for p in front],
+        [p["ppl"] for p in front],
+        color="black",
+        lw=1,
+        drawstyle="steps-post",
+        label="Pareto front",
+    )
+    ax.set_xscale("log")
+    ppl = [r["ppl"] for r in rows if math.isfinite(r["ppl"])]
+    if max(ppl) > 3 * min(ppl):
+        ax.set_yscale("log")
+    ax.set_xlabel("total model bits (matmul weights with their scales, other parameters at 16)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"Uniform k-bit weights: {result['verdict'].split(' (')[0]}", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+
+
 def _save(fig, path) -> None:
     fig.tight_layout()
     with atomic_file(path, "wb") as f:  # a figure is never half written
