@@ -72,7 +72,7 @@ def run_mode(source: str, models: list[str], processes: int, threads: str | None
                 [sys.executable, "-c", "import sys, mpqc.cli; sys.exit(mpqc.cli.main())", "sweep", path, "--quiet"]
             )
         t0 = time.perf_counter()
-        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL) for c in commands]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in commands]
         codes = [p.wait() for p in procs]
         seconds = time.perf_counter() - t0
         if any(codes):
