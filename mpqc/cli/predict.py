@@ -255,7 +255,7 @@ def cmd_fit(args) -> int:
         if unknown:
             raise ValueError(f"--models names {unknown}, which the data does not have; it has {have}")
         rows = [r for r in rows if r["model"] in wanted]
-    settings = {tuple(r.get(k) or "" if k == "keep_high" else r.get(k) for k in _SETTING) for r in rows}
+    settings = {tuple(r.get(k) for k in _SETTING) for r in rows}
     if len(settings) > 1:
         raise ValueError(
             f"the data mixes plan settings ({', '.join(_SETTING)}): "

@@ -103,11 +103,12 @@ def run_bitsweep(args) -> int:
             print(f"{state}  {cell.model.name} {cell.format} block {cell.block_size or '-'}")
         return 0
     summary = bitlevel.run(config, progress=not args.quiet)
-    result = bitlevel.bit_optimal(bitlevel.read_results(config.out))
+    rows = bitlevel.read_results(config.out)
+    result = bitlevel.bit_optimal(rows)
     verdict_path = os.path.splitext(config.out)[0] + "_bit_optimal.json"
     write_json_atomic(verdict_path, json_safe(result))
     figure_path = os.path.splitext(config.out)[0] + "_bits.png"
-    fig_bitlevel(bitlevel.read_results(config.out), result, figure_path)
+    fig_bitlevel(rows, result, figure_path)
     print(bit_optimal_table(result))
     print(
         f"bitsweep: ran {summary.ran} cells, skipped {summary.skipped} finished ones, in {summary.seconds:.0f} s; "

@@ -334,4 +334,6 @@ def read_data(path: str) -> list[dict]:
     rows = typed_rows(raw, kinds, default="float", where=path)
     if not rows:
         raise ValueError(f"{path} has no rows")
+    for r in rows:  # data collected before keep_high kept nothing high
+        r.setdefault("keep_high", "")
     return rows

@@ -407,12 +407,16 @@ def granularity_pairs(rows) -> list[dict]:
     for r in rows:
         if r["granularity"] == "matmul":
             matmul[_pair_key(r)].append(r)
+    curves = {  # each matmul-wise curve enveloped once, for all the layer-wise plans read off it
+        key: laws.monotone_envelope([c["achieved"] for c in rs], [c["delta_ppl"] for c in rs])
+        for key, rs in matmul.items()
+    }
     pairs = []
     for r in rows:
-        curve = matmul.get(_pair_key(r)) if r["granularity"] == "layer" else None
-        if not curve:
+        curve = curves.get(_pair_key(r)) if r["granularity"] == "layer" else None
+        if curve is None:
             continue
-        ratios, env = laws.monotone_envelope([c["achieved"] for c in curve], [c["delta_ppl"] for c in curve])
+        ratios, env = curve
         q = r["achieved"]
         if not ratios[0] <= q <= ratios[-1] or not np.all(np.isfinite(env)):
             continue

@@ -206,19 +206,7 @@ def fig_bits(analysis, path):
         ax.scatter([p["total_bits"] for p in pts], [p["ppl"] for p in pts], color=colors[m], s=14, label=m)
         base = [p for p in bits["baselines"] if p["model"] == m]
         ax.scatter([p["total_bits"] for p in base], [p["ppl"] for p in base], color=colors[m], marker="*", s=90)
-    front = bits["pareto"]
-    ax.plot(
-        [p["total_bits"] for p in front],
-        [p["ppl"] for p in front],
-        color="black",
-        lw=1,
-        drawstyle="steps-post",
-        label="Pareto front",
-    )
-    ax.set_xscale("log")
-    ppl = [p["ppl"] for p in bits["points"] + bits["baselines"] if math.isfinite(p["ppl"])]
-    if ppl and max(ppl) > 3 * min(ppl):  # a log axis only where perplexities span a wide range
-        ax.set_yscale("log")
+    _front_and_scales(ax, bits["pareto"], [p["ppl"] for p in bits["points"] + bits["baselines"]])
     ax.set_xlabel("total matmul weight bits (parameters x average bits, scales included)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"Perplexity against model bits (stars: all high precision)\n{_definitions(analysis)}", fontsize=9)
@@ -244,7 +232,17 @@ def fig_bitlevel(rows, result, path):
         ax.scatter([], [], color=color[k], marker="s", label=f"k = {k}")
     for m in models:
         ax.scatter([], [], color="grey", marker=marker[m], label=m)
-    front = result["pareto"]
+    _front_and_scales(ax, result["pareto"], [r["ppl"] for r in rows])
+    ax.set_xlabel("total model bits (matmul weights with their scales, other parameters at 16)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"Uniform k-bit weights: {result['verdict'].split(' (')[0]}", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+
+
+def _front_and_scales(ax, front, ppls) -> None:
+    """The Pareto front of perplexity against bits as a step line, bits on a log axis, and
+    perplexity on one only where the finite ``ppls`` span a wide range."""
     ax.plot(
         [p["total_bits"] for p in front],
         [p["ppl"] for p in front],
@@ -254,14 +252,9 @@ def fig_bitlevel(rows, result, path):
         label="Pareto front",
     )
     ax.set_xscale("log")
-    ppl = [r["ppl"] for r in rows if math.isfinite(r["ppl"])]
-    if max(ppl) > 3 * min(ppl):
+    finite = [p for p in ppls if math.isfinite(p)]
+    if finite and max(finite) > 3 * min(finite):
         ax.set_yscale("log")
-    ax.set_xlabel("total model bits (matmul weights with their scales, other parameters at 16)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"Uniform k-bit weights: {result['verdict'].split(' (')[0]}", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-    _save(fig, path)
 
 
 def _save(fig, path) -> None:
