@@ -1,12 +1,15 @@
 """Per-component sensitivity: how much the loss is expected to rise when one component goes low.
 
 A second-order estimate from one forward and backward pass per window, for every component
-at once. Every quantizer's output (at the high precision) gets a term ``eps_c * delta``,
-where ``delta`` is what the low precision would change it by and ``eps_c`` is one zero
-scalar per component. Then dL/d eps_c is the first-order loss change of moving component c
-low on that window, and half the mean of its square over windows is the empirical-Fisher
-estimate of the expected loss increase, 0.5 * delta^T F delta. Weights and activations
-both count, so attention matmuls (no weights) get a sensitivity too.
+at once. Every quantizer's output (at the high precision) gets a term ``eps * delta``, where
+``delta`` is what the low precision would change it by and ``eps`` is zero. With one ``eps``
+per element, dL/d eps is each element's first-order loss change, and half the mean over
+windows of the sum of their squares is the diagonal empirical-Fisher estimate of the loss
+increase (``sensitivity``: the score NVIDIA ModelOpt's ``auto_quantize`` ranks by). With one
+scalar ``eps`` per component, dL/d eps is the component's first-order change on a window,
+signed, so sets of components have a joint estimate (``window_gradients``: the predictor's
+features). Weights and activations both count, so attention matmuls (no weights) get a
+sensitivity too.
 """
 
 from __future__ import annotations
@@ -42,22 +45,16 @@ def _frozen_parameters(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def window_gradients(
-    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True
-) -> np.ndarray:
-    """g[w, c]: d loss(window w) / d eps_c, where eps_c scales what moving component c low changes.
+@contextlib.contextmanager
+def _low_perturbations(qmodel: QuantizedModel, space: SearchSpace, eps_for):
+    """Hooks that add ``eps * (low - high)`` to every quantizer output of every component.
 
-    One zero scalar per component multiplies the difference between the low and the high
-    format at every quantizer of that component, so one backward pass per window gives the
-    first-order loss change of every component at once. Float64 [n_windows, n_components] in
-    ``space.components`` order; signed, so a set of components has the joint estimate
-    ``0.5 * mean_w (sum_c g[w, c])^2``.
-    """
+    ``eps_for(component, out)`` gives the multiplier: one zero scalar per component (all of
+    its quantizers share it) or a zero tensor shaped like ``out`` (one per element). The model
+    runs at the all-high plan; the previous plan is restored on exit."""
     graph = space.graph
     component_of = {m.name: c.name for c in space.components for m in c.matmuls}
-    names = [c.name for c in space.components]
-    eps = {n: torch.zeros((), device=graph.device, requires_grad=True) for n in names}
-    high_plan, low_plan = space.plan([]), space.plan(names)
+    high_plan, low_plan = space.plan([]), space.plan([c.name for c in space.components])
     previous = qmodel.plan
     qmodel.set_plan(high_plan)
     handles = []
@@ -69,7 +66,7 @@ def window_gradients(
         c = component_of[mname]
 
         def hook(mod, inputs, out, low_fmt=low_fmt, c=c):
-            return out + eps[c] * _delta_weight(mod, low_fmt, low_plan.rounding, inputs[0], out).detach()
+            return out + eps_for(c, out) * _delta_weight(mod, low_fmt, low_plan.rounding, inputs[0], out).detach()
 
         handles.append(wq.register_forward_hook(hook))
     for aq in qmodel.activation_quantizers:
@@ -86,33 +83,77 @@ def window_gradients(
                     continue
                 block = None if fmt.family == "cast" else fmt.block_size
                 low = quantize(x.detach(), fmt, block_size=block, axis=mod.axis, rounding=low_plan.rounding)
-                result.append(out + eps[c] * (low - out.detach()))
+                result.append(out + eps_for(c, out) * (low - out.detach()))
             return tuple(result)
 
         handles.append(aq.register_forward_hook(hook))
-    g = np.zeros((len(windows), len(names)))
     try:
         with _frozen_parameters(qmodel), torch.enable_grad():
-            for w, window in enumerate(tqdm(windows, desc="sensitivity", unit="window", disable=not progress)):
-                ids = window[None].to(graph.device)
-                logits = qmodel(ids)
-                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-                grads = torch.autograd.grad(loss, [eps[n] for n in names], allow_unused=True)
-                g[w] = [0.0 if d is None else d.item() for d in grads]
+            yield
     finally:
         for h in handles:
             h.remove()
         qmodel.set_plan(previous if previous is not None else high_plan)
+
+
+def _window_loss(qmodel: QuantizedModel, window: torch.Tensor) -> torch.Tensor:
+    ids = window[None].to(qmodel.graph.device)
+    return F.cross_entropy(qmodel(ids)[0, :-1].float(), ids[0, 1:])
+
+
+def window_gradients(
+    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True
+) -> np.ndarray:
+    """g[w, c]: d loss(window w) / d eps_c, where eps_c scales what moving component c low changes.
+
+    One zero scalar per component multiplies the difference between the low and the high
+    format at every quantizer of that component, so one backward pass per window gives the
+    first-order loss change of every component at once. Float64 [n_windows, n_components] in
+    ``space.components`` order; signed, so a set of components has the joint estimate
+    ``0.5 * mean_w (sum_c g[w, c])^2``.
+    """
+    names = [c.name for c in space.components]
+    eps = {n: torch.zeros((), device=space.graph.device, requires_grad=True) for n in names}
+    g = np.zeros((len(windows), len(names)))
+    with _low_perturbations(qmodel, space, lambda c, out: eps[c]):
+        for w, window in enumerate(tqdm(windows, desc="sensitivity", unit="window", disable=not progress)):
+            grads = torch.autograd.grad(_window_loss(qmodel, window), [eps[n] for n in names], allow_unused=True)
+            g[w] = [0.0 if d is None else d.item() for d in grads]
     return g
 
 
 def sensitivity(
     qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True
 ) -> dict[str, float]:
-    """Expected loss increase (nats per token) per component of ``space`` when only it goes low:
-    the empirical Fisher estimate 0.5 * mean over windows of the squared first-order change."""
-    g = window_gradients(qmodel, space, windows, progress=progress)
-    return {c.name: float(0.5 * np.mean(g[:, i] ** 2)) for i, c in enumerate(space.components)}
+    """Expected loss increase per component of ``space`` when only it goes low (the ranking
+    the knapsack and the default strategy start from).
+
+    The diagonal empirical-Fisher estimate NVIDIA ModelOpt's ``auto_quantize`` scores with:
+    0.5 * mean over windows of sum over elements of (d loss / d x_e * delta x_e)^2, where x
+    runs over every quantizer output of the component (its weights and its activations) and
+    delta x is what the low format changes it by. ModelOpt takes the elements of each
+    matmul's output instead of its operands; the estimate is the same kind. Unlike the square
+    of one per-window sum (``window_gradients``), which rests on as many samples as there are
+    windows, each element is a sample: on SmolLM2 with 4 windows it gave a knapsack plan of
+    lower held-out perplexity (docs/search.md).
+    """
+    names = [c.name for c in space.components]
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def per_element(c, out):
+        e = torch.zeros_like(out, requires_grad=True)
+        seen.append((c, e))
+        return e
+
+    total = dict.fromkeys(names, 0.0)
+    with _low_perturbations(qmodel, space, per_element):
+        for window in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
+            seen.clear()
+            grads = torch.autograd.grad(_window_loss(qmodel, window), [e for _, e in seen], allow_unused=True)
+            for (c, _), d in zip(seen, grads):
+                if d is not None:
+                    total[c] += float(d.double().square().sum())
+    return {n: 0.5 * total[n] / max(len(windows), 1) for n in names}
 
 
 def priorities_from_sensitivity(sens: dict[str, float], sizes: dict[str, float]) -> dict[str, float]:

@@ -224,6 +224,48 @@ def test_bits_and_macs_budgets_and_layer_granularity():
     assert layer.notes and "nearest the layer granularity allows" in layer.notes[0]
 
 
+def test_sensitivity_is_the_per_element_fisher_of_weights_and_activations():
+    """Checked against the gradients of the loss at each quantizer's output, taken directly."""
+    _, graph = captured("llama")
+    low, high = search_precisions("mxint4", "bf16", weights_only=False)
+    space = SearchSpace(graph, "matmul", low, high, Budget("params", 0.5))
+    qmodel = mpqc.compile(graph, space.plan([]))
+    windows = mpqc.evaluate.sample_windows(TOKENS, 16, 2, 0)
+    sens = mpqc.search.sensitivity(qmodel, space, windows, progress=False)
+    name = next(c.name for c in space.components if "down_proj" in c.name)
+    (wq,) = [q for m, q in qmodel.weight_quantizers.items() if m == name]
+    (aq,) = [q for q in qmodel.activation_quantizers if name in q.consumers]
+    slot = aq.consumers.index(name)
+    fmt = space.plan([name]).weight_format(graph.matmul(name))
+    taken = {}
+
+    def leaf(key):
+        def hook(mod, inputs, out):
+            outs = list(out) if isinstance(out, tuple) else [out]
+            x = outs[slot] if key == "a" else outs[0]
+            taken[key] = (inputs[0].detach(), x.detach().requires_grad_())
+            outs[slot if key == "a" else 0] = taken[key][1]
+            return tuple(outs) if isinstance(out, tuple) else outs[0]
+
+        return hook
+
+    expected = 0.0
+    for window in windows:
+        handles = [wq.register_forward_hook(leaf("w")), aq.register_forward_hook(leaf("a"))]
+        with torch.enable_grad():
+            ids = window[None]
+            loss = torch.nn.functional.cross_entropy(qmodel(ids)[0, :-1].float(), ids[0, 1:])
+            gw, ga = torch.autograd.grad(loss, [taken["w"][1], taken["a"][1]])
+        for h in handles:
+            h.remove()
+        (w, w_high), (x, x_high) = taken["w"], taken["a"]
+        dw = mpqc.formats.quantize(w, fmt, block_size=fmt.block_size, axis=wq.axis) - w_high.detach()
+        dx = mpqc.formats.quantize(x, fmt, block_size=fmt.block_size, axis=aq.axis) - x_high.detach()
+        expected += 0.5 * float((gw.double() * dw).square().sum() + (ga.double() * dx).square().sum()) / len(windows)
+    assert sens[name] == pytest.approx(expected, rel=1e-6)
+    assert sens[name] > 0
+
+
 def test_sensitivity_priorities():
     _, graph = captured("llama")
     low, high = search_precisions("mxint4", "bf16", weights_only=False)

@@ -33,9 +33,10 @@ def fisher_gradients(
 ) -> np.ndarray:
     """g[w, c]: the first-order loss change on window w of moving component c low, all at once.
 
-    search/sensitivity.py's construction, kept per window and signed: ``0.5 * mean_w g[w, c]^2``
-    is exactly ``sensitivity()[c]`` and any set of components has its joint estimate
-    ``0.5 * mean_w (sum_c g[w, c])^2``. Float64 [n_windows, n_components] in
+    search/sensitivity.py's construction with one scalar per component, kept per window and
+    signed: ``0.5 * mean_w g[w, c]^2`` is component c's own estimate (the ``fisher_diag``
+    feature) and any set of components has its joint estimate ``0.5 * mean_w (sum_c g[w,
+    c])^2``. (The search ranks by the per-element estimate, ``sensitivity``, instead.) Float64 [n_windows, n_components] in
     ``space.components`` order.
     """
     return window_gradients(qmodel, space, windows, progress=progress)
