@@ -1,16 +1,16 @@
-"""Naming the best plan on evidence: the best few contenders scored again on more windows.
+"""Naming the best plan on evidence: the best few contenders scored again on fresh windows.
 
 A search ranks plans on its windows, and the best of many trials on those windows is partly
 the best on their noise. So before the search names its plan, the ``k`` best distinct
-completed plans are evaluated on further windows of the search text (the same windows for
-every contender, never the held-out text) and the plan of least mean NLL over the search
-windows and these together wins. ``decided`` records how many windows decided and every
-contender's numbers.
+completed plans (and the plan the strategy started from, when it has one: refine's knapsack
+plan) are evaluated on further windows of the search text (the same windows for every
+contender, never the held-out text), and the plan of least perplexity on those fresh windows
+wins. The search windows chose the contenders; ranking them on the search windows again
+would count the luck of that choice twice. ``decided`` records how many windows decided and
+every contender's numbers.
 """
 
 from __future__ import annotations
-
-import math
 
 import optuna
 from optuna.trial import TrialState
@@ -26,7 +26,7 @@ def contenders(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     )
     out, seen = [], set()
     for t in complete:
-        plan = frozenset(t.user_attrs.get("low", ()))
+        plan = _low(t)
         if plan not in seen:
             seen.add(plan)
             out.append(t)
@@ -35,32 +35,35 @@ def contenders(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     return out
 
 
-def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int):
-    """(the winning trial, what decided it) among the ``k`` best distinct plans; (None, None)
-    when there is only one plan to choose from."""
+def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, anchor: bool = False):
+    """(the winning trial, what decided it) among the ``k`` best distinct plans, plus the
+    study's first completed plan with ``anchor``; (None, None) when there is only one plan."""
     best = contenders(study, k)
+    first = _first_complete(study) if anchor else None
+    if first is not None and frozenset(first.user_attrs.get("low", ())) not in {_low(t) for t in best}:
+        best.append(first)
     if len(best) < 2:
         return None, None
-    n_search, n_extra = len(runner.perplexity.windows), len(extra_windows)
     rows = []
     for t in best:
         extra = runner.evaluate_perplexity(runner.space.plan(t.user_attrs["low"]), windows=extra_windows)
-        search = t.user_attrs["perplexity"]
-        combined = _combined(search, n_search, extra, n_extra)
-        rows.append({"trial": t.number, "search_perplexity": search, "extra_perplexity": extra, "perplexity": combined})
+        rows.append({"trial": t.number, "search_perplexity": t.user_attrs["perplexity"], "perplexity": extra})
     winner = min(range(len(best)), key=lambda i: (rows[i]["perplexity"], best[i].number))
     decided = {
-        "windows": n_search + n_extra,
-        "search_windows": n_search,
-        "extra_windows": n_extra,
+        "windows": len(extra_windows),
+        "search_windows": len(runner.perplexity.windows),
+        "extra_windows": len(extra_windows),
         "contenders": rows,
+        "anchor": None if first is None else first.number,
         "winner": best[winner].number,
     }
     return best[winner], decided
 
 
-def _combined(ppl_a: float, n_a: int, ppl_b: float, n_b: int) -> float:
-    """Perplexity over both window sets (equal lengths): the window-weighted mean of log perplexities."""
-    if not (math.isfinite(ppl_a) and math.isfinite(ppl_b)):
-        return math.inf
-    return math.exp((n_a * math.log(ppl_a) + n_b * math.log(ppl_b)) / (n_a + n_b))
+def _low(trial) -> frozenset[str]:
+    return frozenset(trial.user_attrs.get("low", ()))
+
+
+def _first_complete(study: optuna.Study):
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return min(done, key=lambda t: t.number) if done else None

@@ -121,7 +121,7 @@ def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: di
     best, decided = None, None
     if config.rescore > 1 and runner.objective is None and not multi:
         extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
-        best, decided = rescore(study, runner, extra, config.rescore)
+        best, decided = rescore(study, runner, extra, config.rescore, anchor=runner.plan_sampler)
     result = best_result(study, runner.space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
     result.notes.extend(runner.gate.notes())
     result.decided = decided

@@ -214,10 +214,23 @@ def test_rescoring_uses_the_same_windows_for_every_contender(monkeypatch):
     result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=6, rescore=3, pruner=None, **FAST)
     assert len(seen) == 3 and len({p for p, _ in seen}) == 3
     assert all(torch.equal(seen[0][1], w) for _, w in seen)
-    assert result.decided["windows"] == 8 + 16 and result.decided["extra_windows"] == 16
+    assert result.decided["windows"] == 16 and result.decided["extra_windows"] == 16  # the fresh ones decide
+    assert result.decided["anchor"] is None  # random search has no start plan
     winner = min(result.decided["contenders"], key=lambda c: c["perplexity"])
     assert result.decided["winner"] == winner["trial"]
     assert lows(result.plan, graph) == set(result.study.trials[winner["trial"]].user_attrs["low"])
+
+
+def test_the_start_plan_is_always_a_contender_and_fresh_windows_decide():
+    _, graph = captured("llama")
+    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="refine", n_trials=6, rescore=2, pruner=None, **FAST)
+    d = result.decided
+    first = min(t.number for t in result.study.trials if t.state.name == "COMPLETE")
+    assert d["anchor"] == first and first in {c["trial"] for c in d["contenders"]}
+    assert len(d["contenders"]) in (2, 3)  # the 2 best, and the knapsack plan unless it is one of them
+    fresh = min(d["contenders"], key=lambda c: (c["perplexity"], c["trial"]))
+    assert d["winner"] == fresh["trial"]
+    assert lows(result.plan, graph) == set(result.study.trials[fresh["trial"]].user_attrs["low"])
 
 
 def test_the_paper_setting_is_the_plain_random_search():

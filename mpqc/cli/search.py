@@ -272,7 +272,9 @@ def _print_summary(result, objective, args, seconds: float) -> None:
     if result.decided is not None:
         d = result.decided
         print(
-            f"  chosen among {len(d['contenders'])} contenders on {d['windows']} search windows; "
+            f"  chosen among {len(d['contenders'])} contenders (the best on {d['search_windows']} search windows"
+            + (", and the start plan" if d.get("anchor") is not None else "")
+            + f") on {d['windows']} fresh search windows; "
             f"search cost {result.cost['total']:.1f} full evaluations"
         )
     for note in result.notes:
