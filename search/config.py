@@ -54,9 +54,10 @@ class SearchConfig:
     or an Optuna pruner. ``rescore``: before the best plan is named, the best ``rescore``
     distinct plans (with a plan sampler, also the plan it started from) are scored again on
     ``rescore_windows`` fresh windows of the search text (default twice ``n_samples``; the
-    same windows for each) and the one best on those wins; 0 takes the best trial as it is. ``baselines``: also name the plans a
-    result is judged against (all high, all low, the knapsack plan at the same budget; the
-    last needs the Fisher pass, which the default strategy makes anyway).
+    same windows for each) and the one best on those wins; 0 takes the best trial as it is.
+    ``baselines``: also name the plans a result is judged against (all high, all low, the
+    knapsack plan at the same budget; the last needs the Fisher pass, which the default
+    strategy makes anyway).
     ``target="llama.cpp"`` scores every plan with the activations llama.cpp's CPU kernels compute
     with for each weight type (``mpqc.targets``); ``low`` and ``high`` must then have GGUF types
     (q4_0, q8_0, mxfp4 ...).

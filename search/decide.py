@@ -40,7 +40,7 @@ def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, 
     study's first completed plan with ``anchor``; (None, None) when there is only one plan."""
     best = contenders(study, k)
     first = _first_complete(study) if anchor else None
-    if first is not None and frozenset(first.user_attrs.get("low", ())) not in {_low(t) for t in best}:
+    if first is not None and _low(first) not in {_low(t) for t in best}:
         best.append(first)
     if len(best) < 2:
         return None, None

@@ -233,7 +233,7 @@ def test_sensitivity_is_the_per_element_fisher_of_weights_and_activations():
     windows = mpqc.evaluate.sample_windows(TOKENS, 16, 2, 0)
     sens = mpqc.search.sensitivity(qmodel, space, windows, progress=False)
     name = next(c.name for c in space.components if "down_proj" in c.name)
-    (wq,) = [q for m, q in qmodel.weight_quantizers.items() if m == name]
+    wq = qmodel.weight_quantizers[name]
     (aq,) = [q for q in qmodel.activation_quantizers if name in q.consumers]
     slot = aq.consumers.index(name)
     fmt = space.plan([name]).weight_format(graph.matmul(name))

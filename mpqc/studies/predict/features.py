@@ -35,9 +35,9 @@ def fisher_gradients(
 
     search/sensitivity.py's construction with one scalar per component, kept per window and
     signed: ``0.5 * mean_w g[w, c]^2`` is component c's own estimate (the ``fisher_diag``
-    feature) and any set of components has its joint estimate ``0.5 * mean_w (sum_c g[w,
-    c])^2``. (The search ranks by the per-element estimate, ``sensitivity``, instead.) Float64 [n_windows, n_components] in
-    ``space.components`` order.
+    feature) and any set of components has its joint estimate
+    ``0.5 * mean_w (sum_c g[w, c])^2``. (The search ranks by the per-element estimate,
+    ``sensitivity``, instead.) Float64 [n_windows, n_components] in ``space.components`` order.
     """
     return window_gradients(qmodel, space, windows, progress=progress)
 
