@@ -15,15 +15,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import mpqc
 from mpqc.data import load_tokens, split_tokens, text_prefix
 from mpqc.evaluate import perplexity, sample_windows
-from mpqc.formats import quantize
 from mpqc.search.budget import SearchSpace, search_precisions
 from mpqc.search.knapsack import solve_knapsack
-from mpqc.search.sensitivity import _frozen_parameters, sensitivity
+from mpqc.search.sensitivity import sensitivity, window_gradients
 
 gran, ratio = sys.argv[1], float(sys.argv[2])
 model, tok = mpqc.load_model()
@@ -49,57 +47,9 @@ def loss_of(lowset, wins):
 
 def signed_grad(lowset, wins):
     """d loss / d eps_c where eps_c moves component c to its other precision, at plan lowset."""
-    plan = space.plan(sorted(lowset))
-    flip = space.plan(sorted(set(vars_) - set(lowset)))
-    comp = {m.name: c.name for c in space.components for m in c.matmuls}
-    qmodel.set_plan(plan)
-    eps = {n: torch.zeros((), requires_grad=True) for n in vars_}
-    hs = []
-    for mname, wq in qmodel.weight_quantizers.items():
-        m = graph.matmul(mname)
-        c = comp.get(mname)
-        if c not in eps:
-            continue
-        other = flip.weight_format(m)
-        if other == plan.weight_format(m):
-            continue
-
-        def hook(mod, inputs, out, other=other, c=c):
-            alt = mod._cache.get(mod.weight_name, inputs[0], other, mod.axis, plan.rounding)
-            return out + eps[c] * (alt - out).detach()
-
-        hs.append(wq.register_forward_hook(hook))
-    for aq in qmodel.activation_quantizers:
-        others = [flip.activation_format(graph.matmul(n)) for n in aq.consumers]
-        curs = [plan.activation_format(graph.matmul(n)) for n in aq.consumers]
-        comps = [comp.get(n) for n in aq.consumers]
-
-        def hook(mod, inputs, outs, others=others, curs=curs, comps=comps):
-            x = inputs[0]
-            res = []
-            for out, o, cur, c in zip(outs, others, curs, comps):
-                if c not in eps or o == cur:
-                    res.append(out)
-                    continue
-                if o is None:
-                    alt = x.detach()
-                else:
-                    block = None if o.family == "cast" else o.block_size
-                    alt = quantize(x.detach(), o, block_size=block, axis=mod.axis, rounding=plan.rounding)
-                res.append(out + eps[c] * (alt - out).detach())
-            return tuple(res)
-
-        hs.append(aq.register_forward_hook(hook))
-    g = np.zeros((len(wins), len(vars_)))
-    with _frozen_parameters(qmodel), torch.enable_grad():
-        for w, win in enumerate(wins):
-            ids = win[None]
-            loss = F.cross_entropy(qmodel(ids)[0, :-1].float(), ids[0, 1:])
-            gr = torch.autograd.grad(loss, [eps[n] for n in vars_], allow_unused=True)
-            g[w] = [0.0 if d is None else d.item() for d in gr]
-    for h in hs:
-        h.remove()
-    return g
+    g = window_gradients(qmodel, space, wins, at=lowset, progress=False)
+    column = {c.name: i for i, c in enumerate(space.components)}
+    return g[:, [column[n] for n in vars_]]
 
 
 t = time.time()

@@ -34,14 +34,12 @@ SETTINGS = (("matmul", 0.5), ("matmul", 0.9), ("matmul", 0.95), ("layer", 0.5))
 def scores(qmodel, graph, granularity, ratio, windows) -> tuple[SearchSpace, dict]:
     low_p, high_p = search_precisions("mxint4", "bf16", weights_only=False)
     space = SearchSpace(graph, granularity, low_p, high_p, mpqc.search.Budget("params", ratio))
-    # The same components with the precisions swapped: its "all high" is the all-low plan.
-    swapped = SearchSpace(graph, granularity, high_p, low_p, mpqc.search.Budget("params", 0.0))
     g = window_gradients(qmodel, space, windows, progress=False)
     names = [c.name for c in space.variables()]
     out = {
         "window": {c.name: float(0.5 * np.mean(g[:, i] ** 2)) for i, c in enumerate(space.components)},
         "element": sensitivity(qmodel, space, windows, progress=False),
-        "at_low": sensitivity(qmodel, swapped, windows, progress=False),
+        "at_low": sensitivity(qmodel, space, windows, at=[c.name for c in space.components], progress=False),
     }
     scale = {k: float(np.mean([out[k][n] for n in names])) for k in ("element", "at_low")}
     out["blend"] = {

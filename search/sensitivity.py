@@ -27,11 +27,6 @@ from mpqc.formats import quantize
 from .budget import SearchSpace
 
 
-def _delta_weight(quantizer, low_fmt, rounding, weight, out):
-    low = quantizer._cache.get(quantizer.weight_name, weight, low_fmt, quantizer.axis, rounding)
-    return low - out
-
-
 @contextlib.contextmanager
 def _frozen_parameters(module: torch.nn.Module):
     # Only the eps scalars need gradients; parameter gradients would cost memory and time.
@@ -45,45 +40,57 @@ def _frozen_parameters(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-@contextlib.contextmanager
-def _low_perturbations(qmodel: QuantizedModel, space: SearchSpace, eps_for):
-    """Hooks that add ``eps * (low - high)`` to every quantizer output of every component.
+def _moved(x: torch.Tensor, fmt, rounding: str, axis: int) -> torch.Tensor:
+    """``x`` in the activation format ``fmt`` (None: not quantized)."""
+    if fmt is None:
+        return x
+    block = None if fmt.family == "cast" else fmt.block_size
+    return quantize(x, fmt, block_size=block, axis=axis, rounding=rounding)
 
-    ``eps_for(component, out)`` gives the multiplier: one zero scalar per component (all of
-    its quantizers share it) or a zero tensor shaped like ``out`` (one per element). The model
-    runs at the all-high plan; the previous plan is restored on exit."""
+
+@contextlib.contextmanager
+def _flip_perturbations(qmodel: QuantizedModel, space: SearchSpace, eps_for, at=()):
+    """Hooks that add ``eps * (other - current)`` to every quantizer output of every component.
+
+    The model runs at the plan whose low components are ``at`` (default: the all-high plan);
+    "other" is the output at the component's other precision (low for a high component, high
+    for a low one). ``eps_for(component, out)`` gives the multiplier: one zero scalar per
+    component (all of its quantizers share it) or a zero tensor shaped like ``out`` (one per
+    element). The previous plan is restored on exit."""
     graph = space.graph
     component_of = {m.name: c.name for c in space.components for m in c.matmuls}
-    high_plan, low_plan = space.plan([]), space.plan([c.name for c in space.components])
+    at = set(at)
+    plan = space.plan(sorted(at))
+    flipped = space.plan(sorted({c.name for c in space.components} - at))
     previous = qmodel.plan
-    qmodel.set_plan(high_plan)
+    qmodel.set_plan(plan)
     handles = []
     for mname, wq in qmodel.weight_quantizers.items():
         m = graph.matmul(mname)
-        low_fmt = low_plan.weight_format(m)
-        if low_fmt == high_plan.weight_format(m):
+        other = flipped.weight_format(m)
+        if other == plan.weight_format(m):
             continue
         c = component_of[mname]
 
-        def hook(mod, inputs, out, low_fmt=low_fmt, c=c):
-            return out + eps_for(c, out) * _delta_weight(mod, low_fmt, low_plan.rounding, inputs[0], out).detach()
+        def hook(mod, inputs, out, other=other, c=c):
+            moved = mod._cache.get(mod.weight_name, inputs[0], other, mod.axis, plan.rounding)
+            return out + eps_for(c, out) * (moved - out).detach()
 
         handles.append(wq.register_forward_hook(hook))
     for aq in qmodel.activation_quantizers:
-        lows = [low_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
-        highs = [high_plan.activation_format(graph.matmul(n)) for n in aq.consumers]
+        others = [flipped.activation_format(graph.matmul(n)) for n in aq.consumers]
+        currents = [plan.activation_format(graph.matmul(n)) for n in aq.consumers]
         comps = [component_of.get(n) for n in aq.consumers]  # None: a component kept high
 
-        def hook(mod, inputs, outs, lows=lows, highs=highs, comps=comps):
-            x = inputs[0]
+        def hook(mod, inputs, outs, others=others, currents=currents, comps=comps):
+            x = inputs[0].detach()
             result = []
-            for out, fmt, high, c in zip(outs, lows, highs, comps):
-                if fmt is None or fmt == high:
+            for out, other, current, c in zip(outs, others, currents, comps):
+                if c is None or other == current:
                     result.append(out)
                     continue
-                block = None if fmt.family == "cast" else fmt.block_size
-                low = quantize(x.detach(), fmt, block_size=block, axis=mod.axis, rounding=low_plan.rounding)
-                result.append(out + eps_for(c, out) * (low - out.detach()))
+                moved = _moved(x, other, plan.rounding, mod.axis)
+                result.append(out + eps_for(c, out) * (moved - out.detach()))
             return tuple(result)
 
         handles.append(aq.register_forward_hook(hook))
@@ -93,7 +100,7 @@ def _low_perturbations(qmodel: QuantizedModel, space: SearchSpace, eps_for):
     finally:
         for h in handles:
             h.remove()
-        qmodel.set_plan(previous if previous is not None else high_plan)
+        qmodel.set_plan(previous if previous is not None else plan)
 
 
 def _window_loss(qmodel: QuantizedModel, window: torch.Tensor) -> torch.Tensor:
@@ -102,9 +109,10 @@ def _window_loss(qmodel: QuantizedModel, window: torch.Tensor) -> torch.Tensor:
 
 
 def window_gradients(
-    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True
+    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, at=(), progress: bool = True
 ) -> np.ndarray:
-    """g[w, c]: d loss(window w) / d eps_c, where eps_c scales what moving component c low changes.
+    """g[w, c]: d loss(window w) / d eps_c, where eps_c scales what moving component c low changes
+    (at the plan whose low components are ``at``: moving c to its other precision).
 
     One zero scalar per component multiplies the difference between the low and the high
     format at every quantizer of that component, so one backward pass per window gives the
@@ -115,7 +123,7 @@ def window_gradients(
     names = [c.name for c in space.components]
     eps = {n: torch.zeros((), device=space.graph.device, requires_grad=True) for n in names}
     g = np.zeros((len(windows), len(names)))
-    with _low_perturbations(qmodel, space, lambda c, out: eps[c]):
+    with _flip_perturbations(qmodel, space, lambda c, out: eps[c], at):
         for w, window in enumerate(tqdm(windows, desc="sensitivity", unit="window", disable=not progress)):
             grads = torch.autograd.grad(_window_loss(qmodel, window), [eps[n] for n in names], allow_unused=True)
             g[w] = [0.0 if d is None else d.item() for d in grads]
@@ -123,10 +131,11 @@ def window_gradients(
 
 
 def sensitivity(
-    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, progress: bool = True
+    qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, at=(), progress: bool = True
 ) -> dict[str, float]:
     """Expected loss increase per component of ``space`` when only it goes low (the ranking
-    the knapsack and the default strategy start from).
+    the knapsack and the default strategy start from); with ``at``, the same estimate at the
+    plan whose low components are ``at``, for moving each component to its other precision.
 
     The diagonal empirical-Fisher estimate NVIDIA ModelOpt's ``auto_quantize`` scores with:
     0.5 * mean over windows of sum over elements of (d loss / d x_e * delta x_e)^2, where x
@@ -146,7 +155,7 @@ def sensitivity(
         return e
 
     total = dict.fromkeys(names, 0.0)
-    with _low_perturbations(qmodel, space, per_element):
+    with _flip_perturbations(qmodel, space, per_element, at):
         for window in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
             seen.clear()
             grads = torch.autograd.grad(_window_loss(qmodel, window), [e for _, e in seen], allow_unused=True)

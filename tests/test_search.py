@@ -224,19 +224,24 @@ def test_bits_and_macs_budgets_and_layer_granularity():
     assert layer.notes and "nearest the layer granularity allows" in layer.notes[0]
 
 
-def test_sensitivity_is_the_per_element_fisher_of_weights_and_activations():
-    """Checked against the gradients of the loss at each quantizer's output, taken directly."""
+@pytest.mark.parametrize("at", ["all-high", "itself-low", "another-low"])
+def test_sensitivity_is_the_per_element_fisher_of_weights_and_activations(at):
+    """Checked against the gradients of the loss at each quantizer's output, taken directly, at
+    the all-high plan and at plans where the component itself (it moves high) or another is low."""
     _, graph = captured("llama")
     low, high = search_precisions("mxint4", "bf16", weights_only=False)
     space = SearchSpace(graph, "matmul", low, high, Budget("params", 0.5))
-    qmodel = mpqc.compile(graph, space.plan([]))
-    windows = mpqc.evaluate.sample_windows(TOKENS, 16, 2, 0)
-    sens = mpqc.search.sensitivity(qmodel, space, windows, progress=False)
     name = next(c.name for c in space.components if "down_proj" in c.name)
+    neighbour = next(c.name for c in space.components if "up_proj" in c.name)
+    low_set = {"all-high": [], "itself-low": [name, neighbour], "another-low": [neighbour]}[at]
+    qmodel = mpqc.compile(graph, space.plan(low_set))
+    windows = mpqc.evaluate.sample_windows(TOKENS, 16, 2, 0)
+    sens = mpqc.search.sensitivity(qmodel, space, windows, at=low_set, progress=False)
     wq = qmodel.weight_quantizers[name]
     (aq,) = [q for q in qmodel.activation_quantizers if name in q.consumers]
     slot = aq.consumers.index(name)
-    fmt = space.plan([name]).weight_format(graph.matmul(name))
+    other = space.plan([] if name in low_set else [name]).weight_format(graph.matmul(name))
+    block = None if other.family == "cast" else other.block_size
     taken = {}
 
     def leaf(key):
@@ -259,8 +264,8 @@ def test_sensitivity_is_the_per_element_fisher_of_weights_and_activations():
         for h in handles:
             h.remove()
         (w, w_high), (x, x_high) = taken["w"], taken["a"]
-        dw = mpqc.formats.quantize(w, fmt, block_size=fmt.block_size, axis=wq.axis) - w_high.detach()
-        dx = mpqc.formats.quantize(x, fmt, block_size=fmt.block_size, axis=aq.axis) - x_high.detach()
+        dw = mpqc.formats.quantize(w, other, block_size=block, axis=wq.axis) - w_high.detach()
+        dx = mpqc.formats.quantize(x, other, block_size=block, axis=aq.axis) - x_high.detach()
         expected += 0.5 * float((gw.double() * dw).square().sum() + (ga.double() * dx).square().sum()) / len(windows)
     assert sens[name] == pytest.approx(expected, rel=1e-6)
     assert sens[name] > 0
