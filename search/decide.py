@@ -2,8 +2,8 @@
 
 A search ranks plans on its windows, and the best of many trials on those windows is partly
 the best on their noise. So before the search names its plan, the ``k`` best distinct
-completed plans (and the plan the strategy started from, when it has one: refine's knapsack
-plan) are evaluated on further windows of the search text (the same windows for every
+completed plans (and the plans the strategy started from, when it has them: refine's
+one-shot plans) are evaluated on further windows of the search text (the same windows for every
 contender, never the held-out text), and the plan of least perplexity on those fresh windows
 wins. The search windows chose the contenders; ranking them on the search windows again
 would count the luck of that choice twice. ``decided`` records how many windows decided and
@@ -35,13 +35,13 @@ def contenders(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     return out
 
 
-def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, anchor: bool = False):
-    """(the winning trial, what decided it) among the ``k`` best distinct plans, plus the
-    study's first completed plan with ``anchor``; (None, None) when there is only one plan."""
+def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, anchors=()):
+    """(the winning trial, what decided it) among the ``k`` best distinct plans, plus every
+    completed trial of a plan in ``anchors`` (the plans the strategy started from); (None,
+    None) when there is only one plan."""
     best = contenders(study, k)
-    first = _first_complete(study) if anchor else None
-    if first is not None and _low(first) not in {_low(t) for t in best}:
-        best.append(first)
+    starts = _completed_of(study, {frozenset(a) for a in anchors})
+    best += [t for t in starts if _low(t) not in {_low(b) for b in best}]
     if len(best) < 2:
         return None, None
     rows = []
@@ -54,7 +54,7 @@ def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, 
         "search_windows": len(runner.perplexity.windows),
         "extra_windows": len(extra_windows),
         "contenders": rows,
-        "anchor": None if first is None else first.number,
+        "anchors": [t.number for t in starts],
         "winner": best[winner].number,
     }
     return best[winner], decided
@@ -64,6 +64,11 @@ def _low(trial) -> frozenset[str]:
     return frozenset(trial.user_attrs.get("low", ()))
 
 
-def _first_complete(study: optuna.Study):
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return min(done, key=lambda t: t.number) if done else None
+def _completed_of(study: optuna.Study, plans: set[frozenset[str]]) -> list:
+    """The first completed trial of each plan in ``plans``, in trial order."""
+    out, seen = [], set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.value is not None and _low(t) in plans and _low(t) not in seen:
+            seen.add(_low(t))
+            out.append(t)
+    return out

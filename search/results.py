@@ -210,9 +210,14 @@ def search_cost(study: optuna.Study, config, decided: dict | None) -> dict:
     cost = {
         "trials": trials,
         "pruned": pruned,
-        "sensitivity": 3 * config.sensitivity_windows / n if study.user_attrs.get("sensitivity") is not None else 0.0,
+        "sensitivity": 3 * config.sensitivity_windows / n * _fisher_passes(study),
         "base": 1.0 if study.user_attrs.get("base_perplexity") is not None else 0.0,
         "rescore": 0.0 if decided is None else len(decided["contenders"]) * decided["extra_windows"] / n,
     }
     cost["total"] = sum(cost.values())
     return cost
+
+
+def _fisher_passes(study: optuna.Study) -> int:
+    """How many Fisher passes the study made: at the all-high plan, and at the all-low plan."""
+    return sum(study.user_attrs.get(key) is not None for key in ("sensitivity", "sensitivity_low"))

@@ -121,7 +121,8 @@ def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: di
     best, decided = None, None
     if config.rescore > 1 and runner.objective is None and not multi:
         extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
-        best, decided = rescore(study, runner, extra, config.rescore, anchor=runner.plan_sampler)
+        starts = study.sampler.start_plans() if isinstance(study.sampler, PlanSampler) else []
+        best, decided = rescore(study, runner, extra, config.rescore, anchors=starts)
     result = best_result(study, runner.space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
     result.notes.extend(runner.gate.notes())
     result.decided = decided
@@ -177,8 +178,9 @@ def make_pruner(config: SearchConfig, steps: int) -> optuna.pruners.BasePruner:
 def _prepare_sampler(
     sampler, study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool, *, seeds: bool = True
 ) -> None:
-    """Give mpqc's samplers what they start from: the Fisher scores (once per study), and for
-    plan samplers the all-high plan's loss on the search windows. ``seeds``: this worker may
+    """Give mpqc's samplers what they start from: the Fisher scores (once per study; at the
+    all-low plan too for samplers that use them), and for plan samplers the all-high plan's
+    loss on the search windows. ``seeds``: this worker may
     enqueue the sensitivity sampler's seeded trials (worker 0 of a study does)."""
     if config.sampler != "sensitivity" and not isinstance(sampler, PlanSampler):
         return
@@ -201,6 +203,20 @@ def _prepare_sampler(
     if base is None:
         base = runner.evaluate_perplexity(runner.space.plan([]))
         study.set_user_attr("base_perplexity", base)
+    low = None
+    if sampler.uses_low_scores:
+        low = study_sensitivity(
+            study,
+            runner.qmodel,
+            runner.space,
+            tokens,
+            seq_len=config.seq_len,
+            n_windows=config.sensitivity_windows,
+            seed=config.seed,
+            prefix=config.prefix,
+            at_low=True,
+            progress=progress,
+        )
     layers = {c.name: c.layer for c in runner.space.variables()}
     sampler.prepare(
         PlanContext(
@@ -210,6 +226,7 @@ def _prepare_sampler(
             scores={n: sens[n] for n in runner.names},
             layers=layers,
             base_loss=math.log(base) if 0 < base < math.inf else None,
+            scores_low=None if low is None else {n: low[n] for n in runner.names},
         )
     )
 

@@ -148,6 +148,30 @@ def test_refine_learns_from_measured_losses():
     assert costs["b"] > costs["a"] and costs["b"] - costs["a"] > 0.5
 
 
+def test_refine_starts_from_the_knapsack_plans_of_both_linearizations():
+    from mpqc.search.plan_samplers import PlanContext, RefineSampler
+
+    ctx = PlanContext(
+        names=("a", "b", "c"),
+        sizes={"a": 0.5, "b": 0.5, "c": 0.5},
+        target=0.5,
+        scores={"a": 1.0, "b": 2.0, "c": 3.0},  # at all-high: a is the cheapest
+        layers={"a": 0, "b": 0, "c": 1},
+        base_loss=0.0,
+        scores_low={"a": 3.0, "b": 1.0, "c": 2.0},  # at all-low: b is
+    )
+    # Scaled to mean 1 both sum to 6/2; the even blend gives a 2.0, b 1.5, c 2.5: b again.
+    sampler = RefineSampler(seed=0, blends=(0.0, 0.5, 1.0))
+    sampler.prepare(ctx)
+    assert sampler.start_plans() == [frozenset({"a"}), frozenset({"b"})]  # the third is the second's
+    # The cost model takes the score of the start plan that measured best: here the all-low one.
+    prior = sampler._prior([(frozenset({"a"}), 0.9), (frozenset({"b"}), 0.2)])
+    assert min(prior, key=prior.get) == "b"
+    assert RefineSampler(seed=0).start_plans() == []  # before prepare: nothing
+    with pytest.raises(ValueError, match="blends"):
+        RefineSampler(blends=(1.5,))
+
+
 # ---- pruning and the final choice --------------------------------------------------------------
 
 
@@ -215,22 +239,29 @@ def test_rescoring_uses_the_same_windows_for_every_contender(monkeypatch):
     assert len(seen) == 3 and len({p for p, _ in seen}) == 3
     assert all(torch.equal(seen[0][1], w) for _, w in seen)
     assert result.decided["windows"] == 16 and result.decided["extra_windows"] == 16  # the fresh ones decide
-    assert result.decided["anchor"] is None  # random search has no start plan
+    assert result.decided["anchors"] == []  # random search has no start plan
     winner = min(result.decided["contenders"], key=lambda c: c["perplexity"])
     assert result.decided["winner"] == winner["trial"]
     assert lows(result.plan, graph) == set(result.study.trials[winner["trial"]].user_attrs["low"])
 
 
-def test_the_start_plan_is_always_a_contender_and_fresh_windows_decide():
+def test_the_start_plans_are_always_contenders_and_fresh_windows_decide():
     _, graph = captured("llama")
     result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="refine", n_trials=6, rescore=2, pruner=None, **FAST)
     d = result.decided
-    first = min(t.number for t in result.study.trials if t.state.name == "COMPLETE")
-    assert d["anchor"] == first and first in {c["trial"] for c in d["contenders"]}
-    assert len(d["contenders"]) in (2, 3)  # the 2 best, and the knapsack plan unless it is one of them
+    starts = {frozenset(p) for p in result.study.sampler.start_plans()}
+    assert 1 <= len(starts) <= 3  # the knapsack optima of three blends, some may coincide
+    trials = result.study.trials
+    assert [frozenset(trials[n].user_attrs["low"]) for n in d["anchors"]] == [
+        frozenset(trials[n].user_attrs["low"]) for n in range(len(starts))
+    ]  # measured first, in order
+    assert {frozenset(trials[n].user_attrs["low"]) for n in d["anchors"]} == starts
+    assert set(d["anchors"]) <= {c["trial"] for c in d["contenders"]}
+    assert len(d["contenders"]) <= 2 + len(starts)
     fresh = min(d["contenders"], key=lambda c: (c["perplexity"], c["trial"]))
     assert d["winner"] == fresh["trial"]
-    assert lows(result.plan, graph) == set(result.study.trials[fresh["trial"]].user_attrs["low"])
+    assert lows(result.plan, graph) == set(trials[fresh["trial"]].user_attrs["low"])
+    assert result.cost["sensitivity"] == pytest.approx(2 * 3 * 4 / FAST["n_samples"])  # two Fisher passes
 
 
 def test_the_paper_setting_is_the_plain_random_search():

@@ -273,7 +273,7 @@ def _print_summary(result, objective, args, seconds: float) -> None:
         d = result.decided
         print(
             f"  chosen among {len(d['contenders'])} contenders (the best on {d['search_windows']} search windows"
-            + (", and the start plan" if d.get("anchor") is not None else "")
+            + (f", and the {len(d['anchors'])} one-shot start plans" if d.get("anchors") else "")
             + f") on {d['windows']} fresh search windows; "
             f"search cost {result.cost['total']:.1f} full evaluations"
         )
