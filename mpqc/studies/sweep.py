@@ -22,8 +22,12 @@ import os
 import sys
 import time
 
-import tomllib
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # tomllib joined the standard library in 3.11; tomli is the same parser
+    import tomli as tomllib
 
 from mpqc.io import json_safe, read_csv, typed_rows, write_csv_atomic
 from mpqc.models import parameter_counts
