@@ -5,8 +5,9 @@ activations against BF16), runs the one-shot ``knapsack`` plan (one evaluation),
 (the paper's method), TPE and the default ``refine`` strategy on the same search windows, and
 reports each chosen plan's perplexity on held-out windows the searches never saw, its
 delta_ppl over the all-BF16 model on those windows, and what the search cost in full
-evaluations of its windows (pruned trials' partial evaluations, the Fisher pass, the
-re-scoring included). Results are appended to --json as each run finishes, and a rerun skips
+evaluations of its windows (pruned trials' partial evaluations, the Fisher passes, the
+re-scoring included); against the knapsack, a 95% interval by a paired bootstrap over the
+held-out windows, where both rows carry their per-window NLLs. Results are appended to --json as each run finishes, and a rerun skips
 the runs already there.
 
     python benchmarks/search_quality.py [--settings matmul:0.5,matmul:0.9,matmul:0.95,layer:0.5]
@@ -20,6 +21,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 
 import mpqc
@@ -64,6 +66,7 @@ def run_one(graph, qmodel, search_tokens, holdout_windows, strategy, granularity
     seconds = time.perf_counter() - t0
     qmodel.set_plan(result.plan)
     held_out = mpqc.evaluate.perplexity(qmodel, windows=holdout_windows, progress=False)
+    per_window = mpqc.evaluate.window_nlls(qmodel, holdout_windows)
     states = [t.state.name for t in result.study.trials]
     return {
         "granularity": granularity,
@@ -77,6 +80,11 @@ def run_one(graph, qmodel, search_tokens, holdout_windows, strategy, granularity
         "pruned": states.count("PRUNED"),
         "decided_windows": result.decided["windows"] if result.decided else args.n_samples,
         "seconds": seconds,
+        # the matmuls it sends low, to evaluate the plan again without searching
+        "low_matmuls": sorted(
+            c.name for c in graph.components("matmul") if result.plan.precision(c.name).weight.name == "mxint4"
+        ),
+        "holdout_window_nlls": per_window.tolist(),
     }
 
 
@@ -95,7 +103,7 @@ def table(rows, base: float) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows, base: float) -> list[str]:
+def verdict(rows, base: float, base_nlls=None) -> list[str]:
     out = []
     for setting in sorted({(r["granularity"], r["ratio"]) for r in rows}):
         by = {
@@ -103,11 +111,28 @@ def verdict(rows, base: float) -> list[str]:
         }
         if {"refine", "knapsack", "random"} <= set(by):
             gain = 1 - by["refine"] / by["knapsack"]
+            rows_of = {r["strategy"]: r for r in rows if (r["granularity"], r["ratio"]) == setting}
             out.append(
                 f"{setting[0]} {setting[1]}: refine delta_ppl {100 * gain:+.1f}% lower than knapsack's "
-                f"(target >= 20%), {100 * (1 - by['refine'] / by['random']):+.1f}% lower than random's"
+                f"{_interval(rows_of['refine'], rows_of['knapsack'], base_nlls)}(target >= 20%), "
+                f"{100 * (1 - by['refine'] / by['random']):+.1f}% lower than random's"
             )
     return out
+
+
+def _interval(a: dict, b: dict, base_nlls, n: int = 2000) -> str:
+    """The 95% interval of how much lower a's held-out delta_ppl is than b's, by a paired
+    bootstrap over the held-out windows (the same resample for both plans and the all-BF16
+    model); empty where a row has no per-window NLLs."""
+    if base_nlls is None or "holdout_window_nlls" not in a or "holdout_window_nlls" not in b:
+        return ""
+    nll = np.array([a["holdout_window_nlls"], b["holdout_window_nlls"], base_nlls])
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, nll.shape[1], size=(n, nll.shape[1]))
+    ppl = np.exp(nll[:, picks].mean(axis=2))  # [3, n]
+    gain = 1 - (ppl[0] / ppl[2] - 1) / (ppl[1] / ppl[2] - 1)
+    lo, hi = np.percentile(gain, [2.5, 97.5])
+    return f"[95% {100 * lo:+.1f}, {100 * hi:+.1f}] "
 
 
 def main():
@@ -121,6 +146,9 @@ def main():
     done = json.load(open(args.json)) if os.path.exists(args.json) else {"rows": []}
     if "base" not in done:
         done["base"] = mpqc.evaluate.perplexity(qmodel, windows=holdout_windows, progress=False)
+    if "base_window_nlls" not in done:
+        qmodel.set_plan(mpqc.Plan.uniform(graph, "bf16"))
+        done["base_window_nlls"] = mpqc.evaluate.window_nlls(qmodel, holdout_windows).tolist()
     have = {(r["granularity"], r["ratio"], r["strategy"]) for r in done["rows"]}
     for setting in args.settings.split(","):
         granularity, ratio = setting.split(":")[0], float(setting.split(":")[1])
@@ -140,7 +168,7 @@ def main():
         f"held-out: {args.holdout_windows} x {args.seq_len} tokens, all-BF16 perplexity {done['base']:.3f}"
     )
     print(table(done["rows"], done["base"]))
-    print("\n".join(verdict(done["rows"], done["base"])))
+    print("\n".join(verdict(done["rows"], done["base"], done.get("base_window_nlls"))))
 
 
 if __name__ == "__main__":

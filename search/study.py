@@ -137,23 +137,29 @@ def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: di
 def _baselines(study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool) -> dict:
     """All high, all low, and the knapsack optimum of the Fisher scores at the same budget."""
     space = runner.space
-    sens = study_sensitivity(
-        study,
-        runner.qmodel,
-        space,
-        tokens,
-        seq_len=config.seq_len,
-        n_windows=config.sensitivity_windows,
-        seed=config.seed,
-        prefix=config.prefix,
-        progress=progress,
-    )
+    sens = _fisher(study, runner, tokens, config, progress)
     knapsack = solve_knapsack({n: sens[n] for n in runner.names}, runner.sizes, runner.target)
     return {
         "all_high": space.plan([]),
         "all_low": space.plan(runner.names),
         "knapsack": space.plan(knapsack if knapsack is not None else runner.names),
     }
+
+
+def _fisher(study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool, *, at_low: bool = False):
+    """The study's Fisher scores of every component (at the all-low plan with ``at_low``)."""
+    return study_sensitivity(
+        study,
+        runner.qmodel,
+        runner.space,
+        tokens,
+        seq_len=config.seq_len,
+        n_windows=config.sensitivity_windows,
+        seed=config.seed,
+        prefix=config.prefix,
+        at_low=at_low,
+        progress=progress,
+    )
 
 
 def _chunks(config: SearchConfig, n_windows: int, *, pruning: bool) -> tuple[int, int]:
@@ -184,17 +190,7 @@ def _prepare_sampler(
     enqueue the sensitivity sampler's seeded trials (worker 0 of a study does)."""
     if config.sampler != "sensitivity" and not isinstance(sampler, PlanSampler):
         return
-    sens = study_sensitivity(
-        study,
-        runner.qmodel,
-        runner.space,
-        tokens,
-        seq_len=config.seq_len,
-        n_windows=config.sensitivity_windows,
-        seed=config.seed,
-        prefix=config.prefix,
-        progress=progress,
-    )
+    sens = _fisher(study, runner, tokens, config, progress)
     if config.sampler == "sensitivity":
         if seeds:
             seed_study(study, runner.space, sens, n_seeded=config.n_seeded, seed=config.seed)
@@ -205,18 +201,7 @@ def _prepare_sampler(
         study.set_user_attr("base_perplexity", base)
     low = None
     if sampler.uses_low_scores:
-        low = study_sensitivity(
-            study,
-            runner.qmodel,
-            runner.space,
-            tokens,
-            seq_len=config.seq_len,
-            n_windows=config.sensitivity_windows,
-            seed=config.seed,
-            prefix=config.prefix,
-            at_low=True,
-            progress=progress,
-        )
+        low = _fisher(study, runner, tokens, config, progress, at_low=True)
     layers = {c.name: c.layer for c in runner.space.variables()}
     sampler.prepare(
         PlanContext(
