@@ -52,7 +52,7 @@ class SearchConfig:
     they stay high. ``pruner``: "incumbent" (``IncumbentPruner``: trials report their running
     perplexity on ``prune_steps`` chunks of the windows and stop once they cannot win), None,
     or an Optuna pruner. ``rescore``: before the best plan is named, the best ``rescore``
-    distinct plans (with a plan sampler, also the plan it started from) are scored again on
+    distinct plans (with a plan sampler, also the one-shot plans it started from) are scored again on
     ``rescore_windows`` fresh windows of the search text (default twice ``n_samples``; the
     same windows for each) and the one best on those wins; 0 takes the best trial as it is.
     ``baselines``: also name the plans a result is judged against (all high, all low, the
