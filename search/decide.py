@@ -41,7 +41,8 @@ def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, 
     None) when there is only one plan."""
     best = contenders(study, k)
     starts = _completed_of(study, {frozenset(a) for a in anchors})
-    best += [t for t in starts if _low(t) not in {_low(b) for b in best}]
+    chosen = {_low(t) for t in best}
+    best += [t for t in starts if _low(t) not in chosen]  # starts are distinct plans already
     if len(best) < 2:
         return None, None
     rows = []

@@ -99,6 +99,8 @@ class PlanSampler(optuna.samplers.BaseSampler):
         raise NotImplementedError
 
     def start_plans(self) -> list[frozenset[str]]:
+        if self.context is None:
+            return []
         plan = solve_knapsack(self.context.scores, self.context.sizes, self.context.target)
         return [frozenset(plan)] if plan is not None else []
 
@@ -153,7 +155,7 @@ class RefineSampler(PlanSampler):
         self._starts = []
         for score in blended_scores(context, self.blends):
             plan = solve_knapsack(score, context.sizes, context.target)
-            if plan is not None and frozenset(plan) not in {p for p, _ in self._starts}:
+            if plan is not None and frozenset(plan) not in self.start_plans():
                 self._starts.append((frozenset(plan), score))
 
     def start_plans(self):
