@@ -11,12 +11,17 @@ delta_ppl:
 - ``iterate``: the Fisher estimate taken at the plan itself, three times over (the plan of
   the estimate at the last plan alone, and of the mean of all estimates so far, which the
   next round starts from);
+- ``path``: the Fisher estimate taken along the way to the budget, in K stages: from all-high,
+  each stage sends low the knapsack optimum of the estimate at the plan so far, for the next
+  K-th of the budget (``fwd``); from all-low, each stage keeps low the optimum of the estimate
+  at the plan so far, for the next K-th of the way down (``rev``); K Fisher passes each;
 - ``measured``: single flips measured on the search windows instead of estimated (each
   component low alone at all-high, and each flipped at the knapsack plan), and the knapsack
   plans of those measured costs (one evaluation per component and point: for small spaces).
 
     python benchmarks/linearizations.py blend matmul:0.9 matmul:0.5
     python benchmarks/linearizations.py measured layer:0.5
+    python benchmarks/linearizations.py path matmul:0.9 matmul:0.5 matmul:0.95 layer:0.5
 """
 
 from __future__ import annotations
@@ -96,6 +101,44 @@ def iterate(s: Setting) -> None:
         plan = mean
 
 
+def path(s: Setting) -> None:
+    start = set(s.knapsack(s.fisher()))
+    print(s.label, "knapsack", s.delta(start), f"fresh16 {s.ppl(start, 'fresh'):.2f}", flush=True)
+    for direction, walk in (("fwd", _walk_up), ("rev", _walk_down)):
+        for stages in (2, 4, 8):
+            plan = walk(s, stages)
+            print(
+                s.label,
+                direction,
+                f"K={stages}",
+                s.delta(plan),
+                f"fresh16 {s.ppl(plan, 'fresh'):.2f}",
+                "changed",
+                len(plan ^ start),
+                flush=True,
+            )
+
+
+def _walk_up(s: Setting, stages: int) -> set[str]:
+    low: set[str] = set()
+    for k in range(1, stages + 1):
+        need = s.target * k / stages - sum(s.sizes[n] for n in low)
+        score = s.fisher(at=sorted(low))
+        high = [n for n in s.names if n not in low]
+        if need > 0:
+            low |= set(solve_knapsack({n: score[n] for n in high}, {n: s.sizes[n] for n in high}, need))
+    return low
+
+
+def _walk_down(s: Setting, stages: int) -> set[str]:
+    low, total = set(s.names), sum(s.sizes.values())
+    for k in range(1, stages + 1):
+        score = s.fisher(at=sorted(low))
+        keep = total - (total - s.target) * k / stages
+        low = set(solve_knapsack({n: score[n] for n in low}, {n: s.sizes[n] for n in low}, keep))
+    return low
+
+
 def measured(s: Setting) -> None:
     fisher = s.fisher()
     start = set(s.knapsack(fisher))
@@ -130,7 +173,7 @@ def _correlation(a, b, names) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=("blend", "iterate", "measured"))
+    ap.add_argument("probe", choices=("blend", "iterate", "path", "measured"))
     ap.add_argument("settings", nargs="+", help="granularity:ratio, e.g. matmul:0.9")
     args = ap.parse_args()
     model, tokenizer = mpqc.load_model()
@@ -148,7 +191,7 @@ def main():
     print(f"all-BF16 held-out perplexity {windows['base']:.3f}")
     for setting in args.settings:
         granularity, ratio = setting.split(":")
-        {"blend": blend, "iterate": iterate, "measured": measured}[args.probe](
+        {"blend": blend, "iterate": iterate, "path": path, "measured": measured}[args.probe](
             Setting(qmodel, graph, windows, granularity, float(ratio))
         )
 
