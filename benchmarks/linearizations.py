@@ -51,8 +51,11 @@ class Setting:
         self.sizes, self.target = {n: sizes[n] for n in self.names}, self.space.target()
         self.label = f"{granularity} {ratio}"
 
-    def knapsack(self, score) -> list[str]:
-        return solve_knapsack({n: score[n] for n in self.names}, self.sizes, self.target)
+    def knapsack(self, score, among=None, target=None) -> list[str]:
+        """The least-score set among ``among`` (default: every variable) reaching ``target``."""
+        among = self.names if among is None else among
+        target = self.target if target is None else target
+        return solve_knapsack({n: score[n] for n in among}, {n: self.sizes[n] for n in among}, target)
 
     def fisher(self, at=()) -> dict[str, float]:
         """The per-element Fisher at the plan ``at``, scaled to mean 1 over the variables."""
@@ -123,19 +126,17 @@ def _walk_up(s: Setting, stages: int) -> set[str]:
     low: set[str] = set()
     for k in range(1, stages + 1):
         need = s.target * k / stages - sum(s.sizes[n] for n in low)
-        score = s.fisher(at=sorted(low))
-        high = [n for n in s.names if n not in low]
-        if need > 0:
-            low |= set(solve_knapsack({n: score[n] for n in high}, {n: s.sizes[n] for n in high}, need))
+        if need > 0:  # an earlier stage's overshoot may already cover this one: no Fisher pass
+            high = [n for n in s.names if n not in low]
+            low |= set(s.knapsack(s.fisher(at=sorted(low)), among=high, target=need))
     return low
 
 
 def _walk_down(s: Setting, stages: int) -> set[str]:
     low, total = set(s.names), sum(s.sizes.values())
     for k in range(1, stages + 1):
-        score = s.fisher(at=sorted(low))
         keep = total - (total - s.target) * k / stages
-        low = set(solve_knapsack({n: score[n] for n in low}, {n: s.sizes[n] for n in low}, keep))
+        low = set(s.knapsack(s.fisher(at=sorted(low)), among=sorted(low), target=keep))
     return low
 
 
