@@ -27,6 +27,7 @@ import torch
 import mpqc
 from mpqc.data import load_tokens, split_tokens, text_prefix
 from mpqc.io import write_json_atomic
+from mpqc.search.budget import SearchSpace, search_precisions
 
 
 def parse_args():
@@ -39,6 +40,9 @@ def parse_args():
     ap.add_argument("--holdout-windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="search_quality.json")
+    ap.add_argument(
+        "--score-contenders", action="store_true", help="also the held-out perplexity of every re-scored contender"
+    )
     return ap.parse_args()
 
 
@@ -64,6 +68,12 @@ def run_one(graph, qmodel, search_tokens, holdout_windows, strategy, granularity
         graph, search_tokens, search_config(strategy, granularity, ratio, args, prefix), qmodel=qmodel, progress=False
     )
     seconds = time.perf_counter() - t0
+    if args.score_contenders and result.decided:  # how the fresh windows' verdicts hold out
+        low_p, high_p = search_precisions("mxint4", "bf16", weights_only=False)
+        space = SearchSpace(graph, granularity, low_p, high_p, mpqc.search.Budget("params", ratio))
+        for row in result.decided["contenders"]:
+            qmodel.set_plan(space.plan(result.study.trials[row["trial"]].user_attrs["low"]))
+            row["holdout_perplexity"] = mpqc.evaluate.perplexity(qmodel, windows=holdout_windows, progress=False)
     qmodel.set_plan(result.plan)
     per_window = mpqc.evaluate.window_nlls(qmodel, holdout_windows)  # one evaluation gives both
     held_out = mpqc.evaluate.perplexity_of(float(per_window.mean()))
@@ -79,6 +89,7 @@ def run_one(graph, qmodel, search_tokens, holdout_windows, strategy, granularity
         "complete": states.count("COMPLETE"),
         "pruned": states.count("PRUNED"),
         "decided_windows": result.decided["windows"] if result.decided else args.n_samples,
+        "decided": result.decided,  # every contender's fresh-window numbers, the reference, the winner
         "seconds": seconds,
         # the matmuls it sends low, to evaluate the plan again without searching
         "low_matmuls": sorted(

@@ -55,6 +55,10 @@ class SearchConfig:
     distinct plans (with a plan sampler, also the one-shot plans it started from) are scored again on
     ``rescore_windows`` fresh windows of the search text (default twice ``n_samples``; the
     same windows for each) and the one best on those wins; 0 takes the best trial as it is.
+    ``rescore_confidence``: with a plan sampler's start plans, another contender replaces the
+    first of them only if its per-window NLL on the fresh windows is lower by a paired
+    one-sided interval at this confidence (e.g. 0.95); None (the default) lets the least
+    perplexity win.
     ``baselines``: also name the plans a result is judged against (all high, all low, the
     knapsack plan at the same budget; the last needs the Fisher pass, which the default
     strategy makes anyway).
@@ -95,6 +99,7 @@ class SearchConfig:
     prune_steps: int = 4
     rescore: int = 3
     rescore_windows: int | None = None
+    rescore_confidence: float | None = None
     baselines: bool = True
     target: str | None = None
     keep_high: tuple[str, ...] = ()
@@ -115,6 +120,9 @@ class SearchConfig:
             raise ValueError(f"pruner is 'incumbent', None or an optuna pruner, got {self.pruner!r}")
         if not isinstance(self.rescore, int) or self.rescore < 0:
             raise ValueError(f"rescore must be an int >= 0 (0: no re-scoring), got {self.rescore!r}")
+        c = self.rescore_confidence
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.5 <= c < 1):
+            raise ValueError(f"rescore_confidence must be in [0.5, 1) or None (least perplexity wins), got {c!r}")
         _seed_from_sampler_kwargs(self)
 
     @property

@@ -122,7 +122,9 @@ def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: di
     if config.rescore > 1 and runner.objective is None and not multi:
         extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
         starts = study.sampler.start_plans() if isinstance(study.sampler, PlanSampler) else []
-        best, decided = rescore(study, runner, extra, config.rescore, anchors=starts)
+        best, decided = rescore(
+            study, runner, extra, config.rescore, anchors=starts, confidence=config.rescore_confidence
+        )
     result = best_result(study, runner.space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
     result.notes.extend(runner.gate.notes())
     result.decided = decided

@@ -17,6 +17,7 @@ import socket
 import optuna
 
 from mpqc.compile import QuantizedModel
+from mpqc.evaluate import window_nlls
 from mpqc.plan import Plan
 
 from .budget import SearchSpace, decode
@@ -60,6 +61,14 @@ class TrialRunner:
             batch = min(self.perplexity.batch_size, len(self.perplexity.windows))
             return WindowPerplexity(w, batch, None if eager else self.perplexity.forward).evaluate(self.qmodel).value
         return self.perplexity.evaluate(self.qmodel).value
+
+    def window_nlls(self, plan: Plan, windows):
+        """The mean NLL of each of ``windows`` under ``plan`` (float64 [n], CPU), in batches
+        shaped like the search's own: what a paired comparison of plans on those windows needs."""
+        self.qmodel.set_plan(plan)
+        run = self.qmodel if self.perplexity.forward is None else self.perplexity.forward
+        batch = min(self.perplexity.batch_size, len(self.perplexity.windows))
+        return window_nlls(run, windows, batch_size=batch)
 
     def measure(self, plan: Plan, trial: optuna.Trial | None = None) -> tuple[float, dict]:
         """(what the study minimizes, what the trial records) for ``plan``."""

@@ -4,6 +4,7 @@ pruning against the incumbent, re-scoring on shared windows."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -220,34 +221,36 @@ def test_a_search_on_one_batch_of_windows_still_reports_every_chunk():
 def test_rescoring_uses_the_same_windows_for_every_contender(monkeypatch):
     _, graph = captured("llama")
     seen = []
-    original = TrialRunner.evaluate_perplexity
+    original = TrialRunner.window_nlls
 
-    def spy(self, plan, *, eager=False, windows=None):
-        if windows is not None:
-            seen.append(
-                (
-                    frozenset(
-                        c for c in plan.graph.components("matmul") if plan.precision(c.name).weight.name == "mxint4"
-                    ),
-                    windows.clone(),
-                )
-            )
-        return original(self, plan, eager=eager, windows=windows)
+    def spy(self, plan, windows):
+        seen.append((lows(plan, graph), windows.clone()))
+        return original(self, plan, windows)
 
-    monkeypatch.setattr(TrialRunner, "evaluate_perplexity", spy)
+    monkeypatch.setattr(TrialRunner, "window_nlls", spy)
     result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=6, rescore=3, pruner=None, **FAST)
-    assert len(seen) == 3 and len({p for p, _ in seen}) == 3
+    assert len(seen) == 3 and len({frozenset(p) for p, _ in seen}) == 3
     assert all(torch.equal(seen[0][1], w) for _, w in seen)
     assert result.decided["windows"] == 16 and result.decided["extra_windows"] == 16  # the fresh ones decide
-    assert result.decided["anchors"] == []  # random search has no start plan
+    assert result.decided["anchors"] == [] and result.decided["reference"] is None  # random search has no start plan
     winner = min(result.decided["contenders"], key=lambda c: c["perplexity"])
     assert result.decided["winner"] == winner["trial"]
     assert lows(result.plan, graph) == set(result.study.trials[winner["trial"]].user_attrs["low"])
+    # each contender's perplexity is its per-window NLLs' mean, as the spy saw them measured
+    space = SearchSpace(
+        graph, "matmul", *search_precisions("mxint4", "bf16", weights_only=False), Budget("params", 0.5)
+    )
+    for row in result.decided["contenders"]:
+        qmodel = mpqc.compile(graph, space.plan(result.study.trials[row["trial"]].user_attrs["low"]))
+        nlls = mpqc.evaluate.window_nlls(qmodel, seen[0][1], batch_size=2)
+        assert row["perplexity"] == pytest.approx(float(torch.exp(nlls.mean())), rel=1e-12)
 
 
 def test_the_start_plans_are_always_contenders_and_fresh_windows_decide():
     _, graph = captured("llama")
-    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="refine", n_trials=6, rescore=2, pruner=None, **FAST)
+    result = mpqc.search.run(
+        graph, TOKENS, ratio=0.5, sampler="refine", n_trials=6, rescore=2, rescore_confidence=0.95, pruner=None, **FAST
+    )
     d = result.decided
     starts = {frozenset(p) for p in result.study.sampler.start_plans()}
     assert 1 <= len(starts) <= 3  # the knapsack optima of three blends, some may coincide
@@ -258,10 +261,75 @@ def test_the_start_plans_are_always_contenders_and_fresh_windows_decide():
     assert {frozenset(trials[n].user_attrs["low"]) for n in d["anchors"]} == starts
     assert set(d["anchors"]) <= {c["trial"] for c in d["contenders"]}
     assert len(d["contenders"]) <= 2 + len(starts)
-    fresh = min(d["contenders"], key=lambda c: (c["perplexity"], c["trial"]))
+    # the knapsack plan (the first start) is the reference; only a contender better on the
+    # fresh windows by the paired interval may replace it, and the least such wins
+    assert d["reference"] == d["anchors"][0] and d["confidence"] == 0.95
+    eligible = [c for c in d["contenders"] if c["trial"] == d["reference"] or c["evidence"]]
+    fresh = min(eligible, key=lambda c: (c["perplexity"], c["trial"]))
     assert d["winner"] == fresh["trial"]
+    assert all(
+        (c["nll_gain_lower"] > 0) == c["evidence"] and c["nll_gain_lower"] <= c["nll_gain"] for c in d["contenders"]
+    )
     assert lows(result.plan, graph) == set(trials[fresh["trial"]].user_attrs["low"])
     assert result.cost["sensitivity"] == pytest.approx(2 * 3 * 4 / FAST["n_samples"])  # two Fisher passes
+
+
+class _FixedNlls:
+    """A runner whose plans have given per-window NLLs on the fresh windows (plans by name)."""
+
+    def __init__(self, nlls: dict[str, list[float]]):
+        self.nlls = {k: torch.tensor(v, dtype=torch.float64) for k, v in nlls.items()}
+        self.perplexity = type("P", (), {"windows": torch.zeros(8, 4)})()
+        self.space = type("S", (), {"plan": staticmethod(lambda low: "".join(low))})()
+
+    def window_nlls(self, plan, windows):
+        return self.nlls[plan]
+
+
+def _study_of(search_perplexities: dict[str, float]) -> optuna.Study:
+    study = optuna.create_study()
+    for low, ppl in search_perplexities.items():
+        attrs = {"low": [low], "perplexity": ppl}
+        study.add_trial(optuna.trial.create_trial(value=ppl, params={}, distributions={}, user_attrs=attrs))
+    return study
+
+
+def test_a_contender_replaces_the_start_plan_only_on_paired_evidence():
+    from mpqc.search.decide import rescore
+
+    windows = torch.zeros(4, 4)
+    study = _study_of({"A": 30.0, "B": 29.0, "C": 28.0})  # A: the start plan
+    steady = [0.9, 0.95, 0.9, 0.95]  # lower on every window
+    lucky = [0.5, 1.5, 0.4, 1.4]  # lower on average (0.95), not on evidence
+    runner = _FixedNlls({"A": [1.0] * 4, "B": steady, "C": lucky})
+    winner, d = rescore(study, runner, windows, 3, anchors=[["A"]], confidence=0.95)
+    assert winner.user_attrs["low"] == ["B"] and d["reference"] == 0
+    rows = {c["trial"]: c for c in d["contenders"]}
+    assert rows[1]["evidence"] and not rows[2]["evidence"]
+    assert rows[2]["nll_gain"] == pytest.approx(0.05) and rows[1]["nll_gain"] == pytest.approx(0.075)
+    runner = _FixedNlls({"A": [1.0] * 4, "B": [1.0, 1.0, 1.1, 0.99], "C": lucky})
+    winner, d = rescore(study, runner, windows, 3, anchors=[["A"]], confidence=0.95)
+    assert winner.user_attrs["low"] == ["A"] and d["winner"] == d["reference"] == 0  # kept: no evidence
+    winner, d = rescore(study, runner, windows, 3, anchors=[["A"]])  # no confidence: the default
+    assert winner.user_attrs["low"] == ["C"] and d["reference"] is None  # the least perplexity
+    assert "evidence" not in d["contenders"][0]
+
+
+def test_the_paired_gain_is_a_one_sided_t_bound():
+    from mpqc.search.decide import paired_gain
+
+    # d = 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(0.95, 2 dof) = 2.919986; 0.2 - 2.919986 * 0.1 / sqrt(3)
+    gain, lower = paired_gain(torch.ones(3, dtype=torch.float64), torch.tensor([0.9, 0.8, 0.7]), 0.95)
+    assert gain == pytest.approx(0.2) and lower == pytest.approx(0.0314141, abs=1e-6)
+    assert paired_gain(torch.ones(3), torch.tensor([0.5, float("inf"), 0.5]), 0.95) == (-math.inf, -math.inf)
+    assert paired_gain(torch.tensor([1.0, float("nan")]), torch.ones(2), 0.95) == (math.inf, math.inf)
+    assert paired_gain(torch.ones(1), torch.zeros(1), 0.95) == (1.0, -math.inf)  # one window: no interval
+
+
+def test_rescore_confidence_is_checked():
+    with pytest.raises(ValueError, match=r"rescore_confidence must be in \[0.5, 1\) or None"):
+        SearchConfig(budget=("params", 0.5), rescore_confidence=1.0)
+    assert SearchConfig(budget=("params", 0.5), rescore_confidence=None).rescore_confidence is None
 
 
 def test_the_paper_setting_is_the_plain_random_search():

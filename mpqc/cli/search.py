@@ -51,6 +51,13 @@ def add_parser(sub) -> None:
     s.add_argument("--no-prune", action="store_true", help="score every trial on all its windows")
     s.add_argument("--rescore", type=int, default=3, help="re-score this many best plans on more windows (0: off)")
     s.add_argument(
+        "--rescore-confidence",
+        type=float,
+        default=0.0,
+        help="e.g. 0.95: a contender replaces the one-shot start plan only if better on the fresh windows at "
+        "this paired one-sided confidence (default 0: the least perplexity wins)",
+    )
+    s.add_argument(
         "--keep-high",
         default="",
         metavar="NAMES",
@@ -181,6 +188,7 @@ def _config(args, sampler_kwargs, prefix):
         prefix=prefix,
         pruner=None if args.no_prune else "incumbent",
         rescore=args.rescore,
+        rescore_confidence=args.rescore_confidence or None,
         search_dominated=args.search_dominated,
         target=args.target,
         keep_high=tuple(n.strip() for n in args.keep_high.split(",") if n.strip()),
@@ -277,6 +285,8 @@ def _print_summary(result, objective, args, seconds: float) -> None:
             + f") on {d['windows']} fresh search windows; "
             f"search cost {result.cost['total']:.1f} full evaluations"
         )
+        if d.get("reference") is not None:
+            print(f"  {_against_start(d)}")
     for note in result.notes:
         print(f"note: {note}")
     if result.pareto:
@@ -284,6 +294,20 @@ def _print_summary(result, objective, args, seconds: float) -> None:
             "Pareto front (perplexity, Q_r):",
             ", ".join(f"({p['perplexity']:.2f}, {p['quantization_ratio_params']:.3f})" for p in result.pareto),
         )
+
+
+def _against_start(d: dict) -> str:
+    """What the paired comparison with the start plan decided, in a line."""
+    if d["winner"] == d["reference"]:
+        return (
+            f"kept the start plan (trial {d['reference']}): no contender was better on the fresh windows "
+            f"at {d['confidence']:.0%} paired confidence"
+        )
+    row = next(c for c in d["contenders"] if c["trial"] == d["winner"])
+    return (
+        f"trial {d['winner']} replaced the start plan (trial {d['reference']}): {row['nll_gain']:.4f} nats "
+        f"per window lower on the fresh windows (one-sided {d['confidence']:.0%} bound {row['nll_gain_lower']:.4f})"
+    )
 
 
 def _trials_text(result) -> str:
