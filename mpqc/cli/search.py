@@ -6,6 +6,11 @@ import time
 
 from . import common, validate
 
+RESCORE_CONFIDENCE_HELP = (
+    "e.g. 0.95: a contender replaces the one-shot start plan only if better on the fresh windows at "
+    "this paired one-sided confidence (default 0: the least perplexity wins)"
+)
+
 
 def add_parser(sub) -> None:
     s = sub.add_parser("search", help="search the best plan under a quantization-ratio or bits budget")
@@ -50,13 +55,7 @@ def add_parser(sub) -> None:
     )
     s.add_argument("--no-prune", action="store_true", help="score every trial on all its windows")
     s.add_argument("--rescore", type=int, default=3, help="re-score this many best plans on more windows (0: off)")
-    s.add_argument(
-        "--rescore-confidence",
-        type=float,
-        default=0.0,
-        help="e.g. 0.95: a contender replaces the one-shot start plan only if better on the fresh windows at "
-        "this paired one-sided confidence (default 0: the least perplexity wins)",
-    )
+    s.add_argument("--rescore-confidence", type=float, default=0.0, help=RESCORE_CONFIDENCE_HELP)
     s.add_argument(
         "--keep-high",
         default="",
