@@ -6,9 +6,9 @@ completed plans (and the plans the strategy started from, when it has them: refi
 one-shot plans) are evaluated on further windows of the search text (the same windows for every
 contender, never the held-out text), and the plan of least perplexity on those fresh windows
 wins; with a confidence, where the strategy started from a one-shot plan, another replaces it
-only if it is better on those windows by a paired interval. The search windows chose the contenders;
-ranking them on the search windows again would count the luck of that choice twice. ``decided`` records how many windows decided and
-every contender's numbers.
+only if it is better on those windows by a paired interval. The search windows chose the
+contenders; ranking them on the search windows again would count the luck of that choice
+twice. ``decided`` records how many windows decided and every contender's numbers.
 """
 
 from __future__ import annotations

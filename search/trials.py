@@ -53,13 +53,11 @@ class TrialRunner:
         self.target = space.target()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def evaluate_perplexity(self, plan: Plan, *, eager: bool = False, windows=None) -> float:
+    def evaluate_perplexity(self, plan: Plan, *, eager: bool = False) -> float:
         self.qmodel.set_plan(plan)
-        if eager or windows is not None:
-            w = self.perplexity.windows if windows is None else windows
-            # batches shaped like the search's own, so a compiled forward is not compiled again
-            batch = min(self.perplexity.batch_size, len(self.perplexity.windows))
-            return WindowPerplexity(w, batch, None if eager else self.perplexity.forward).evaluate(self.qmodel).value
+        if eager:
+            w = self.perplexity.windows
+            return WindowPerplexity(w, min(self.perplexity.batch_size, len(w))).evaluate(self.qmodel).value
         return self.perplexity.evaluate(self.qmodel).value
 
     def window_nlls(self, plan: Plan, windows):
