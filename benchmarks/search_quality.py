@@ -11,7 +11,8 @@ held-out windows, where both rows carry their per-window NLLs. Results are appen
 the runs already there.
 
     python benchmarks/search_quality.py [--settings matmul:0.5,matmul:0.9,matmul:0.95,layer:0.5]
-        [--strategies knapsack,random,tpe,refine] [--trials 50] [--holdout-windows 64] [--json out.json]
+        [--strategies knapsack,random,tpe,refine] [--trials 50] [--max-cost 50] [--holdout-windows 64]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def parse_args():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="search_quality.json")
     ap.add_argument(
+        "--max-cost", type=float, default=50.0, help="cap on each search's full evaluations (the target's 50; 0: none)"
+    )
+    ap.add_argument(
         "--score-contenders", action="store_true", help="also the held-out perplexity of every re-scored contender"
     )
     return ap.parse_args()
@@ -59,6 +63,7 @@ def search_config(strategy: str, granularity: str, ratio: float, args, prefix):
         seed=args.seed,
         prefix=prefix,
         baselines=False,
+        max_cost=None if strategy == "knapsack" or not args.max_cost else args.max_cost,
     )
 
 
@@ -86,6 +91,7 @@ def run_one(graph, qmodel, search_tokens, holdout_windows, strategy, granularity
         "search_perplexity": result.perplexity,
         "holdout_perplexity": held_out,
         "cost": result.cost,
+        "notes": result.notes,  # whether max_cost stopped it before its trials
         "complete": states.count("COMPLETE"),
         "pruned": states.count("PRUNED"),
         "decided_windows": result.decided["windows"] if result.decided else args.n_samples,

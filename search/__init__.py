@@ -14,7 +14,7 @@ encoding), ``samplers``, ``sensitivity`` (the Fisher estimate and the seeded fir
 ``objective`` (the objective protocol, window perplexity), ``trials`` (one trial),
 ``storage`` (opening a study, its stored settings), ``identity`` (what a stored study's numbers
 depend on), ``workers`` (several workers on one study: seeds, distinct trials, claims),
-``results`` (the result and its files),
+``results`` (the result and its files), ``cost`` (what a search spends, the cap on it),
 ``study`` (``run``: the orchestration), ``lm_eval_adapter`` (the lm-eval objective).
 """
 

@@ -59,6 +59,9 @@ class SearchConfig:
     first of them only if its per-window NLL on the fresh windows is lower by a paired
     one-sided interval at this confidence (e.g. 0.95); None (the default) lets the least
     perplexity win.
+    ``max_cost``: the most full evaluations of the ``n_samples`` windows the search may spend,
+    the Fisher passes, pruned trials and re-scoring included (``result.cost``); the search stops
+    before ``n_trials`` rather than start a trial that could pass it. None: no cap.
     ``baselines``: also name the plans a result is judged against (all high, all low, the
     knapsack plan at the same budget; the last needs the Fisher pass, which the default
     strategy makes anyway).
@@ -100,6 +103,7 @@ class SearchConfig:
     rescore: int = 3
     rescore_windows: int | None = None
     rescore_confidence: float | None = None
+    max_cost: float | None = None
     baselines: bool = True
     target: str | None = None
     keep_high: tuple[str, ...] = ()
@@ -123,6 +127,9 @@ class SearchConfig:
         c = self.rescore_confidence
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.5 <= c < 1):
             raise ValueError(f"rescore_confidence must be in [0.5, 1) or None (least perplexity wins), got {c!r}")
+        m = self.max_cost
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise ValueError(f"max_cost must be a number of full evaluations > 0, or None (no cap); got {m!r}")
         _seed_from_sampler_kwargs(self)
 
     @property

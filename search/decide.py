@@ -41,6 +41,15 @@ def contenders(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     return out
 
 
+def rescored(study: optuna.Study, k: int, anchors=()) -> list[optuna.trial.FrozenTrial]:
+    """The trials ``rescore`` would score now: the ``k`` best distinct plans, then the
+    completed plans of ``anchors`` not among them."""
+    best = contenders(study, k)
+    chosen = {_low(t) for t in best}
+    starts = _completed_of(study, {frozenset(a) for a in anchors})
+    return best + [t for t in starts if _low(t) not in chosen]  # starts are distinct plans already
+
+
 def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, anchors=(), confidence=None):
     """(the winning trial, what decided it) among the ``k`` best distinct plans, plus every
     completed trial of a plan in ``anchors`` (the plans the strategy started from); (None,
@@ -53,12 +62,10 @@ def rescore(study: optuna.Study, runner: TrialRunner, extra_windows, k: int, *, 
     challenger that won by the luck of a few windows would otherwise undo a sound one-shot
     plan. Without anchors, or with ``confidence`` None, the least perplexity wins.
     """
-    best = contenders(study, k)
-    starts = _completed_of(study, {frozenset(a) for a in anchors})
-    chosen = {_low(t) for t in best}
-    best += [t for t in starts if _low(t) not in chosen]  # starts are distinct plans already
+    best = rescored(study, k, anchors)
     if len(best) < 2:
         return None, None
+    starts = _completed_of(study, {frozenset(a) for a in anchors})
     nlls = [runner.window_nlls(runner.space.plan(t.user_attrs["low"]), extra_windows) for t in best]
     reference = _index_of(best, anchors[0]) if anchors and confidence is not None else None
     rows = [_row(t, n, None if reference is None else nlls[reference], confidence) for t, n in zip(best, nlls)]

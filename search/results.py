@@ -193,31 +193,3 @@ def write_outputs(result: SearchResult, out_dir: str) -> dict[str, str]:
             ["trial", "perplexity", "quantization_ratio_params", "n_low"],
         )
     return paths
-
-
-def search_cost(study: optuna.Study, config, decided: dict | None) -> dict:
-    """What the study's search cost, in full evaluations of its ``n_samples`` windows: completed
-    trials, pruned trials' partial evaluations, the Fisher pass (a forward and a backward per
-    window, counted as three forwards), the all-high plan's evaluation, and the re-scoring."""
-    n = config.n_samples
-    trials = pruned = 0.0
-    for t in study.get_trials(deepcopy=False):
-        windows = t.user_attrs.get("windows")
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            trials += (n if windows is None else windows) / n  # a repeat of a measured plan: 0 windows
-        elif t.state == optuna.trial.TrialState.PRUNED:
-            pruned += (windows or 0) / n
-    cost = {
-        "trials": trials,
-        "pruned": pruned,
-        "sensitivity": 3 * config.sensitivity_windows / n * _fisher_passes(study),
-        "base": 1.0 if study.user_attrs.get("base_perplexity") is not None else 0.0,
-        "rescore": 0.0 if decided is None else len(decided["contenders"]) * decided["extra_windows"] / n,
-    }
-    cost["total"] = sum(cost.values())
-    return cost
-
-
-def _fisher_passes(study: optuna.Study) -> int:
-    """How many Fisher passes the study made: at the all-high plan, and at the all-low plan."""
-    return sum(study.user_attrs.get(key) is not None for key in ("sensitivity", "sensitivity_low"))

@@ -24,18 +24,19 @@ from mpqc.graph import Graph
 
 from .budget import SearchSpace, search_precisions
 from .config import SearchConfig
+from .cost import CostCap, search_cost
 from .decide import rescore
 from .identity import measured
 from .knapsack import solve_knapsack
 from .objective import WindowPerplexity, check_objective
 from .plan_samplers import PlanContext, PlanSampler
 from .pruning import IncumbentPruner
-from .results import SearchResult, best_result, search_cost
+from .results import SearchResult, best_result
 from .samplers import MULTI_OBJECTIVE, make_sampler
 from .sensitivity import seed_study, study_sensitivity
 from .storage import check_settings, open_study
 from .trials import TrialRunner
-from .workers import TrialGate, n_measured, worker_number, worker_sampler
+from .workers import TrialGate, n_measured, orphan_seconds, worker_number, worker_sampler
 
 
 def run(
@@ -110,23 +111,39 @@ def run(
         plan_sampler=isinstance(sampler, PlanSampler),
         steps=steps,
     )
-    runner.gate = TrialGate(config.n_trials)  # no surplus trial, no plan measured twice
+    runner.gate = TrialGate(config.n_trials, orphan_after=orphan_seconds(config.heartbeat))  # no surplus, no repeat
     _prepare_sampler(sampler, study, runner, tokens, config, progress, seeds=worker == 0)
-    _optimize(study, runner, config.n_trials, multi=multi, progress=progress)
-    return _result(study, runner, tokens, config, stored, multi=multi, progress=progress)
+    cap = _cost_cap(study, config, rescoring=_rescores(runner, multi), baselines=config.baselines and not multi)
+    _optimize(study, runner, config.n_trials, cap, multi=multi, progress=progress)
+    cap.check(study)
+    return _result(study, runner, tokens, config, stored, multi=multi, progress=progress, cap=cap)
 
 
-def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: dict, *, multi: bool, progress: bool):
+def _rescores(runner: TrialRunner, multi: bool) -> bool:
+    """Whether the search re-scores its best plans (perplexity searches of one objective)."""
+    return runner.objective is None and not multi
+
+
+def _start_plans(study) -> list:
+    return study.sampler.start_plans() if isinstance(study.sampler, PlanSampler) else []
+
+
+def _cost_cap(study, config: SearchConfig, *, rescoring: bool, baselines: bool) -> CostCap:
+    k = config.rescore if rescoring else 0
+    anchors = _start_plans(study) if k > 1 else ()
+    return CostCap(config.max_cost, config, rescore=k, anchors=anchors, baselines=baselines)
+
+
+def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: dict, *, multi, progress, cap):
     """Name the best plan (after re-scoring the best few), with its baselines and cost."""
     best, decided = None, None
-    if config.rescore > 1 and runner.objective is None and not multi:
+    if config.rescore > 1 and _rescores(runner, multi):
         extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
-        starts = study.sampler.start_plans() if isinstance(study.sampler, PlanSampler) else []
         best, decided = rescore(
-            study, runner, extra, config.rescore, anchors=starts, confidence=config.rescore_confidence
+            study, runner, extra, config.rescore, anchors=_start_plans(study), confidence=config.rescore_confidence
         )
     result = best_result(study, runner.space, config.budget, multi=multi, objective=stored.get("objective"), best=best)
-    result.notes.extend(runner.gate.notes())
+    result.notes.extend(runner.gate.notes() + cap.note())
     result.decided = decided
     if config.baselines and not multi:
         result.baselines = _baselines(study, runner, tokens, config, progress)
@@ -252,9 +269,9 @@ def _forward(qmodel: QuantizedModel, config: SearchConfig, low_p, high_p):
     return qmodel.torch_compile(backend=config.torch_compile)
 
 
-def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int, *, multi: bool, progress: bool) -> None:
+def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int, cap: CostCap, *, multi, progress) -> None:
     """Run trials until the study holds ``n_trials`` measured ones (completed or pruned; earlier
-    runs' count too)."""
+    runs' count too), or until another could take the search past ``cap``."""
     bar = tqdm(
         total=n_trials, initial=min(n_measured(study), n_trials), desc="search", unit="trial", disable=not progress
     )
@@ -267,11 +284,11 @@ def _optimize(study: optuna.Study, runner: TrialRunner, n_trials: int, *, multi:
         bar.refresh()
 
     def stop(study_, trial_):
-        if n_measured(study_) >= n_trials:
+        if n_measured(study_) >= n_trials or not cap.room(study_):
             study_.stop()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        while (asked := runner.gate.remaining(study)) > 0:  # waits while other workers finish the last ones
+        while cap.room(study) and (asked := runner.gate.remaining(study)) > 0:  # waits for other workers' last ones
             study.optimize(runner, n_trials=asked, callbacks=[on_trial, stop, runner.gate.after_trial])
     bar.close()

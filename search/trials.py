@@ -111,12 +111,13 @@ class TrialRunner:
         return decode(priorities, self.sizes, goal), goal
 
     def __call__(self, trial: optuna.Trial):
+        trial.set_user_attr("worker", self.worker)  # first: a trial that has begun is not an orphan (workers)
         chosen, _ = self.choose(trial)
         plan = self.space.plan(chosen)
         if self.gate is not None and (earlier := self.gate(trial, chosen)) is not None:
             return tuple(earlier.values) if self.multi else earlier.value  # measured already: reused
         summary = plan.summary()
-        attrs = {**summary, "achieved": self.space.achieved(plan), "low": chosen, "worker": self.worker}
+        attrs = {**summary, "achieved": self.space.achieved(plan), "low": chosen}
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         loss, measured = self.measure(plan, trial)

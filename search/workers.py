@@ -18,12 +18,17 @@ pruner part way (``measured``), so pruning makes a search cheaper, not longer.
   completes with the stored value instead (still ``duplicate_of``, still not measured again),
   so the study reaches ``n_trials``. ``remaining`` says how many trials to ask for, waiting
   while other workers finish the last ones, so N workers stop at exactly ``n_trials``.
+- A worker killed inside ``ask`` (after its trial was created, before optuna's heartbeat for
+  it began) leaves a RUNNING trial that never goes stale: ``remaining`` fails such an orphan
+  (not begun: no ``worker`` attribute, which a trial sets first) once it is ``orphan_seconds``
+  old, so the other workers do not wait for it forever.
 - ``Claim``: one piece of work (a sweep cell) done by one worker at a time, through the
   same storage; a killed worker's claim lapses with its heartbeat.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import socket
@@ -42,6 +47,7 @@ COMPLETE, RUNNING, PRUNED = (
 )
 DUPLICATE_PATIENCE = 10  # proposals in a row that repeat measured plans: the space is exhausted
 POLL_SECONDS = 0.5  # how often a worker waiting for the others' last trials looks again
+ORPHAN_MIN_SECONDS = 60.0  # an un-begun RUNNING trial this old (and 30 heartbeats) is a dead ask, not a slow sampler
 # Of an earlier trial's attributes, what a repeat does not take over: who ran it, how it was
 # proposed, and the windows it evaluated (a repeat evaluates none: search_cost counts windows).
 _NOT_COPIED = {"worker", "seeded", "plan_key", "skipped", "duplicate_of", "windows", "perplexity_partial"}
@@ -89,6 +95,26 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def orphan_seconds(heartbeat: float) -> float:
+    """How old a RUNNING trial that never began must be before it counts as a dead worker's."""
+    return max(ORPHAN_MIN_SECONDS, 30.0 * heartbeat)
+
+
+def _fail_orphans(study: optuna.Study, after_seconds: float) -> None:
+    """Fail RUNNING trials created more than ``after_seconds`` ago that never began (no
+    ``worker`` attribute): their worker died inside ``ask``, before its heartbeat, so optuna
+    never sees them go stale. Only stored studies with heartbeats have other workers."""
+    if getattr(_storage_of(study), "get_heartbeat_interval", lambda: None)() is None:
+        return
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        if "worker" not in t.user_attrs and (now - t.datetime_start).total_seconds() > after_seconds:
+            try:
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            except ValueError:  # it finished meanwhile: it was alive after all
+                pass
+
+
 def measured(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial counts toward ``n_trials``: completed, or stopped by the pruner after
     part of its windows. A trial the gate skipped (surplus, a repeated plan) measured nothing."""
@@ -109,8 +135,8 @@ def plan_key(low_components) -> str:
 class TrialGate:
     """Before a trial is measured: skip it when it is surplus or its plan was measured already."""
 
-    def __init__(self, n_trials: int):
-        self.n_trials = n_trials
+    def __init__(self, n_trials: int, *, orphan_after: float = ORPHAN_MIN_SECONDS):
+        self.n_trials, self.orphan_after = n_trials, orphan_after
         self.repeats = 0  # duplicate proposals in a row, in this process
         self.exhausted = False
         self.surplus = False
@@ -163,6 +189,7 @@ class TrialGate:
         self.surplus = False
         while True:
             _fail_stale(study)  # a killed worker's trial stops counting
+            _fail_orphans(study, self.orphan_after)  # and one killed before its heartbeat began
             done = n_measured(study)
             if done >= self.n_trials:
                 return 0

@@ -145,6 +145,25 @@ def test_a_plan_already_measured_is_not_measured_again():
     assert any("none was measured twice" in n for n in result.notes)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_worker_killed_inside_ask_does_not_stall_the_others(tmp_path):
+    # Optuna fails a killed worker's trial once its heartbeat stops, but a worker killed inside
+    # ask (the trial created, its heartbeat not yet begun) leaves a RUNNING trial that never
+    # goes stale: the last workers would wait for it forever.
+    from mpqc.search.workers import TrialGate, _fail_orphans
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'orphan.db'}", heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name="s")
+    orphan, begun = study.ask(), study.ask()  # neither has a heartbeat; only the second began
+    begun.set_user_attr("worker", "host:1")
+    _fail_orphans(study, after_seconds=3600)  # not old enough: it may be a slow sampler's ask
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {orphan.number: "RUNNING", begun.number: "RUNNING"}
+    assert TrialGate(2, orphan_after=0.0).remaining(study) == 1  # the orphan failed, the begun one waits
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {orphan.number: "FAIL", begun.number: "RUNNING"}
+
+
 def test_sampler_seed_from_the_command_line(saved, tmp_path):
     from mpqc.search import SearchConfig
 

@@ -382,3 +382,48 @@ def test_refine_resumes_after_sigkill_without_losing_or_repeating_a_plan(tmp_pat
     assert len(after) == 7
     assert all(before[t.number] == t.user_attrs["low"] for t in after if t.number in before)
     assert len({frozenset(t.user_attrs["low"]) for t in after}) == 7
+
+
+# ---- a cap on the cost -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sampler", "pruner"), [("refine", None), ("refine", "incumbent"), ("random", "incumbent")])
+def test_max_cost_stops_the_search_before_it_could_pass_the_cap(sampler, pruner):
+    _, graph = captured("llama")
+    result = mpqc.search.run(
+        graph, TOKENS, ratio=0.5, sampler=sampler, n_trials=40, max_cost=14, pruner=pruner, rescore=3, **FAST
+    )
+    cost = result.cost
+    assert cost["total"] <= 14 and cost["rescore"] > 0  # the re-scoring ran, and fit
+    assert sum(measured(t) for t in result.study.trials) < 40
+    assert any("max_cost=14" in note for note in result.notes)
+    # it stopped only when the next trial (at a full evaluation) and the re-scoring it could
+    # leave (each contender scored on 16 fresh windows: 2 evaluations) might not have fit
+    n_anchors = len(result.study.sampler.start_plans()) if sampler == "refine" else 0
+    worst_rescore = 2 * (3 + n_anchors)
+    assert cost["total"] - cost["rescore"] + 1 + worst_rescore > 14
+
+
+def test_max_cost_without_room_for_one_trial_is_refused():
+    _, graph = captured("llama")
+    # refine spends two Fisher passes (1.5 each on 4 windows of 8) and the all-high plan first
+    with pytest.raises(ValueError, match=r"max_cost=3 full evaluations leaves no room for a trial: 4.0 were spent"):
+        mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="refine", n_trials=5, max_cost=3, **FAST)
+
+
+def test_without_max_cost_the_search_runs_its_trials():
+    _, graph = captured("llama")
+    result = mpqc.search.run(graph, TOKENS, ratio=0.5, sampler="random", n_trials=5, rescore=0, **FAST)
+    assert sum(measured(t) for t in result.study.trials) == 5
+    assert not any("max_cost" in note for note in result.notes)
+
+
+def test_max_cost_is_checked_and_the_command_line_passes_it():
+    from mpqc.cli import build_parser
+    from mpqc.cli.search import _config
+
+    for bad in (0, -1.0, True, "50"):
+        with pytest.raises(ValueError, match=r"max_cost must be a number of full evaluations > 0, or None"):
+            SearchConfig(budget=("params", 0.5), max_cost=bad)
+    assert _config(build_parser().parse_args(["search", "m", "--max-cost", "50"]), None, ()).max_cost == 50.0
+    assert _config(build_parser().parse_args(["search", "m"]), None, ()).max_cost is None

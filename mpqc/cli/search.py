@@ -11,6 +11,11 @@ RESCORE_CONFIDENCE_HELP = (
     "this paired one-sided confidence (default 0: the least perplexity wins)"
 )
 
+MAX_COST_HELP = (
+    "the most full evaluations of the search windows to spend, Fisher pass, pruned trials and re-scoring "
+    "included: the search stops early rather than pass it (default: no cap)"
+)
+
 
 def add_parser(sub) -> None:
     s = sub.add_parser("search", help="search the best plan under a quantization-ratio or bits budget")
@@ -56,6 +61,7 @@ def add_parser(sub) -> None:
     s.add_argument("--no-prune", action="store_true", help="score every trial on all its windows")
     s.add_argument("--rescore", type=int, default=3, help="re-score this many best plans on more windows (0: off)")
     s.add_argument("--rescore-confidence", type=float, default=0.0, help=RESCORE_CONFIDENCE_HELP)
+    s.add_argument("--max-cost", type=float, default=None, help=MAX_COST_HELP)
     s.add_argument(
         "--keep-high",
         default="",
@@ -188,6 +194,7 @@ def _config(args, sampler_kwargs, prefix):
         pruner=None if args.no_prune else "incumbent",
         rescore=args.rescore,
         rescore_confidence=args.rescore_confidence or None,
+        max_cost=args.max_cost,
         search_dominated=args.search_dominated,
         target=args.target,
         keep_high=tuple(n.strip() for n in args.keep_high.split(",") if n.strip()),
@@ -201,7 +208,7 @@ def run(args) -> int:
 
     if args.paper:
         args.sampler, args.n_trials, args.n_samples = (PAPER_SETTING[k] for k in ("sampler", "n_trials", "n_samples"))
-        args.no_prune, args.rescore, args.search_dominated = True, 0, True
+        args.no_prune, args.rescore, args.search_dominated, args.max_cost = True, 0, True, None
     sampler_kwargs = validate.sampler_kwargs(args.sampler_kwargs)
     _check_lm_eval(args)
     config = _config(args, sampler_kwargs, ())
