@@ -14,30 +14,26 @@ import sys
 import time
 
 import numpy as np
-import torch
+import search_setup
 
 import mpqc
-from mpqc.data import load_tokens, split_tokens, text_prefix
-from mpqc.evaluate import perplexity, sample_windows
+from mpqc.evaluate import perplexity
 from mpqc.search.budget import SearchSpace, search_precisions
 from mpqc.search.knapsack import solve_knapsack
 from mpqc.search.sensitivity import sensitivity, window_gradients
 
 gran, ratio = sys.argv[1], float(sys.argv[2])
-model, tok = mpqc.load_model()
-graph = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
-search_tokens, holdout = split_tokens(load_tokens(tok))
-prefix = text_prefix(tok)
-qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
+bench = search_setup.load(seed=0)
+graph, qmodel = bench.graph, bench.qmodel
 low_p, high_p = search_precisions("mxint4", "bf16", weights_only=False)
 space = SearchSpace(graph, gran, low_p, high_p, mpqc.search.Budget("params", ratio), None, "nearest")
 vars_ = [c.name for c in space.variables()]
 sizes = space.sizes()
 target = space.target()
-fw = sample_windows(search_tokens, 128, 4, 1, prefix)
+fw = bench.windows("fisher", 4)
 sens = sensitivity(qmodel, space, fw, progress=False)
 low = solve_knapsack({n: sens[n] for n in vars_}, {n: sizes[n] for n in vars_}, target)
-ev = sample_windows(search_tokens, 128, 32, 0, prefix)
+ev = bench.windows("search", 32)
 
 
 def loss_of(lowset, wins):

@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
+import search_setup
 
 import mpqc
-from mpqc.data import load_tokens, split_tokens, text_prefix
-from mpqc.evaluate import perplexity, sample_windows
+from mpqc.evaluate import perplexity
 from mpqc.search.budget import SearchSpace, search_precisions
 from mpqc.search.knapsack import solve_knapsack
 from mpqc.search.sensitivity import sensitivity
@@ -177,17 +176,10 @@ def main():
     ap.add_argument("probe", choices=("blend", "iterate", "path", "measured"))
     ap.add_argument("settings", nargs="+", help="granularity:ratio, e.g. matmul:0.9")
     args = ap.parse_args()
-    model, tokenizer = mpqc.load_model()
-    graph = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
-    search_tokens, holdout = split_tokens(load_tokens(tokenizer))
-    prefix = text_prefix(tokenizer)
-    windows = {
-        "held": sample_windows(holdout, 128, 64, 7, prefix),
-        "fisher": sample_windows(search_tokens, 128, 4, 1, prefix),
-        "search": sample_windows(search_tokens, 128, 8, 0, prefix),
-        "fresh": sample_windows(search_tokens, 128, 16, 2, prefix),
-    }
-    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
+    bench = search_setup.load(seed=0)
+    graph, qmodel = bench.graph, bench.qmodel
+    windows = {"held": bench.held_out(64)}
+    windows.update((role, bench.windows(role, n)) for role, n in (("fisher", 4), ("search", 8), ("fresh", 16)))
     windows["base"] = perplexity(qmodel, windows=windows["held"], progress=False)
     print(f"all-BF16 held-out perplexity {windows['base']:.3f}")
     for setting in args.settings:

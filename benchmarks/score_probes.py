@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import search_setup
 import torch
 import torch.nn.functional as F
 
 import mpqc
-from mpqc.data import load_tokens, split_tokens, text_prefix
 from mpqc.evaluate import perplexity, sample_windows
 from mpqc.search.budget import SearchSpace, search_precisions
 from mpqc.search.knapsack import solve_knapsack
@@ -119,13 +119,9 @@ def main():
     ap.add_argument("--gradient-windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model, tokenizer = mpqc.load_model()
-    graph = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
-    search_tokens, holdout = split_tokens(load_tokens(tokenizer))
-    prefix = text_prefix(tokenizer)
-    held_out = sample_windows(holdout, 128, 64, args.seed + 7, prefix)  # search_quality.py's
-    fisher_windows = sample_windows(search_tokens, 128, 4, args.seed + 1, prefix)  # the search's Fisher windows
-    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
+    bench = search_setup.load(args.seed)
+    graph, qmodel = bench.graph, bench.qmodel
+    held_out, fisher_windows = bench.held_out(64), bench.windows("fisher", 4)  # search_quality.py's
     base = perplexity(qmodel, windows=held_out, progress=False)
     print(f"all-BF16 held-out perplexity {base:.3f} (64 x 128 tokens)", flush=True)
     low_p, high_p = search_precisions("mxint4", "bf16", weights_only=False)
@@ -134,7 +130,9 @@ def main():
         tapped = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
         taps = OutputTaps(tapped, graph, spaces[0].plan([c.name for c in spaces[0].components]))
     else:
-        gradient_windows = sample_windows(search_tokens, 128, args.gradient_windows, args.seed + 101, prefix)
+        gradient_windows = sample_windows(
+            bench.search_tokens, 128, args.gradient_windows, args.seed + 101, bench.prefix
+        )
     by_granularity = {}
 
     def held(space, low):

@@ -13,12 +13,12 @@ windows, and by NLL on its 64 held-out windows. Prints one row per plan
 import time
 
 import numpy as np
+import search_setup
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 import mpqc
-from mpqc.data import load_tokens, split_tokens, text_prefix
 from mpqc.search import SearchSpace
 from mpqc.search.budget import Budget, search_precisions
 from mpqc.search.knapsack import solve_knapsack
@@ -28,20 +28,17 @@ from mpqc.search.sensitivity import sensitivity
 N_PLANS = 9
 
 torch.set_grad_enabled(False)
-model, tok = mpqc.load_model()
-g = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
-s, h = split_tokens(load_tokens(tok))
-pre = text_prefix(tok)
+bench = search_setup.load(seed=0)
+g = bench.graph
 low, high = search_precisions("mxint4", "bf16", weights_only=False)
 space = SearchSpace(g, "matmul", low, high, Budget("params", 0.5))
 q = mpqc.compile(g, space.plan([]))
-W = mpqc.evaluate.sample_windows(s, 128, 8, 0, pre)
-H = mpqc.evaluate.sample_windows(h, 128, 64, 7, pre)
+W, H = bench.windows("search", 8), bench.held_out(64)
 var = [c.name for c in space.variables()]
 sizes = space.sizes()
 target = space.target()
 with torch.enable_grad():
-    sens = sensitivity(q, space, mpqc.evaluate.sample_windows(s, 128, 4, 1, pre), progress=False)
+    sens = sensitivity(q, space, bench.windows("fisher", 4), progress=False)
 P = frozenset(solve_knapsack({n: sens[n] for n in var}, {n: sizes[n] for n in var}, target))
 
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
+import search_setup
 
 import mpqc
-from mpqc.data import load_tokens, split_tokens, text_prefix
-from mpqc.evaluate import perplexity, sample_windows
+from mpqc.evaluate import perplexity
 from mpqc.search.budget import SearchSpace, search_precisions
 from mpqc.search.knapsack import solve_knapsack
 from mpqc.search.sensitivity import sensitivity, window_gradients
@@ -55,14 +54,10 @@ def main():
     ap.add_argument("--holdout-windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model, tokenizer = mpqc.load_model()
-    graph = mpqc.capture(model, (torch.zeros(1, 16, dtype=torch.long),))
-    search_tokens, holdout = split_tokens(load_tokens(tokenizer))
-    prefix = text_prefix(tokenizer)
-    # The windows benchmarks/search_quality.py holds out, and the search's Fisher windows (seed + 1).
-    held_out = sample_windows(holdout, 128, args.holdout_windows, args.seed + 7, prefix)
-    fisher = sample_windows(search_tokens, 128, args.fisher_windows, args.seed + 1, prefix)
-    qmodel = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
+    bench = search_setup.load(args.seed)
+    graph, qmodel = bench.graph, bench.qmodel
+    # The windows benchmarks/search_quality.py holds out, and the search's Fisher windows.
+    held_out, fisher = bench.held_out(args.holdout_windows), bench.windows("fisher", args.fisher_windows)
     base = perplexity(qmodel, windows=held_out, progress=False)
     print(
         f"all-BF16 held-out perplexity {base:.3f} ({args.holdout_windows} x 128 tokens); "

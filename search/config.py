@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 
 from mpqc import fingerprint
+from mpqc.evaluate import sample_windows
 from mpqc.graph import Graph
 from mpqc.plan import keep_high_entries, q_r_definition
 
@@ -30,6 +31,11 @@ PAPER_SETTING = {
     "rescore": 0,
     "search_dominated": True,
 }
+
+
+# Each set of windows a search draws from its text has a seed of its own (``seed`` plus this),
+# so the Fisher pass and the re-scoring never see the trials' windows.
+WINDOW_SEED_OFFSETS = {"search": 0, "fisher": 1, "fresh": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +142,15 @@ class SearchConfig:
     def extra_windows(self) -> int:
         """Windows the re-scoring adds to the search windows."""
         return self.rescore_windows if self.rescore_windows is not None else 2 * self.n_samples
+
+    def windows(self, tokens, role: str):
+        """The windows of ``tokens`` the search draws for ``role``: "search" (``n_samples``, every
+        trial's), "fisher" (``sensitivity_windows``, the Fisher pass's) or "fresh"
+        (``extra_windows``, the re-scoring's), each ``seq_len`` tokens after ``prefix``."""
+        count = {"search": self.n_samples, "fisher": self.sensitivity_windows, "fresh": self.extra_windows}
+        if role not in count:
+            raise ValueError(f"windows are drawn for {', '.join(count)}; got {role!r}")
+        return sample_windows(tokens, self.seq_len, count[role], self.seed + WINDOW_SEED_OFFSETS[role], self.prefix)
 
     @classmethod
     def from_keywords(cls, *, ratio: float | None = None, budget=None, **settings) -> SearchConfig:

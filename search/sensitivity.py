@@ -179,29 +179,16 @@ def priorities_from_sensitivity(sens: dict[str, float], sizes: dict[str, float])
 
 
 def study_sensitivity(
-    study,
-    qmodel: QuantizedModel,
-    space: SearchSpace,
-    tokens: torch.Tensor,
-    *,
-    seq_len: int,
-    n_windows: int,
-    seed: int,
-    prefix=(),
-    at_low: bool = False,
-    progress: bool = True,
+    study, qmodel: QuantizedModel, space: SearchSpace, windows: torch.Tensor, *, at_low: bool = False, progress=True
 ) -> dict[str, float]:
-    """The study's sensitivity of every component: computed once (``n_windows`` windows of the
-    search text, seed + 1) and kept in the study, so restarts and other workers reuse it.
-    ``at_low``: the estimate at the all-low plan instead (what restoring each component would
-    change), kept as ``sensitivity_low``."""
-    from mpqc.evaluate import sample_windows
-
+    """The study's sensitivity of every component: computed once on ``windows`` (the search's
+    Fisher windows: ``SearchConfig.windows(tokens, "fisher")``) and kept in the study, so
+    restarts and other workers reuse it. ``at_low``: the estimate at the all-low plan instead
+    (what restoring each component would change), kept as ``sensitivity_low``."""
     key = "sensitivity_low" if at_low else "sensitivity"
     stored = study.user_attrs.get(key)
     if stored is not None:
         return stored
-    windows = sample_windows(tokens, seq_len, n_windows, seed + 1, prefix)
     at = [c.name for c in space.components] if at_low else ()
     sens = sensitivity(qmodel, space, windows, at=at, progress=progress)
     study.set_user_attr(key, sens)

@@ -19,7 +19,6 @@ from optuna.pruners import NopPruner
 from tqdm.auto import tqdm
 
 from mpqc.compile import QuantizedModel, compile
-from mpqc.evaluate import sample_windows
 from mpqc.graph import Graph
 
 from .budget import SearchSpace, search_precisions
@@ -80,7 +79,7 @@ def run(
     multi = config.sampler in MULTI_OBJECTIVE
     sampler = make_sampler(config.sampler, seed=config.effective_sampler_seed, kwargs=config.sampler_kwargs)
     _check_reachable(space)
-    windows = sample_windows(tokens, config.seq_len, config.n_samples, config.seed, config.prefix)
+    windows = config.windows(tokens, "search")
     stored = config.study_settings(graph, space.plan([]).granularity_label, space.low_label, space.high_label, multi)
     stored.update(measured(graph, tokens))  # the weights, text, dtype and device the numbers depend on
     if objective is not None:
@@ -138,7 +137,7 @@ def _result(study, runner: TrialRunner, tokens, config: SearchConfig, stored: di
     """Name the best plan (after re-scoring the best few), with its baselines and cost."""
     best, decided = None, None
     if config.rescore > 1 and _rescores(runner, multi):
-        extra = sample_windows(tokens, config.seq_len, config.extra_windows, config.seed + 2, config.prefix)
+        extra = config.windows(tokens, "fresh")
         best, decided = rescore(
             study, runner, extra, config.rescore, anchors=_start_plans(study), confidence=config.rescore_confidence
         )
@@ -167,18 +166,8 @@ def _baselines(study, runner: TrialRunner, tokens, config: SearchConfig, progres
 
 def _fisher(study, runner: TrialRunner, tokens, config: SearchConfig, progress: bool, *, at_low: bool = False):
     """The study's Fisher scores of every component (at the all-low plan with ``at_low``)."""
-    return study_sensitivity(
-        study,
-        runner.qmodel,
-        runner.space,
-        tokens,
-        seq_len=config.seq_len,
-        n_windows=config.sensitivity_windows,
-        seed=config.seed,
-        prefix=config.prefix,
-        at_low=at_low,
-        progress=progress,
-    )
+    windows = config.windows(tokens, "fisher")
+    return study_sensitivity(study, runner.qmodel, runner.space, windows, at_low=at_low, progress=progress)
 
 
 def _chunks(config: SearchConfig, n_windows: int, *, pruning: bool) -> tuple[int, int]:

@@ -427,3 +427,13 @@ def test_max_cost_is_checked_and_the_command_line_passes_it():
             SearchConfig(budget=("params", 0.5), max_cost=bad)
     assert _config(build_parser().parse_args(["search", "m", "--max-cost", "50"]), None, ()).max_cost == 50.0
     assert _config(build_parser().parse_args(["search", "m"]), None, ()).max_cost is None
+
+
+def test_each_role_draws_its_own_windows_from_its_own_seed():
+    config = SearchConfig(budget=("params", 0.5), seq_len=16, n_samples=8, seed=3, sensitivity_windows=4, prefix=(5,))
+    expected = {"search": (8, 3), "fisher": (4, 4), "fresh": (16, 5)}  # re-scoring: twice n_samples
+    for role, (n, seed) in expected.items():
+        assert torch.equal(config.windows(TOKENS, role), mpqc.evaluate.sample_windows(TOKENS, 16, n, seed, (5,)))
+    assert not torch.equal(config.windows(TOKENS, "search")[:4], config.windows(TOKENS, "fisher"))
+    with pytest.raises(ValueError, match="windows are drawn for search, fisher, fresh; got 'held-out'"):
+        config.windows(TOKENS, "held-out")
