@@ -97,9 +97,7 @@ def run_one(bench: search_setup.Bench, holdout_windows, strategy, granularity, r
         "decided": result.decided,  # every contender's fresh-window numbers, the reference, the winner
         "seconds": seconds,
         # the matmuls it sends low, to evaluate the plan again without searching
-        "low_matmuls": sorted(
-            c.name for c in graph.components("matmul") if result.plan.precision(c.name).weight.name == "mxint4"
-        ),
+        "low_matmuls": sorted(m.name for m in graph.matmuls if result.plan.precision_of(m).weight.name == "mxint4"),
         "holdout_window_nlls": per_window.tolist(),
     }
 

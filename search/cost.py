@@ -36,12 +36,17 @@ def search_cost(study: optuna.Study, config, decided: dict | None) -> dict:
     cost = {
         "trials": trials,
         "pruned": pruned,
-        "sensitivity": 3 * config.sensitivity_windows / n * _fisher_passes(study),
+        "sensitivity": fisher_pass_cost(config) * _fisher_passes(study),
         "base": 1.0 if study.user_attrs.get("base_perplexity") is not None else 0.0,
         "rescore": 0.0 if decided is None else len(decided["contenders"]) * decided["extra_windows"] / n,
     }
     cost["total"] = sum(cost.values())
     return cost
+
+
+def fisher_pass_cost(config) -> float:
+    """One Fisher pass, a forward and a backward per window, counted as three forwards."""
+    return 3 * config.sensitivity_windows / config.n_samples
 
 
 def _fisher_passes(study: optuna.Study) -> int:
@@ -52,8 +57,8 @@ def _fisher_passes(study: optuna.Study) -> int:
 class CostCap:
     """Whether another trial fits under ``max_cost`` full evaluations (None: no cap).
 
-    ``rescore``: the re-scoring's ``k`` (0 or 1: none), ``anchors``: the plans it also scores,
-    ``extra_windows``: the windows each contender is scored on. Trials other workers are
+    ``rescore``: the re-scoring's ``k`` (0 or 1: none), ``anchors``: the plans it also scores
+    (each contender on ``config.extra_windows`` windows). Trials other workers are
     running count at a full evaluation each; two workers deciding at the same moment can still
     both start one.
     """
@@ -76,7 +81,7 @@ class CostCap:
         """After one more trial: the re-scoring, and the baselines' Fisher pass where it is still to come."""
         rescore = self._rescore_after_one_more(study) * self.config.extra_windows / self.config.n_samples
         fisher = self.baselines and study.user_attrs.get("sensitivity") is None
-        return rescore + (3 * self.config.sensitivity_windows / self.config.n_samples if fisher else 0.0)
+        return rescore + (fisher_pass_cost(self.config) if fisher else 0.0)
 
     def _rescore_after_one_more(self, study: optuna.Study) -> int:
         """How many contenders the re-scoring could score if one more trial completes."""
