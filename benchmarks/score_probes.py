@@ -13,25 +13,43 @@ with the Fisher, search and held-out windows of benchmarks/search_quality.py:
   the per-element diagonal plus the off-diagonal of the window-level empirical Fisher. From the
   knapsack plan, best-improvement exchanges (one low component up, one high one down, the
   budget kept within the knapsack's overshoot or 1%) until none lowers the estimate.
+- ``shared``: the interactions the per-element Fisher can see exactly. The consumers of one
+  activation (q, k and v of a layer; gate and up) quantize the same tensor, so the same
+  element moves by the same delta in each: for a set S of them low, the element's first-order
+  change is the sum of their changes, and 0.5 sum_e (sum_{c in S} g_{c,e})^2 holds, besides
+  the diagonal, the cross terms sum_e g_{a,e} g_{b,e}. A layer's score sums its consumers'
+  changes before squaring; at matmul granularity the cross terms of components sharing an
+  input enter a quadratic 0/1 program (linearized, ``scipy.optimize.milp``).
 
     python benchmarks/score_probes.py output
     python benchmarks/score_probes.py covariance [--gradient-windows 32]
+    python benchmarks/score_probes.py shared
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections import defaultdict
 
 import numpy as np
 import search_setup
 import torch
 import torch.nn.functional as F
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 import mpqc
 from mpqc.evaluate import perplexity, sample_windows
 from mpqc.search.budget import SearchSpace, search_precisions
 from mpqc.search.knapsack import solve_knapsack
-from mpqc.search.sensitivity import _frozen_parameters, _moved, sensitivity, window_gradients
+from mpqc.search.sensitivity import (
+    _flip_perturbations,
+    _frozen_parameters,
+    _moved,
+    _window_loss,
+    sensitivity,
+    window_gradients,
+)
 
 SETTINGS = (("matmul", 0.5), ("matmul", 0.9), ("matmul", 0.95), ("layer", 0.5))
 
@@ -113,9 +131,64 @@ def exchanges(x, fisher, g, lam, size, target, slack, steps=300):
     return x
 
 
+def shared_input_fisher(qmodel, space, windows):
+    """(diagonal, cross): the per-element Fisher with the consumers of one quantizer that share
+    a component summed before squaring, and sum_e g_{a,e} g_{b,e} for consumers of one quantizer
+    in components a < b. The estimate of a low set S is sum_{c in S} diagonal[c] plus
+    sum_{a < b in S} cross[a, b]."""
+    seen = []
+
+    def per_element(c, out, site):
+        e = torch.zeros_like(out, requires_grad=True)
+        seen.append((c, site, e))
+        return e
+
+    diagonal, cross = defaultdict(float), defaultdict(float)
+    with _flip_perturbations(qmodel, space, per_element):
+        for window in windows:
+            seen.clear()
+            grads = torch.autograd.grad(_window_loss(qmodel, window), [e for *_, e in seen], allow_unused=True)
+            by_site = defaultdict(dict)
+            for (c, site, _), d in zip(seen, grads):
+                if d is not None:
+                    per = by_site[id(site)]
+                    per[c] = per[c] + d.double() if c in per else d.double()
+            for per in by_site.values():
+                for c, d in per.items():
+                    diagonal[c] += 0.5 * float(d.square().sum()) / len(windows)
+                for (a, da), (b, db) in itertools.combinations(sorted(per.items()), 2):
+                    cross[a, b] += float((da * db).sum()) / len(windows)
+    return dict(diagonal), dict(cross)
+
+
+def solve_pairwise(diagonal, cross, sizes, target):
+    """The low set of least sum diagonal + sum of cross terms within it, sizes reaching target:
+    y_ab = x_a x_b linearized (y >= x_a + x_b - 1, y <= x_a, y <= x_b)."""
+    names = sorted(diagonal)
+    index = {n: i for i, n in enumerate(names)}
+    pairs = [(a, b) for a, b in cross if a in index and b in index]
+    n, m = len(names), len(pairs)
+    cost = np.concatenate([[diagonal[c] for c in names], [cross[p] for p in pairs]])
+    cost = cost / np.abs(cost).max()
+    rows, lb, ub = [np.concatenate([[sizes[c] for c in names], np.zeros(m)])], [target - 1e-9], [np.inf]
+    for k, (a, b) in enumerate(pairs):
+        for coef, lo, hi in (((1, 1, -1), -np.inf, 1), ((-1, 0, 1), -np.inf, 0), ((0, -1, 1), -np.inf, 0)):
+            row = np.zeros(n + m)
+            row[index[a]], row[index[b]], row[n + k] = coef
+            rows.append(row), lb.append(lo), ub.append(hi)
+    res = milp(
+        cost,
+        constraints=LinearConstraint(np.array(rows), lb, ub),
+        integrality=np.ones(n + m),
+        bounds=Bounds(0, 1),
+        options={"mip_rel_gap": 0.0},
+    )
+    return [c for c, x in zip(names, res.x[:n]) if x > 0.5]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=("output", "covariance"))
+    ap.add_argument("probe", choices=("output", "covariance", "shared"))
     ap.add_argument("--gradient-windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -129,7 +202,7 @@ def main():
     if args.probe == "output":
         tapped = mpqc.compile(graph, mpqc.Plan.uniform(graph, "bf16"))
         taps = OutputTaps(tapped, graph, spaces[0].plan([c.name for c in spaces[0].components]))
-    else:
+    elif args.probe == "covariance":
         gradient_windows = sample_windows(
             bench.search_tokens, 128, args.gradient_windows, args.seed + 101, bench.prefix
         )
@@ -145,11 +218,12 @@ def main():
         sizes, target = space.sizes(), space.target()
         if granularity not in by_granularity:
             element = sensitivity(qmodel, space, fisher_windows, progress=False)
-            extra = (
-                taps.fisher(tapped, space, fisher_windows)
-                if args.probe == "output"
-                else window_gradients(qmodel, space, gradient_windows, progress=False)
-            )
+            if args.probe == "output":
+                extra = taps.fisher(tapped, space, fisher_windows)
+            elif args.probe == "shared":
+                extra = shared_input_fisher(qmodel, space, fisher_windows)
+            else:
+                extra = window_gradients(qmodel, space, gradient_windows, progress=False)
             by_granularity[granularity] = element, extra
         element, extra = by_granularity[granularity]
         knapsack = solve_knapsack({n: element[n] for n in names}, {n: sizes[n] for n in names}, target)
@@ -158,6 +232,12 @@ def main():
         if args.probe == "output":
             plan = solve_knapsack({n: extra[n] for n in names}, {n: sizes[n] for n in names}, target)
             print(f"{label:<12} output      {held(space, plan)}", flush=True)
+            continue
+        if args.probe == "shared":
+            diagonal, cross = extra
+            plan = solve_pairwise({n: diagonal[n] for n in names}, cross, sizes, target)
+            changed = len(set(plan) ^ set(knapsack)) // 2
+            print(f"{label:<12} shared      {held(space, plan)}  ({changed} exchanges)", flush=True)
             continue
         order = [c.name for c in space.components]
         g = extra[:, [order.index(n) for n in names]]

@@ -54,9 +54,10 @@ def _flip_perturbations(qmodel: QuantizedModel, space: SearchSpace, eps_for, at=
 
     The model runs at the plan whose low components are ``at`` (default: the all-high plan);
     "other" is the output at the component's other precision (low for a high component, high
-    for a low one). ``eps_for(component, out)`` gives the multiplier: one zero scalar per
+    for a low one). ``eps_for(component, out, site)`` gives the multiplier: one zero scalar per
     component (all of its quantizers share it) or a zero tensor shaped like ``out`` (one per
-    element). The previous plan is restored on exit."""
+    element); ``site`` is the quantizer module, which the consumers of one activation share.
+    The previous plan is restored on exit."""
     graph = space.graph
     component_of = {m.name: c.name for c in space.components for m in c.matmuls}
     at = set(at)
@@ -74,7 +75,7 @@ def _flip_perturbations(qmodel: QuantizedModel, space: SearchSpace, eps_for, at=
 
         def hook(mod, inputs, out, other=other, c=c):
             moved = mod._cache.get(mod.weight_name, inputs[0], other, mod.axis, plan.rounding)
-            return out + eps_for(c, out) * (moved - out).detach()
+            return out + eps_for(c, out, mod) * (moved - out).detach()
 
         handles.append(wq.register_forward_hook(hook))
     for aq in qmodel.activation_quantizers:
@@ -90,7 +91,7 @@ def _flip_perturbations(qmodel: QuantizedModel, space: SearchSpace, eps_for, at=
                     result.append(out)
                     continue
                 moved = _moved(x, other, plan.rounding, mod.axis)
-                result.append(out + eps_for(c, out) * (moved - out.detach()))
+                result.append(out + eps_for(c, out, mod) * (moved - out.detach()))
             return tuple(result)
 
         handles.append(aq.register_forward_hook(hook))
@@ -123,7 +124,7 @@ def window_gradients(
     names = [c.name for c in space.components]
     eps = {n: torch.zeros((), device=space.graph.device, requires_grad=True) for n in names}
     g = np.zeros((len(windows), len(names)))
-    with _flip_perturbations(qmodel, space, lambda c, out: eps[c], at):
+    with _flip_perturbations(qmodel, space, lambda c, out, site: eps[c], at):
         for w, window in enumerate(tqdm(windows, desc="sensitivity", unit="window", disable=not progress)):
             grads = torch.autograd.grad(_window_loss(qmodel, window), [eps[n] for n in names], allow_unused=True)
             g[w] = [0.0 if d is None else d.item() for d in grads]
@@ -149,7 +150,7 @@ def sensitivity(
     names = [c.name for c in space.components]
     seen: list[tuple[str, torch.Tensor]] = []
 
-    def per_element(c, out):
+    def per_element(c, out, site):
         e = torch.zeros_like(out, requires_grad=True)
         seen.append((c, e))
         return e
