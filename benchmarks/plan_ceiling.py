@@ -4,7 +4,7 @@ The search-quality target asks the default strategy for a held-out delta_ppl 20%
 one-shot knapsack plan's. This probe asks whether such plans exist near the knapsack plan at
 all, with far more evidence than a search gets: a first-improvement local search over
 budget-keeping exchanges (one low component made high, one high component made low, Q_r
-still at least the budget and within the knapsack plan's overshoot or 1% of it), each move
+still at least the budget and at most the knapsack plan's Q_r or the budget + 0.01), each move
 judged on the held-out windows themselves. Optimizing on the text it is judged by flatters
 the result, so the held-out windows are split: the even ones are optimized on, the odd ones
 check, and a second, independent set of held-out windows (another seed) checks again.
